@@ -1,0 +1,37 @@
+"""Set up a napari viewer with a slide and the plugin's panels (GUI only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import napari
+
+PLUGIN = "napari-pathology"
+#: Panels docked by the demo, in order (display names from napari.yaml).
+DEMO_PANELS = ("Slide",)
+
+
+def show_slide(viewer: napari.Viewer, path: str | Path) -> list[napari.layers.Layer]:
+    """Open a slide with this plugin's reader, show the scale bar and fit the view."""
+    layers = viewer.open(str(path), plugin=PLUGIN)
+    viewer.scale_bar.visible = True
+    viewer.reset_view()
+    return layers
+
+
+def dock_panels(viewer: napari.Viewer, panels: tuple[str, ...] = DEMO_PANELS) -> None:
+    """Dock the plugin's panels on the right of the viewer."""
+    for panel in panels:
+        viewer.window.add_plugin_dock_widget(PLUGIN, panel)
+
+
+def open_demo_viewer(path: str | Path) -> None:
+    """Open napari with a slide and the plugin's panels, and run the event loop."""
+    import napari
+
+    viewer = napari.Viewer(title=f"napari-pathology: {Path(path).name}")
+    show_slide(viewer, path)
+    dock_panels(viewer)
+    napari.run()

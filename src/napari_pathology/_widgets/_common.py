@@ -1,0 +1,98 @@
+"""Small pieces shared by the panels: slide-layer picker and background calls."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from qtpy.QtCore import Signal
+from qtpy.QtWidgets import QComboBox
+
+from napari_pathology._layers import is_slide_metadata
+
+if TYPE_CHECKING:
+    import napari
+
+
+class SlideLayerCombo(QComboBox):
+    """A combo box listing the viewer's slide layers, following the active layer.
+
+    Emits :attr:`changed` when the chosen slide changes (including its metadata).
+    """
+
+    changed = Signal()
+
+    def __init__(self, viewer: napari.Viewer) -> None:
+        super().__init__()
+        self.viewer = viewer
+        self.setToolTip("Slide layer")
+        self.currentIndexChanged.connect(lambda _: self.changed.emit())
+        viewer.layers.events.inserted.connect(self._sync)
+        viewer.layers.events.removed.connect(self._sync)
+        viewer.layers.events.changed.connect(self._sync)
+        viewer.layers.selection.events.active.connect(self._follow_active)
+        self._sync()
+
+    def slide_layers(self) -> list[napari.layers.Image]:
+        """Image layers that hold slides opened by this plugin."""
+        return [
+            layer
+            for layer in self.viewer.layers
+            if layer._type_string == "image" and is_slide_metadata(layer.metadata)
+        ]
+
+    def current_layer(self) -> napari.layers.Image | None:
+        """The chosen slide layer, or None."""
+        name = self.currentText()
+        for layer in self.slide_layers():
+            if layer.name == name:
+                return layer
+        return None
+
+    def _sync(self, event: Any = None) -> None:
+        current = self.currentText()
+        names = [layer.name for layer in self.slide_layers()]
+        self.blockSignals(True)
+        self.clear()
+        self.addItems(names)
+        if current in names:
+            self.setCurrentText(current)
+        self.blockSignals(False)
+        for layer in self.slide_layers():
+            layer.events.metadata.disconnect(self._on_metadata)
+            layer.events.metadata.connect(self._on_metadata)
+            layer.events.name.disconnect(self._sync)
+            layer.events.name.connect(self._sync)
+        if self.currentText() != current:
+            self.changed.emit()
+        elif event is not None:
+            self.changed.emit()
+
+    def _on_metadata(self, event: Any = None) -> None:
+        self.changed.emit()
+
+    def _follow_active(self, event: Any) -> None:
+        layer = event.value
+        if layer is not None and is_slide_metadata(getattr(layer, "metadata", {})):
+            self.setCurrentText(layer.name)
+
+
+def run_in_thread(
+    function: Callable[..., Any],
+    *args: Any,
+    on_done: Callable[[Any], None] | None = None,
+    on_error: Callable[[BaseException], None] | None = None,
+) -> Any:
+    """Run ``function(*args)`` in napari's thread pool; call back on the Qt thread.
+
+    Errors are shown as a napari notification unless ``on_error`` is given.
+    """
+    from napari.qt.threading import create_worker
+    from napari.utils.notifications import show_error
+
+    worker = create_worker(function, *args, _start_thread=False)
+    if on_done is not None:
+        worker.returned.connect(on_done)
+    worker.errored.connect(on_error or (lambda exc: show_error(str(exc))))
+    worker.start()
+    return worker
