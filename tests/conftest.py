@@ -43,12 +43,8 @@ class ProceduralLevel:
         x = (np.arange(*xs.indices(self.shape[1])) * self.downsample)[None, :]
         stripes = (((x // 4000) + (y // 4000)) % 2).astype(np.uint8)
         r = np.broadcast_to(230 - 90 * stripes, (y.size, x.size))
-        g = np.broadcast_to(
-            ((x / self.shape[1] / self.downsample) * 200).astype(np.uint8), r.shape
-        )
-        b = np.broadcast_to(
-            ((y / self.shape[0] / self.downsample) * 200).astype(np.uint8), r.shape
-        )
+        g = np.broadcast_to(((x / self.shape[1] / self.downsample) * 200).astype(np.uint8), r.shape)
+        b = np.broadcast_to(((y / self.shape[0] / self.downsample) * 200).astype(np.uint8), r.shape)
         return np.stack([r, g, b], axis=-1).astype(np.uint8)
 
 

@@ -36,9 +36,7 @@ def assert_pyramid_matches_openslide(path, regions) -> None:
         cw, ch = pyramid[level].chunksize[1], pyramid[level].chunksize[0]
         ox, oy = (x, y) if ds == int(ds) else (x - x % cw, y - y % ch)
         expected = np.asarray(
-            reference.read_region(
-                (round(ox * ds), round(oy * ds)), level, (w + x - ox, h + y - oy)
-            )
+            reference.read_region((round(ox * ds), round(oy * ds)), level, (w + x - ox, h + y - oy))
         )[y - oy :, x - ox :, :3]
         got = np.asarray(pyramid[level][y : y + h, x : x + w])
         np.testing.assert_array_equal(got, expected, err_msg=f"{path.name} level {level} {x},{y}")
@@ -51,9 +49,7 @@ def test_pyramid_equals_openslide_on_synthetic(synthetic_slide) -> None:
     assert_pyramid_matches_openslide(synthetic_slide.slide_path, REGIONS)
 
 
-@pytest.mark.parametrize(
-    "name", ["cmu_small_region.svs", "boxes.tiff", "small.svs", "boxes_0.dcm"]
-)
+@pytest.mark.parametrize("name", ["cmu_small_region.svs", "boxes.tiff", "small.svs", "boxes_0.dcm"])
 def test_pyramid_equals_openslide_on_real_files(name: str) -> None:
     assert_pyramid_matches_openslide(real_file(f"slides/{name}"), REGIONS)
 

@@ -26,9 +26,7 @@ class CommandError(Exception):
     """An error to report to the user as one line, without a traceback."""
 
 
-def run_with_progress(
-    job: Generator[Progress, None, T], description: str, quiet: bool = False
-) -> T:
+def run_with_progress(job: Generator[Progress, None, T], description: str, quiet: bool = False) -> T:
     """Drive a progress generator with a tqdm bar on stderr."""
     if quiet:
         return run_to_completion(job)

@@ -82,9 +82,7 @@ class SlidePanel(QWidget):
         self.mpp_spin.setValue(0.25)
         self.mpp_spin.setSuffix(" um/px")
         self.apply_mpp_button = QPushButton("Apply")
-        self.apply_mpp_button.setToolTip(
-            "Use this um/px for the slide and everything computed on it"
-        )
+        self.apply_mpp_button.setToolTip("Use this um/px for the slide and everything computed on it")
         self.apply_mpp_button.clicked.connect(self._apply_mpp)
         self.reset_mpp_button = QPushButton("Use file's")
         self.reset_mpp_button.clicked.connect(self._reset_mpp)
@@ -142,8 +140,7 @@ class SlidePanel(QWidget):
             self.fact_labels[key].setText(text)
         if meta.get("mpp_missing"):
             self.mpp_warning.setText(
-                "This slide has no um/px: sizes are in pixels. Enter the scanner's um/px and "
-                "press Apply."
+                "This slide has no um/px: sizes are in pixels. Enter the scanner's um/px and press Apply."
             )
             self.mpp_warning.show()
         else:
@@ -189,9 +186,7 @@ class SlidePanel(QWidget):
             raise ValueError("no slide selected")
         key = (str(layer.metadata.get("path")), name)
         if key not in self._associated_cache:
-            self._associated_cache[key] = slide_from_metadata(
-                layer.metadata
-            ).read_associated_image(name)
+            self._associated_cache[key] = slide_from_metadata(layer.metadata).read_associated_image(name)
         return self._associated_cache[key]
 
     def _show_associated(self, name: str) -> None:

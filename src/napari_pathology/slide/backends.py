@@ -183,9 +183,7 @@ class BaseBackend:
 
         """
         if not 0 <= level < len(self.level_dimensions):
-            raise IndexError(
-                f"level {level} out of range (slide has {len(self.level_dimensions)})"
-            )
+            raise IndexError(f"level {level} out of range (slide has {len(self.level_dimensions)})")
         if width <= 0 or height <= 0:
             raise ValueError(f"region size must be positive, got {width}x{height}")
         level_w, level_h = self.level_dimensions[level]
@@ -468,11 +466,7 @@ class ImageBackend(BaseBackend):
 
                 with Image.open(self.path) as image:
                     image.load()
-                    mode = (
-                        "RGBA"
-                        if "A" in image.getbands() or "transparency" in image.info
-                        else "RGB"
-                    )
+                    mode = "RGBA" if "A" in image.getbands() or "transparency" in image.info else "RGB"
                     self._pixels = to_rgb_uint8(np.asarray(image.convert(mode)))
             return self._pixels
 

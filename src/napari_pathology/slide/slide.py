@@ -173,8 +173,7 @@ class Slide:
         """The um/px, or a clear error telling the user how to supply it."""
         if self.mpp is None:
             raise SlideOpenError(
-                f"{self.name} has no um/px ({self.backend.mpp_note}); set it in the Slide panel "
-                "or pass --mpp"
+                f"{self.name} has no um/px ({self.backend.mpp_note}); set it in the Slide panel or pass --mpp"
             )
         return self.mpp
 
@@ -264,9 +263,7 @@ class Slide:
             self._pyramid = levels
         return levels
 
-    def _level_array(
-        self, level: int, on_error: Callable[[SlideReadError], None] | None
-    ) -> da.Array:
+    def _level_array(self, level: int, on_error: Callable[[SlideReadError], None] | None) -> da.Array:
         width, height = self.level_dimensions[level]
         tile_w, tile_h = self.backend.tile_sizes[level]
         chunk_w = tile_w * max(1, math.ceil(MIN_CHUNK / tile_w))
@@ -298,9 +295,7 @@ class Slide:
     def __repr__(self) -> str:
         w, h = self.dimensions
         mpp = f"{self.mpp[0]:.3g} um/px" if self.mpp else "no um/px"
-        return (
-            f"<Slide {self.name} {w}x{h} {self.level_count} levels {mpp} via {self.backend.name}>"
-        )
+        return f"<Slide {self.name} {w}x{h} {self.level_count} levels {mpp} via {self.backend.name}>"
 
 
 class _LevelReader:
