@@ -180,20 +180,20 @@ class SlidePanel(QWidget):
         self._refresh()
 
     # ------------------------------------------------------------------ associated
-    def _read_associated(self, name: str) -> np.ndarray:
-        layer = self.layer
-        if layer is None:
-            raise ValueError("no slide selected")
-        key = (str(layer.metadata.get("path")), name)
+    def _read_associated(self, metadata: dict[str, Any], name: str) -> np.ndarray:
+        """Read (once) an associated image; runs in a worker thread."""
+        key = (str(metadata.get("path")), name)
         if key not in self._associated_cache:
-            self._associated_cache[key] = slide_from_metadata(layer.metadata).read_associated_image(name)
+            slide = slide_from_metadata(metadata)
+            self._associated_cache[key] = slide.read_associated_image(name)
         return self._associated_cache[key]
 
     def _show_associated(self, name: str) -> None:
-        if not name or self.layer is None:
+        layer = self.layer
+        if not name or layer is None:
             return
         self.associated_preview.setText(f"reading {name}...")
-        run_in_thread(self._read_associated, name, on_done=self._set_preview)
+        run_in_thread(self._read_associated, dict(layer.metadata), name, on_done=self._set_preview)
 
     def _set_preview(self, image: np.ndarray) -> None:
         image = np.ascontiguousarray(image[..., :3])
@@ -213,7 +213,7 @@ class SlidePanel(QWidget):
         def add(image: np.ndarray) -> None:
             self.viewer.add_image(image, rgb=True, name=f"{layer.name} {name}")
 
-        run_in_thread(self._read_associated, name, on_done=add)
+        run_in_thread(self._read_associated, dict(layer.metadata), name, on_done=add)
 
 
 __all__ = ["SlidePanel", "format_facts", "is_slide_metadata"]
