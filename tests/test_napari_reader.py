@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import procedural_levels, real_file
 
+from conftest import procedural_levels, real_file
 from napari_pathology._layers import slide_layer_data
 from napari_pathology._reader import napari_get_reader
 from napari_pathology.slide import InMemoryBackend, Slide

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from conftest import real_file
 
+from conftest import real_file
 from napari_pathology._layers import slide_from_metadata
 from napari_pathology._widgets.slide_panel import SlidePanel, format_facts
 
@@ -72,7 +72,7 @@ def test_format_facts_without_mpp() -> None:
             "mpp_x": None,
             "mpp_y": None,
             "mpp_note": "the file records no um/px",
-        }  # fmt: skip
+        }
     )
     assert facts["Physical size"] == "unknown (no um/px)"
     assert facts["um/px"] == "unknown: the file records no um/px"
