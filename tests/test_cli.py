@@ -1,0 +1,75 @@
+"""The napari-pathology command: info, synth, demo --headless, clear errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import real_file
+from napari_pathology.cli import main
+
+
+def test_info_json_has_the_documented_keys(capsys) -> None:
+    assert main(["info", str(real_file("slides/cmu_small_region.svs")), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert {"vendor", "width", "height", "levels", "mpp_x", "mpp_y", "objective_power"} <= set(info)
+    assert (info["vendor"], info["width"], info["height"], info["levels"]) == ("aperio", 2220, 2967, 1)
+    assert info["mpp_x"] == pytest.approx(0.499) and info["objective_power"] == 20
+
+
+def test_info_text_and_mpp_override(capsys) -> None:
+    assert main(["info", str(real_file("slides/boxes.tiff"))]) == 0
+    out = capsys.readouterr().out
+    assert "unknown" in out and "generic-tiff" in out
+    assert main(["info", str(real_file("slides/boxes.tiff")), "--mpp", "0.5"]) == 0
+    assert "0.5 x 0.5 um/px (user)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["unopenable.tiff", "broken.svs", "unreadable.svs"])
+def test_info_on_broken_file_exits_nonzero_with_one_line(capsys, name) -> None:
+    assert main(["info", str(real_file(f"slides/{name}"))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and name in err and err.startswith("napari-pathology: error:")
+
+
+def test_info_on_missing_and_unsupported_files(tmp_path, capsys) -> None:
+    assert main(["info", str(tmp_path / "nope.svs")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    other = tmp_path / "data.csv"
+    other.write_text("a,b\n")
+    assert main(["info", str(other)]) == 2
+    assert "unsupported file type" in capsys.readouterr().err
+
+
+def test_synth_writes_slide_and_ground_truth(tmp_path, capsys) -> None:
+    out = tmp_path / "neg.tif"
+    assert main(["synth", str(out), "--size", "2048", "--seed", "5", "--negative", "--quiet"]) == 0
+    assert "label normal" in capsys.readouterr().out
+    for suffix in (".truth.json", ".tumour.geojson", ".tissue.png", ".tumour.png", ".nuclei.csv"):
+        assert (tmp_path / f"neg{suffix}").exists(), suffix
+    assert main(["info", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["width"], info["mpp_x"]) == (2048, pytest.approx(0.5, abs=1e-3))
+    assert main(["synth", str(tmp_path / "x.png"), "--size", "512"]) == 2
+
+
+def test_demo_headless_makes_the_slide_once_and_prints_a_summary(tmp_path, capsys) -> None:
+    args = ["demo", "--headless", "--size", "2048", "--cache-dir", str(tmp_path)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "truth:" in out and "label tumour" in out and "0.5 x 0.5 um/px" in out
+    made = sorted(p.name for p in tmp_path.iterdir())
+    assert any(name.endswith(".tif") for name in made) and not any(n.startswith(".") for n in made)
+    stamp = next(tmp_path.glob("*.tif")).stat().st_mtime_ns
+    assert main(args) == 0  # cached: not regenerated
+    assert next(tmp_path.glob("*.tif")).stat().st_mtime_ns == stamp
+
+
+def test_console_script_is_installed() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "napari_pathology.cli", "--help"], capture_output=True, text=True
+    )
+    assert result.returncode == 0 and "demo" in result.stdout and "synth" in result.stdout
