@@ -19,6 +19,7 @@ import json
 import napari
 import numpy as np
 
+from napari_pathology._viewer import show_slide
 from napari_pathology.geometry import geojson_to_polygons
 from napari_pathology.slide.synthetic import write_synthetic_slide
 
@@ -33,7 +34,7 @@ truth = write_synthetic_slide(args.out, size=args.size, seed=args.seed)
 print(f"{truth.slide_path}: label {truth.label}, tumour {truth.tumour_area_um2 / 1e6:.2f} mm^2")
 
 viewer = napari.Viewer(show=args.screenshot is None)
-viewer.open(str(truth.slide_path), plugin="napari-pathology")
+show_slide(viewer, truth.slide_path)
 mpp = truth.mpp
 
 # Tumour polygons are stored in level-0 pixels (x, y); napari wants (y, x) in um.
@@ -51,7 +52,6 @@ labels = np.array([r["label"] for r in rows])
 viewer.add_points(points, features={"label": labels}, face_color="label",
                   face_color_cycle=["#e04040", "#40c040"], size=6, border_width=0,
                   name="nuclei (truth)", visible=False, units="micrometer")  # fmt: skip
-viewer.scale_bar.visible = True
 viewer.reset_view()
 
 if args.screenshot:

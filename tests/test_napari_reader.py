@@ -8,6 +8,8 @@ import pytest
 from conftest import procedural_levels, real_file
 from napari_pathology._layers import slide_layer_data
 from napari_pathology._reader import napari_get_reader
+from napari_pathology._viewer import scale_bar, show_scale_bar
+from napari_pathology._widgets import SlidePanel
 from napari_pathology.slide import InMemoryBackend, Slide
 
 PLUGIN = "napari-pathology"
@@ -45,11 +47,11 @@ def test_open_real_svs_gives_multiscale_layer_with_micron_scale(make_napari_view
 
 
 def test_synthetic_slide_screenshot_is_not_blank(make_napari_viewer, synthetic_slide) -> None:
-    viewer = make_napari_viewer()
+    viewer = make_napari_viewer(show=True)  # the GL canvas renders only once shown (on Xvfb)
     [layer] = viewer.open(str(synthetic_slide.slide_path), plugin=PLUGIN)
     assert len(layer.data) > 1
     assert tuple(layer.scale) == pytest.approx((0.5, 0.5), abs=1e-3)
-    viewer.scale_bar.visible = True
+    show_scale_bar(viewer)
     viewer.reset_view()
     shot = viewer.screenshot(canvas_only=True, flash=False)
     rgb = shot[..., :3].astype(float)
@@ -85,11 +87,12 @@ def test_missing_mpp_warns_and_flags_metadata(make_napari_viewer, notifications)
 def test_view_of_100k_slide_reads_only_visible_tiles(make_napari_viewer, qtbot) -> None:
     levels = procedural_levels(100_000)
     backend = InMemoryBackend(levels, mpp=0.25, tile_size=256)
-    viewer = make_napari_viewer()
+    viewer = make_napari_viewer(show=True)
     data, kwargs, _ = slide_layer_data(Slide(backend))
     layer = viewer.add_image(data, **kwargs)
     viewer.reset_view()
-    viewer.screenshot(canvas_only=True, flash=False)
+    shot = viewer.screenshot(canvas_only=True, flash=False)
+    assert shot[..., :3].std() > 10
     whole_view_reads = backend.read_count
     # the zoomed-out view needs the coarse level only: a few dozen tiles, not 150,000
     assert 0 < whole_view_reads <= 64
@@ -102,3 +105,38 @@ def test_view_of_100k_slide_reads_only_visible_tiles(make_napari_viewer, qtbot) 
     assert layer.data_level < len(levels) - 1
     print("reads", whole_view_reads, backend.read_count - whole_view_reads, layer.data_level)
     assert backend.read_count - whole_view_reads <= 64
+
+
+def test_manifest_is_discovered_by_npe2() -> None:
+    from npe2 import PluginManager
+
+    manager = PluginManager.instance()
+    manager.discover()
+    manifest = manager.get_manifest(PLUGIN)
+    assert {w.display_name for w in manifest.contributions.widgets} >= {"Slide"}
+    assert {s.key for s in manifest.contributions.sample_data} == {"synthetic-tumour", "synthetic-normal"}
+    patterns = manifest.contributions.readers[0].filename_patterns
+    assert {"*.svs", "*.ndpi", "*.mrxs", "*.tif", "*.png"} <= set(patterns)
+
+
+def test_open_sample_synthetic_tumour(make_napari_viewer, monkeypatch) -> None:
+    import napari_pathology._sample_data as sample_data
+
+    monkeypatch.setattr(sample_data, "SAMPLE_SIZE", 2048)
+    viewer = make_napari_viewer()
+    viewer.open_sample(PLUGIN, "synthetic-tumour")
+    [layer] = viewer.layers
+    assert layer.name == "synthetic tumour" and layer.multiscale
+    assert layer.metadata["width"] == 2048
+    assert tuple(layer.scale) == pytest.approx((0.5, 0.5), abs=1e-3)
+
+
+def test_demo_viewer_has_slide_scale_bar_and_panel(make_napari_viewer, synthetic_slide) -> None:
+    from napari_pathology._viewer import dock_panels, show_slide
+
+    viewer = make_napari_viewer()
+    [layer] = show_slide(viewer, synthetic_slide.slide_path)
+    dock_panels(viewer)
+    assert scale_bar(viewer).visible
+    assert isinstance(viewer.window.dock_widgets["Slide (napari-pathology)"], SlidePanel)
+    assert layer.metadata["path"] == str(synthetic_slide.slide_path)

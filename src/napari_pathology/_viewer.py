@@ -13,10 +13,23 @@ PLUGIN = "napari-pathology"
 DEMO_PANELS = ("Slide",)
 
 
+def scale_bar(viewer: napari.Viewer):
+    """The viewer's scale-bar overlay (its home moved in napari 0.9)."""
+    canvas = getattr(viewer, "canvas", None)
+    if canvas is not None and hasattr(canvas, "overlays"):
+        return canvas.overlays.scale_bar
+    return viewer.scale_bar
+
+
+def show_scale_bar(viewer: napari.Viewer) -> None:
+    """Show napari's scale bar (it reads the layers' micrometre units)."""
+    scale_bar(viewer).visible = True
+
+
 def show_slide(viewer: napari.Viewer, path: str | Path) -> list[napari.layers.Layer]:
     """Open a slide with this plugin's reader, show the scale bar and fit the view."""
     layers = viewer.open(str(path), plugin=PLUGIN)
-    viewer.scale_bar.visible = True
+    show_scale_bar(viewer)
     viewer.reset_view()
     return layers
 

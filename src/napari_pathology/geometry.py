@@ -1,0 +1,366 @@
+"""Polygons from masks and fields, GeoJSON conversion and rasterisation.
+
+A *polygon* is a list of rings: the outer boundary first, then its holes. Each
+ring is an ``(N, 2)`` float array of ``(x, y)`` vertices, open (the first vertex
+is not repeated at the end). Coordinates use the *pixel-edge* convention: pixel
+``(row, col)`` of an image covers ``[col, col + 1) x [row, row + 1)``, so its
+centre is at ``(col + 0.5, row + 0.5)``. With ``scale`` and ``offset`` a mask or
+field pixel maps to ``x = (col + 0.5) * scale + offset[0]`` (and likewise for
+``y``), which is how low-resolution masks are brought to level-0 pixels.
+
+Outer rings are returned with positive signed area (see :func:`ring_signed_area`),
+holes with negative signed area.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from skimage.draw import polygon as draw_polygon
+from skimage.measure import approximate_polygon, find_contours, points_in_poly
+
+Ring = np.ndarray
+Polygon = list[np.ndarray]
+
+__all__ = [
+    "Polygon",
+    "Ring",
+    "field_to_polygons",
+    "geojson_to_polygons",
+    "mask_to_polygons",
+    "polygon_area",
+    "polygon_bounds",
+    "polygons_to_geojson",
+    "rasterize_polygons",
+    "ring_signed_area",
+]
+
+
+def ring_signed_area(ring: np.ndarray) -> float:
+    """Signed area of a ring by the shoelace formula.
+
+    Parameters
+    ----------
+    ring : ndarray
+        ``(N, 2)`` array of ``(x, y)`` vertices, open or closed.
+
+    Returns
+    -------
+    float
+        Positive for counter-clockwise rings in a y-up frame (clockwise as seen
+        on screen with y pointing down), negative otherwise.
+
+    """
+    ring = np.asarray(ring, dtype=np.float64)
+    if len(ring) < 3:
+        return 0.0
+    x, y = ring[:, 0], ring[:, 1]
+    return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(np.roll(x, -1), y))
+
+
+def polygon_area(polygon: Polygon) -> float:
+    """Area of a polygon: outer ring minus its holes.
+
+    Parameters
+    ----------
+    polygon : list of ndarray
+        Rings, outer first.
+
+    Returns
+    -------
+    float
+        Area in squared coordinate units (non-negative).
+
+    """
+    if not polygon:
+        return 0.0
+    area = abs(ring_signed_area(polygon[0]))
+    for hole in polygon[1:]:
+        area -= abs(ring_signed_area(hole))
+    return max(area, 0.0)
+
+
+def polygon_bounds(polygon: Polygon) -> tuple[float, float, float, float]:
+    """Bounding box ``(xmin, ymin, xmax, ymax)`` of a polygon's outer ring."""
+    outer = np.asarray(polygon[0], dtype=np.float64)
+    return (
+        float(outer[:, 0].min()),
+        float(outer[:, 1].min()),
+        float(outer[:, 0].max()),
+        float(outer[:, 1].max()),
+    )
+
+
+def _open_ring(contour: np.ndarray) -> np.ndarray:
+    if len(contour) > 1 and np.array_equal(contour[0], contour[-1]):
+        return contour[:-1]
+    return contour
+
+
+def _contours_to_polygons(
+    contours: list[np.ndarray],
+    scale: float,
+    offset: tuple[float, float],
+    min_area: float,
+    tolerance: float,
+) -> list[Polygon]:
+    """Turn marching-squares contours (row, col; pixel-centre indices) into polygons."""
+    outers: list[tuple[np.ndarray, float]] = []
+    holes: list[np.ndarray] = []
+    for contour in contours:
+        ring = _open_ring(contour)
+        if len(ring) < 3:
+            continue
+        if tolerance > 0:
+            simplified = _open_ring(approximate_polygon(np.vstack([ring, ring[:1]]), tolerance))
+            if len(simplified) >= 3:
+                ring = simplified
+        xy = np.empty((len(ring), 2), dtype=np.float64)
+        xy[:, 0] = (ring[:, 1] + 0.5) * scale + offset[0]
+        xy[:, 1] = (ring[:, 0] + 0.5) * scale + offset[1]
+        area = ring_signed_area(xy)
+        if area == 0.0:
+            continue
+        # Contours traced with positive_orientation="high" wind so that the
+        # shoelace area in (x, y) is negative around high regions.
+        if area < 0:
+            outers.append((xy[::-1].copy(), -area))
+        else:
+            holes.append(xy[::-1].copy())
+    order = sorted(range(len(outers)), key=lambda i: outers[i][1])
+    polygons: list[Polygon] = [[outers[i][0]] for i in range(len(outers))]
+    for hole in holes:
+        probe = hole[:1]
+        for i in order:  # smallest enclosing outer ring wins
+            outer, _ = outers[i]
+            if points_in_poly(probe, outer)[0]:
+                polygons[i].append(hole)
+                break
+    result = [p for p in polygons if polygon_area(p) >= min_area]
+    # Deterministic order: top-to-bottom, then left-to-right.
+    result.sort(key=lambda p: (float(p[0][:, 1].min()), float(p[0][:, 0].min())))
+    return result
+
+
+def field_to_polygons(
+    field: np.ndarray,
+    level: float = 0.0,
+    scale: float = 1.0,
+    offset: tuple[float, float] = (0.0, 0.0),
+    min_area: float = 0.0,
+    tolerance: float = 0.0,
+) -> list[Polygon]:
+    """Polygons enclosing the region where a sampled field exceeds ``level``.
+
+    Parameters
+    ----------
+    field : ndarray
+        2-D array of samples at pixel centres.
+    level : float
+        Iso-value; the region is ``field > level``.
+    scale : float
+        Output units per field pixel.
+    offset : tuple of float
+        ``(x, y)`` added after scaling.
+    min_area : float
+        Drop polygons smaller than this (output units squared).
+    tolerance : float
+        If positive, simplify rings with
+        :func:`skimage.measure.approximate_polygon` (in field pixels).
+
+    Returns
+    -------
+    list of polygon
+        Each polygon is ``[outer, hole, ...]`` of ``(N, 2)`` ``(x, y)`` arrays.
+
+    """
+    field = np.asarray(field, dtype=np.float64)
+    if field.ndim != 2:
+        raise ValueError("field must be 2-D")
+    if field.size == 0 or not np.any(field > level):
+        return []
+    span = float(np.nanmax(np.abs(field - level))) if field.size else 1.0
+    pad_value = level - max(span, 1.0) * 1e3
+    padded = np.pad(field, 1, mode="constant", constant_values=pad_value)
+    contours = find_contours(padded, level, fully_connected="high", positive_orientation="high")
+    contours = [c - 1.0 for c in contours]
+    return _contours_to_polygons(contours, scale, offset, min_area, tolerance)
+
+
+def mask_to_polygons(
+    mask: np.ndarray,
+    scale: float = 1.0,
+    offset: tuple[float, float] = (0.0, 0.0),
+    min_area: float = 0.0,
+    tolerance: float = 0.0,
+) -> list[Polygon]:
+    """Polygons (with holes) outlining the ``True`` pixels of a boolean mask.
+
+    Contours run half-way between pixel centres (marching squares on the
+    zero-padded mask at level 0.5), so rasterising the result with
+    :func:`rasterize_polygons` gives the mask back.
+
+    Parameters
+    ----------
+    mask : ndarray
+        2-D boolean mask.
+    scale : float
+        Output units per mask pixel (e.g. the mask's downsample factor).
+    offset : tuple of float
+        ``(x, y)`` added after scaling.
+    min_area : float
+        Drop polygons smaller than this (output units squared).
+    tolerance : float
+        If positive, simplify rings (in mask pixels).
+
+    Returns
+    -------
+    list of polygon
+        Each polygon is ``[outer, hole, ...]`` of ``(N, 2)`` ``(x, y)`` arrays.
+
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if mask.ndim != 2:
+        raise ValueError("mask must be 2-D")
+    if not mask.any():
+        return []
+    padded = np.pad(mask.astype(np.float64), 1, mode="constant", constant_values=0.0)
+    contours = find_contours(padded, 0.5, fully_connected="high", positive_orientation="high")
+    contours = [c - 1.0 for c in contours]
+    return _contours_to_polygons(contours, scale, offset, min_area, tolerance)
+
+
+def rasterize_polygons(
+    polygons: Sequence[Polygon],
+    shape: tuple[int, int],
+    scale: float = 1.0,
+    offset: tuple[float, float] = (0.0, 0.0),
+) -> np.ndarray:
+    """Rasterise polygons into a boolean mask, carving holes.
+
+    Parameters
+    ----------
+    polygons : sequence of polygon
+        Polygons in output units (see :func:`mask_to_polygons`).
+    shape : tuple of int
+        ``(rows, cols)`` of the mask.
+    scale : float
+        Polygon units per mask pixel.
+    offset : tuple of float
+        ``(x, y)`` subtracted before scaling.
+
+    Returns
+    -------
+    ndarray
+        Boolean mask; a pixel is set when its centre lies inside a polygon.
+
+    """
+    out = np.zeros(tuple(int(s) for s in shape), dtype=bool)
+    for polygon in polygons:
+        for k, ring in enumerate(polygon):
+            ring = np.asarray(ring, dtype=np.float64)
+            if len(ring) < 3:
+                continue
+            cols = (ring[:, 0] - offset[0]) / scale - 0.5
+            rows = (ring[:, 1] - offset[1]) / scale - 0.5
+            rr, cc = draw_polygon(rows, cols, shape=out.shape)
+            out[rr, cc] = k == 0
+    return out
+
+
+def _close(ring: np.ndarray) -> list[list[float]]:
+    pts = [[float(x), float(y)] for x, y in np.asarray(ring, dtype=np.float64)]
+    if pts and pts[0] != pts[-1]:
+        pts.append(list(pts[0]))
+    return pts
+
+
+def polygons_to_geojson(
+    polygons: Sequence[Polygon],
+    classification: str = "Tumor",
+    color: tuple[int, int, int] = (200, 0, 0),
+    object_type: str = "annotation",
+) -> dict[str, Any]:
+    """QuPath-style GeoJSON FeatureCollection of Polygon features.
+
+    Parameters
+    ----------
+    polygons : sequence of polygon
+        Polygons to export; rings are closed on output.
+    classification : str
+        Class name written to ``properties.classification.name``.
+    color : tuple of int
+        RGB class colour.
+    object_type : str
+        QuPath object type (``"annotation"`` or ``"detection"``).
+
+    Returns
+    -------
+    dict
+        A GeoJSON ``FeatureCollection``.
+
+    """
+    features = []
+    for polygon in polygons:
+        features.append(
+            {
+                "type": "Feature",
+                "geometry": {
+                    "type": "Polygon",
+                    "coordinates": [_close(ring) for ring in polygon],
+                },
+                "properties": {
+                    "objectType": object_type,
+                    "classification": {
+                        "name": classification,
+                        "color": [int(c) for c in color],
+                    },
+                },
+            }
+        )
+    return {"type": "FeatureCollection", "features": features}
+
+
+def _rings_from_coords(coords: Sequence[Sequence[Sequence[float]]]) -> Polygon:
+    rings = []
+    for ring in coords:
+        arr = np.asarray(ring, dtype=np.float64).reshape(-1, 2)
+        rings.append(_open_ring(arr))
+    return rings
+
+
+def geojson_to_polygons(geojson: dict[str, Any] | list[Any]) -> list[Polygon]:
+    """Read Polygon / MultiPolygon geometries from GeoJSON.
+
+    Parameters
+    ----------
+    geojson : dict or list
+        A FeatureCollection, a Feature, a bare geometry or a list of features.
+
+    Returns
+    -------
+    list of polygon
+        Open rings, outer first.
+
+    """
+    if isinstance(geojson, list):
+        items: list[Any] = list(geojson)
+    elif geojson.get("type") == "FeatureCollection":
+        items = list(geojson.get("features", []))
+    else:
+        items = [geojson]
+    polygons: list[Polygon] = []
+    for item in items:
+        geometry = item.get("geometry", item) if item.get("type") == "Feature" else item
+        if geometry is None:
+            continue
+        kind = geometry.get("type")
+        if kind == "Polygon":
+            polygons.append(_rings_from_coords(geometry["coordinates"]))
+        elif kind == "MultiPolygon":
+            polygons.extend(_rings_from_coords(c) for c in geometry["coordinates"])
+        elif kind == "GeometryCollection":
+            polygons.extend(geojson_to_polygons(list(geometry.get("geometries", []))))
+    return polygons
