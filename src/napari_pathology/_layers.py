@@ -134,3 +134,39 @@ def apply_mpp(metadata: dict[str, Any], slide: Slide, mpp: float | None) -> tupl
     slide.set_mpp(mpp)
     metadata.update(slide_metadata(slide))
     return slide_scale(slide)
+
+
+def overlay_geometry(
+    cell_um: float | tuple[float, float],
+    first_centre_um: tuple[float, float],
+    slide_mpp: tuple[float, float] | None,
+) -> dict[str, tuple[float, float]]:
+    """``scale`` and ``translate`` that lay a grid (mask, heatmap) exactly over a slide layer.
+
+    napari draws data pixel ``i`` centred at ``translate + i * scale``; a slide
+    layer has no translate, so its level-0 pixel ``i`` (covering physical
+    ``[i, i + 1) * mpp``) is drawn centred at ``i * mpp``, half a pixel before
+    its physical centre. Grids are described physically and shifted the same way.
+
+    Parameters
+    ----------
+    cell_um : float or (float, float)
+        Size of one grid cell in micrometres, ``(y, x)`` or square.
+    first_centre_um : (float, float)
+        Physical ``(y, x)`` centre of cell ``(0, 0)`` in micrometres from the
+        slide's top-left corner.
+    slide_mpp : (float, float) or None
+        The slide's level-0 ``(mpp_x, mpp_y)``; None when the slide is shown in pixels
+        (then ``cell_um`` and ``first_centre_um`` must be in level-0 pixels).
+
+    Returns
+    -------
+    dict
+        ``{"scale": (sy, sx), "translate": (ty, tx)}`` for ``viewer.add_image`` / ``add_labels``.
+    """
+    sy, sx = (cell_um, cell_um) if isinstance(cell_um, int | float) else cell_um
+    half_y, half_x = (slide_mpp[1] / 2, slide_mpp[0] / 2) if slide_mpp else (0.5, 0.5)
+    return {
+        "scale": (float(sy), float(sx)),
+        "translate": (float(first_centre_um[0] - half_y), float(first_centre_um[1] - half_x)),
+    }

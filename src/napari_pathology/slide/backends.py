@@ -121,7 +121,7 @@ def rgba_to_rgb_on_white(rgba: np.ndarray) -> np.ndarray:
     alpha = rgba[..., 3]
     rgb = rgba[..., :3]
     if alpha.min() == WHITE:
-        return np.ascontiguousarray(rgb)
+        return rgb  # a view: the pyramid copies chunks into place anyway
     a = alpha[..., None].astype(np.uint16)
     out = (rgb.astype(np.uint16) * a + WHITE * (WHITE - a) + 127) // WHITE
     return out.astype(np.uint8)

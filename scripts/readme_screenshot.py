@@ -1,0 +1,30 @@
+"""Save the README screenshot: the demo slide in napari with the Slide panel docked.
+
+Run under a (virtual) screen::
+
+    xvfb-run -a -s "-screen 0 1600x1000x24" python scripts/readme_screenshot.py [OUT.png]
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import napari
+from qtpy.QtWidgets import QApplication
+
+from napari_pathology._viewer import dock_panels, show_slide
+from napari_pathology.demo import demo_slide
+
+out = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/images/demo.png")
+viewer = napari.Viewer(title="napari-pathology demo")
+viewer.window._qt_window.resize(1500, 900)
+show_slide(viewer, demo_slide())
+dock_panels(viewer)
+for _ in range(20):  # let Qt lay out the dock before grabbing the window
+    QApplication.processEvents()
+    time.sleep(0.05)
+viewer.screenshot(str(out), canvas_only=False, flash=False)
+print(f"saved {out}")
+viewer.close()
