@@ -1,6 +1,6 @@
 """The ``napari-pathology`` command.
 
-Sub-commands: ``demo``, ``info``, ``synth``. Errors a user can fix (a broken
+Sub-commands: ``demo``, ``info``, ``synth``, ``tissue``, ``models``, ``run``. Errors a user can fix (a broken
 file, a missing um/px) end the command with one clear line on stderr and a
 non-zero exit status, never a traceback.
 """
@@ -145,6 +145,81 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- tissue
+
+
+def _tissue_params(args: argparse.Namespace):
+    from napari_pathology.tissue import TissueParams
+
+    return TissueParams(method=args.method, mask_mpp=args.mask_mpp, exclude_pen=args.exclude_pen)
+
+
+def _cmd_tissue(args: argparse.Namespace) -> int:
+    from napari_pathology.tissue import write_tissue_outputs
+
+    paths = run_with_progress(
+        write_tissue_outputs(args.slide, args.out, _tissue_params(args)), "tissue mask", args.quiet
+    )
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+# --------------------------------------------------------------------------- models and run
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from napari_pathology.models import list_models
+
+    for spec in list_models():
+        print(
+            f"{spec.name}\t{spec.family}\t{spec.input_size}px @ {spec.mpp:g} um/px\t"
+            f"{spec.output}/{spec.aggregator}\t{spec.description}"
+        )
+    return 0
+
+
+def _load_tissue_for_run(args: argparse.Namespace, slide):
+    from napari_pathology.tissue import TissueParams, detect_tissue, load_tissue_mask
+
+    if args.tissue == "none":
+        return None
+    if args.tissue == "auto":
+        mask = run_with_progress(detect_tissue(slide, TissueParams()), "tissue mask", args.quiet)
+        if mask.is_empty:
+            raise CommandError(f"no tissue found in {slide.name}; use --tissue none to analyse every tile")
+        return mask
+    return load_tissue_mask(args.tissue)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from napari_pathology.analysis import RunSettings, result_folder, run_analysis
+    from napari_pathology.models import resolve_model
+    from napari_pathology.slide import open_slide
+
+    slide = open_slide(args.slide, mpp=args.mpp)
+    slide.validate()
+    slide.require_mpp()
+    model = resolve_model(args.model)
+    tissue = _load_tissue_for_run(args, slide)
+    settings = RunSettings(
+        stride=args.stride, batch_size=args.batch_size, device=args.device, tta=args.tta,
+        min_tissue_fraction=args.min_tissue, nms_threshold=args.nms_threshold,
+        nms_radius=args.nms_radius,
+    )  # fmt: skip
+    out = result_folder(args.out, slide, model.spec.name)
+    job = run_analysis(slide, model, tissue=tissue, settings=settings, out_dir=out, reuse=not args.recompute)
+    try:
+        result = run_with_progress(job, f"{model.spec.name} on {slide.name}", args.quiet)
+    except KeyboardInterrupt:
+        job.close()  # saves the finished tiles, marked partial
+        print(f"interrupted: partial result kept in {out}", file=sys.stderr)
+        return 130
+    print(result.summary())
+    print(f"results: {out}")
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -180,6 +255,36 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--blurred-patch", action="store_true", help="add an out-of-focus patch")
     synth.add_argument("--quiet", action="store_true", help="no progress bar")
     synth.set_defaults(func=_cmd_synth)
+
+    tissue = sub.add_parser("tissue", help="detect tissue; write mask PNG + JSON and GeoJSON polygons")
+    tissue.add_argument("slide", type=Path)
+    tissue.add_argument("--out", type=Path, required=True, help="output folder")
+    tissue.add_argument("--method", choices=["saturation", "otsu", "gray"], default="saturation")
+    tissue.add_argument("--mask-mpp", type=float, default=8.0, help="um/px of the mask (default 8)")
+    tissue.add_argument("--exclude-pen", action="store_true", help="remove green/blue/red pen ink")
+    tissue.add_argument("--quiet", action="store_true", help="no progress bar")
+    tissue.set_defaults(func=_cmd_tissue)
+
+    models = sub.add_parser("models", help="list registered models, one per line, name first")
+    models.set_defaults(func=_cmd_models)
+
+    run = sub.add_parser("run", help="run a model over a slide; heatmap, detections, slide score")
+    run.add_argument("slide", type=Path)
+    run.add_argument("--model", required=True, help="registered model name or checkpoint path")
+    run.add_argument("--out", type=Path, required=True, help="results go to OUT/<slide>/<model>/")
+    run.add_argument("--device", default="cpu", help="cpu, cuda:N or auto (default cpu)")
+    run.add_argument("--batch-size", type=int, default=32)
+    run.add_argument("--stride", type=int, default=None, help="px at the model's um/px")
+    run.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                     help="average the 8 orientations (default: the model's choice)")  # fmt: skip
+    run.add_argument("--tissue", default="auto", help="auto (detect), none, or a saved tissue mask")
+    run.add_argument("--min-tissue", type=float, default=0.25, help="min tissue fraction per tile")
+    run.add_argument("--nms-threshold", type=float, default=0.5)
+    run.add_argument("--nms-radius", type=float, default=5.0, help="in heatmap cells")
+    run.add_argument("--mpp", type=float, default=None, help="um/px for slides that lack it")
+    run.add_argument("--recompute", action="store_true", help="ignore a saved result")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.set_defaults(func=_cmd_run)
     return parser
 
 
@@ -196,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Callable[[argparse.Namespace], int] = args.func
     try:
         return handler(args)
-    except (SlideOpenError, CommandError, FileNotFoundError, ValueError) as exc:
+    except (SlideOpenError, CommandError, FileNotFoundError, ValueError, MemoryError) as exc:
         print(f"napari-pathology: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:

@@ -1,0 +1,351 @@
+"""The inference engine: a model over a slide's tissue tiles, as a progress generator.
+
+``run_analysis`` yields :class:`~napari_pathology.progress.Progress` events
+whose ``payload`` is the :class:`HeatmapBlock` just finished, and returns an
+:class:`~napari_pathology.analysis.result.AnalysisResult`. The GUI runs it in
+a worker and paints blocks as they arrive; the CLI drives it with a progress
+bar. Cancelling (the ``cancel`` event, or closing the generator) keeps what
+was finished, marked partial, and a later run with the same settings resumes
+from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from collections.abc import Callable, Generator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from napari_pathology.analysis.nms import non_maximum_suppression
+from napari_pathology.analysis.result import AnalysisResult, load_result, save_result
+from napari_pathology.devices import is_out_of_memory, resolve_device
+from napari_pathology.progress import Progress
+from napari_pathology.slide import Slide
+
+AGGREGATORS = ("max", "mean", "fraction")
+
+
+class NoTissueError(ValueError):
+    """The slide has no tile with enough tissue to analyse."""
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How to run a model over a slide.
+
+    Parameters
+    ----------
+    stride : int, optional
+        Pixels at the model's um/px between tiles (default: the model's).
+    batch_size : int
+        Tiles per forward pass (halved automatically on out-of-memory).
+    device : str
+        ``"cpu"``, ``"cuda:N"`` or ``"auto"``.
+    tta : bool, optional
+        Average the 8 dihedral orientations (default: the model's setting).
+    amp : bool
+        Mixed precision on GPU.
+    min_tissue_fraction : float
+        Tiles whose centre region holds less tissue are skipped.
+    nms_threshold, nms_radius : float
+        Non-maximum suppression for detections (radius in heatmap cells).
+    workers : int
+        Tile-reading threads.
+    """
+
+    stride: int | None = None
+    batch_size: int = 32
+    device: str = "cpu"
+    tta: bool | None = None
+    amp: bool = True
+    min_tissue_fraction: float = 0.25
+    nms_threshold: float = 0.5
+    nms_radius: float = 5.0
+    workers: int = 2
+
+
+@dataclass(frozen=True)
+class HeatmapBlock:
+    """Cells finished in one batch: ``cells`` (B, 2) row/col and their ``values`` (B,)."""
+
+    cells: np.ndarray
+    values: np.ndarray
+
+
+def result_folder(out_dir: str | Path, slide: Slide, model_name: str) -> Path:
+    """The folder for one slide and one model: ``OUT/<slide stem>/<model name>``."""
+    return Path(out_dir) / Path(slide.name).stem / model_name
+
+
+def weights_digest(model: Any) -> str:
+    """Short SHA-256 of a model's parameters and buffers (changes when weights change)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _mask_digest(tissue: Any) -> str | None:
+    if tissue is None:
+        return None
+    mask = np.ascontiguousarray(np.asarray(tissue.mask, dtype=bool))
+    return hashlib.sha256(mask.tobytes() + repr((mask.shape, float(tissue.mpp))).encode()).hexdigest()[:16]
+
+
+def run_key(slide: Slide, spec: dict[str, Any], digest: str, settings: RunSettings, tissue: Any) -> str:
+    """Fingerprint of everything a result depends on."""
+    stamp = None
+    if slide.path:
+        stat = Path(slide.path).stat()
+        stamp = (stat.st_size, stat.st_mtime_ns)
+    fields = {
+        k: v for k, v in asdict(settings).items() if k not in {"batch_size", "device", "workers", "amp"}
+    }
+    payload = {
+        "slide": [slide.path, stamp, slide.mpp],
+        "spec": spec,
+        "weights": digest,
+        "settings": fields,
+        "tissue": _mask_digest(tissue),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def aggregate(
+    heatmap: np.ndarray, class_heatmaps: np.ndarray, aggregator: str, classes: list[str]
+) -> tuple[float, dict[str, float]]:
+    """Slide score and per-class scores from the finished cells.
+
+    ``max`` and ``mean`` aggregate each class's probability map; ``fraction``
+    is, per class, the share of tissue tiles whose most likely class it is
+    (Noorbakhsh's tumour-predicted fraction for the positive class).
+    """
+    done = ~np.isnan(heatmap)
+    if not done.any():
+        return float("nan"), {name: float("nan") for name in classes}
+    values = class_heatmaps[:, done]  # (classes, tiles)
+    if aggregator == "max":
+        per_class = values.max(axis=1)
+        slide_score = float(heatmap[done].max())
+    elif aggregator == "mean":
+        per_class = values.mean(axis=1)
+        slide_score = float(heatmap[done].mean())
+    elif aggregator == "fraction":
+        winners = values.argmax(axis=0)
+        per_class = np.array([(winners == k).mean() for k in range(len(classes))])
+        slide_score = float("nan")
+    else:
+        raise ValueError(
+            f"aggregator {aggregator!r} is not computed from tile probabilities; "
+            f"models using it provide their own slide-level head (known here: {', '.join(AGGREGATORS)})"
+        )
+    scores = {name: float(v) for name, v in zip(classes, per_class, strict=True)}
+    return slide_score, scores
+
+
+def run_analysis(
+    slide: Slide,
+    model: Any,
+    *,
+    tissue: Any = None,
+    settings: RunSettings | None = None,
+    out_dir: str | Path | None = None,
+    cancel: threading.Event | None = None,
+    reuse: bool = True,
+) -> Generator[Progress, None, AnalysisResult]:
+    """Run ``model`` over the tissue tiles of ``slide``.
+
+    Parameters
+    ----------
+    slide : Slide
+        An opened slide with um/px (file or user override).
+    model : PathologyModel
+        A model from the registry or a checkpoint (carries its ``spec``).
+    tissue : TissueMask, optional
+        Mask with ``.mask`` and ``.mpp``; tiles without enough tissue are skipped.
+    settings : RunSettings, optional
+        Stride, batch size, device, TTA, NMS.
+    out_dir : path, optional
+        Result folder (see :func:`result_folder`): saved there, and reloaded
+        (or resumed when partial) when slide, model and settings are unchanged.
+    cancel : threading.Event, optional
+        Set it to stop after the current batch; the result is then partial.
+    reuse : bool
+        Reload a matching result instead of recomputing.
+
+    Yields
+    ------
+    Progress
+        The first event's ``payload`` is the :class:`~napari_pathology.tiles.TileGrid`
+        (so a viewer can lay out the heatmap at once), later ones carry the
+        :class:`HeatmapBlock` just finished.
+
+    Returns
+    -------
+    AnalysisResult
+    """
+    import torch
+
+    from napari_pathology.tiles import TileLoader, make_tile_grid, tta_mean
+
+    settings = settings or RunSettings()
+    spec = model.spec
+    spec_dict = spec.to_dict()
+    slide.require_mpp()
+    stride = settings.stride or spec.stride or spec.centre_size or spec.input_size
+    grid = make_tile_grid(
+        slide, spec.mpp, spec.input_size, stride, tissue=tissue,
+        min_tissue_fraction=settings.min_tissue_fraction if tissue is not None else 0.0,
+        tissue_region_size=stride,
+    )  # fmt: skip
+    if len(grid) == 0:
+        raise NoTissueError(
+            f"No tissue found in {slide.name}: no {spec.input_size}px tile at {spec.mpp} um/px has "
+            f"{settings.min_tissue_fraction:.0%} tissue. Check the tissue mask (Tissue panel) or lower "
+            "the minimum tissue fraction."
+        )
+    classes = list(spec.classes)
+    positive = classes.index(spec.positive_class) if spec.positive_class else len(classes) - 1
+    digest = weights_digest(model)
+    key = run_key(slide, spec_dict, digest, settings, tissue)
+    heatmap = np.full(grid.shape, np.nan, np.float32)
+    class_heatmaps = np.full((len(classes), *grid.shape), np.nan, np.float32)
+    target = Path(out_dir) if out_dir is not None else None
+
+    if target is not None and reuse and (target / "result.json").exists():
+        try:
+            previous = load_result(target)
+        except ValueError:
+            previous = None
+        if previous is not None and previous.key == key:
+            if not previous.partial:
+                yield Progress(len(grid), len(grid), "reloaded saved result", None)
+                return previous
+            heatmap[:] = previous.heatmap
+            if previous.class_heatmaps is not None:
+                class_heatmaps[:] = previous.class_heatmaps
+
+    rows, cols = grid.cells[:, 0], grid.cells[:, 1]
+    todo = np.flatnonzero(np.isnan(heatmap[rows, cols]))
+    total = len(grid)
+    done = total - len(todo)
+    use_tta = spec.tta if settings.tta is None else settings.tta
+    device = resolve_device(settings.device)
+    model = model.to(device).eval()
+    autocast = settings.amp and device.type == "cuda"
+    chunk = max(1, settings.batch_size)
+    notes: list[str] = []
+    started = time.perf_counter()
+    cancelled = False
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(), torch.autocast(device.type, enabled=autocast):
+            if use_tta:
+                return tta_mean(model.predict_proba, x).float()
+            return model.predict_proba(x).float()
+
+    def finish() -> AnalysisResult:
+        partial = bool(np.isnan(heatmap[rows, cols]).any())
+        detections = _detections(heatmap, grid, settings)
+        slide_score, scores = aggregate(heatmap, class_heatmaps, spec.aggregator, classes)
+        if spec.aggregator == "fraction":
+            slide_score = scores[classes[positive]]
+        result = AnalysisResult(
+            slide_path=slide.path, slide_name=slide.name, spec=spec_dict, heatmap=heatmap,
+            class_heatmaps=class_heatmaps, cell_um=grid.cell_um,
+            first_centre_um=grid.first_centre_um, slide_mpp=slide.require_mpp(),
+            detections=detections, slide_score=slide_score, scores=scores, partial=partial,
+            tiles_done=int((~np.isnan(heatmap[rows, cols])).sum()), tiles_total=total, key=key,
+            provenance={
+                "settings": asdict(settings), "device": str(device), "tta": use_tta,
+                "seconds": round(time.perf_counter() - started, 3), "notes": notes,
+                "cancelled": cancelled, "weights": digest,
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            },
+        )  # fmt: skip
+        if target is not None:
+            save_result(result, target)
+        return result
+
+    yield Progress(done, total, f"{total} tiles at {spec.mpp} um/px on {device}", grid)
+    loader = TileLoader(slide, grid, settings.batch_size, indices=todo, workers=settings.workers)
+    try:
+        for indices, tiles in loader:
+            if cancel is not None and cancel.is_set():
+                cancelled = True
+                break
+            x = _to_batch(tiles, spec.normalization)
+            probs, chunk = _predict_with_retry(predict, x, device, chunk, notes)
+            probs = probs.cpu().numpy()
+            r, c = rows[indices], cols[indices]
+            class_heatmaps[:, r, c] = probs.T
+            heatmap[r, c] = probs[:, positive]
+            done += len(indices)
+            elapsed = time.perf_counter() - started
+            rate = (done - (total - len(todo))) / max(elapsed, 1e-9)
+            eta = (total - done) / rate if rate > 0 else float("inf")
+            message = f"{done}/{total} tiles, {rate:.1f} tiles/s, ETA {_format_eta(eta)}"
+            yield Progress(done, total, message, HeatmapBlock(np.stack([r, c], 1), heatmap[r, c].copy()))
+            if cancel is not None and cancel.is_set():
+                cancelled = True
+                break
+    except GeneratorExit:  # the consumer went away: keep what is finished
+        cancelled = True
+        loader.close()
+        finish()
+        raise
+    finally:
+        loader.close()
+    return finish()
+
+
+def _to_batch(tiles: np.ndarray, normalization: str):
+    from napari_pathology.tiles import to_tensor
+
+    return to_tensor(tiles, normalization)
+
+
+def _predict_with_retry(
+    predict: Callable[[Any], Any], x: Any, device: Any, chunk: int, notes: list[str]
+) -> tuple[Any, int]:
+    """Predict in chunks of ``chunk`` tiles, halving the chunk on out-of-memory."""
+    import torch
+
+    while True:
+        try:
+            parts = [predict(x[i : i + chunk].to(device, non_blocking=True)) for i in range(0, len(x), chunk)]
+            return torch.cat(parts), chunk
+        except Exception as error:
+            if not is_out_of_memory(error) or chunk == 1:
+                if is_out_of_memory(error):
+                    raise MemoryError(
+                        f"out of memory on {device} even with one tile per batch; use a smaller model, "
+                        "another device, or the CPU"
+                    ) from error
+                raise
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            chunk = max(1, chunk // 2)
+            notes.append(f"out of memory on {device}: retrying with batch size {chunk}")
+
+
+def _detections(heatmap: np.ndarray, grid: Any, settings: RunSettings) -> np.ndarray:
+    found = non_maximum_suppression(heatmap, settings.nms_threshold, settings.nms_radius)
+    y0, x0 = grid.first_centre_um
+    x_um = x0 + found[:, 1] * grid.cell_um
+    y_um = y0 + found[:, 0] * grid.cell_um
+    return np.stack([x_um, y_um, found[:, 2]], axis=1) if len(found) else np.zeros((0, 3))
+
+
+def _format_eta(seconds: float) -> str:
+    if not np.isfinite(seconds):
+        return "?"
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
