@@ -73,3 +73,42 @@ def test_console_script_is_installed() -> None:
         [sys.executable, "-m", "napari_pathology.cli", "--help"], capture_output=True, text=True
     )
     assert result.returncode == 0 and "demo" in result.stdout and "synth" in result.stdout
+
+
+def test_models_lists_one_per_line_name_first(capsys) -> None:
+    assert main(["models"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "nuclear-density" in [line.split()[0] for line in lines]
+
+
+def test_tissue_writes_mask_json_and_geojson(tmp_path, capsys, synthetic_slide) -> None:
+    assert main(["tissue", str(synthetic_slide.slide_path), "--out", str(tmp_path), "--quiet"]) == 0
+    for name in ("tissue.png", "tissue.json", "tissue.geojson"):
+        assert (tmp_path / name).exists(), name
+    assert json.loads((tmp_path / "tissue.json").read_text())["mpp"] == 8.0
+
+
+def test_run_writes_results_and_reloads_them(tmp_path, capsys, synthetic_slide) -> None:
+    args = ["run", str(synthetic_slide.slide_path), "--model", "nuclear-density", "--out", str(tmp_path),
+            "--quiet"]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    folder = tmp_path / "slide" / "nuclear-density"
+    assert f"results: {folder}" in out
+    result = json.loads((folder / "result.json").read_text())
+    assert result["partial"] is False and result["slide_score"] > 0.5
+    assert result["spec"]["name"] == "nuclear-density" and result["key"]
+    assert (folder / "detections.csv").read_text().startswith("x_um,y_um,score")
+    assert (folder / "heatmap.zarr").exists()
+    stamp = (folder / "result.json").stat().st_mtime_ns
+    assert main(args) == 0  # unchanged inputs: reloaded, not recomputed
+    assert (folder / "result.json").stat().st_mtime_ns == stamp
+
+
+def test_run_with_a_file_that_is_not_a_checkpoint(tmp_path, capsys, synthetic_slide) -> None:
+    bogus = tmp_path / "model.pt"
+    bogus.write_bytes(b"not a checkpoint")
+    args = ["run", str(synthetic_slide.slide_path), "--model", str(bogus), "--out", str(tmp_path), "--quiet"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model.pt" in err

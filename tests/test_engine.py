@@ -92,8 +92,8 @@ def test_tta_averages_orientations(planted_slide) -> None:
 def test_cancel_keeps_finished_tiles_and_a_rerun_resumes(planted_slide, tmp_path) -> None:
     cancel = threading.Event()
     model = dark_model()
-    job = run_analysis(planted_slide, model, settings=RunSettings(batch_size=100, tta=False), out_dir=tmp_path,
-                       cancel=cancel)  # fmt: skip
+    settings = RunSettings(batch_size=100, tta=False)
+    job = run_analysis(planted_slide, model, settings=settings, out_dir=tmp_path, cancel=cancel)
     next(job)  # grid
     next(job)  # first block of 100 tiles
     cancel.set()

@@ -158,7 +158,9 @@ def _cmd_tissue(args: argparse.Namespace) -> int:
     from napari_pathology.tissue import write_tissue_outputs
 
     paths = run_with_progress(
-        write_tissue_outputs(args.slide, args.out, _tissue_params(args)), "tissue mask", args.quiet
+        write_tissue_outputs(args.slide, args.out, _tissue_params(args), mpp=args.mpp),
+        "tissue mask",
+        args.quiet,
     )
     for kind, path in paths.items():
         print(f"{kind}: {path}")
@@ -180,7 +182,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _load_tissue_for_run(args: argparse.Namespace, slide):
-    from napari_pathology.tissue import TissueParams, detect_tissue, load_tissue_mask
+    from napari_pathology.tissue import TissueParams, detect_tissue, read_tissue_file
 
     if args.tissue == "none":
         return None
@@ -189,7 +191,7 @@ def _load_tissue_for_run(args: argparse.Namespace, slide):
         if mask.is_empty:
             raise CommandError(f"no tissue found in {slide.name}; use --tissue none to analyse every tile")
         return mask
-    return load_tissue_mask(args.tissue)
+    return read_tissue_file(args.tissue, slide.dimensions, slide.require_mpp())
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -262,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     tissue.add_argument("--method", choices=["saturation", "otsu", "gray"], default="saturation")
     tissue.add_argument("--mask-mpp", type=float, default=8.0, help="um/px of the mask (default 8)")
     tissue.add_argument("--exclude-pen", action="store_true", help="remove green/blue/red pen ink")
+    tissue.add_argument("--mpp", type=float, default=None, help="um/px for slides that lack it")
     tissue.add_argument("--quiet", action="store_true", help="no progress bar")
     tissue.set_defaults(func=_cmd_tissue)
 

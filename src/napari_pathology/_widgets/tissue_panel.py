@@ -1,0 +1,577 @@
+"""The Tissue panel: detect, correct, import and save the tissue mask of a slide.
+
+Thin wiring over :mod:`napari_pathology.tissue`: detection runs as a worker
+on the :func:`~napari_pathology.tissue.detect_tissue` generator, the result
+is a labels layer laid over the slide (label > 0 is tissue), and the user
+corrects it with napari's paint and erase tools. :func:`tissue_mask_from_layer`
+turns that layer back into a :class:`~napari_pathology.tissue.TissueMask`, so
+the corrected mask is what later steps (tiling, analysis) use.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from napari_pathology._layers import overlay_geometry, slide_from_metadata
+from napari_pathology._widgets._common import SlideLayerCombo, run_in_thread
+from napari_pathology.tissue import (
+    TissueMask,
+    TissueParams,
+    detect_tissue,
+    read_tissue_file,
+    save_tissue_mask,
+)
+
+if TYPE_CHECKING:
+    import napari
+
+    from napari_pathology.progress import Progress
+    from napari_pathology.slide import Slide
+
+#: Key present in the metadata of every tissue labels layer made by this panel.
+TISSUE_MARKER = "napari_pathology_tissue"
+
+#: Label colours: 0 transparent, any painted label green.
+_TISSUE_RGBA = (0.15, 0.85, 0.35, 1.0)
+
+#: Methods as shown in the combo box, with their :class:`TissueParams` names.
+METHOD_CHOICES = (
+    ("Saturation (CLAM)", "saturation"),
+    ("Otsu (grayscale)", "otsu"),
+    ("Gray > 0.8 is background (Liu)", "gray"),
+)
+
+_IMPORT_FILTER = "Tissue masks (*.geojson *.json *.png *.tif *.tiff *.jpg *.jpeg);;All files (*)"
+
+#: Delay before the area label follows a paint stroke (coalesces bursts of events).
+AREA_UPDATE_MS = 150
+
+
+# --------------------------------------------------------------------------- layer <-> mask
+
+
+def _same_path(a: str | None, b: str | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return str(a) == str(b)
+
+
+def is_tissue_layer(layer: Any) -> bool:
+    """Whether a layer is a tissue labels layer made by this plugin."""
+    return getattr(layer, "_type_string", None) == "labels" and bool(
+        getattr(layer, "metadata", {}).get(TISSUE_MARKER)
+    )
+
+
+def find_tissue_layer(viewer: napari.Viewer, slide_path: str | None) -> napari.layers.Labels | None:
+    """The tissue labels layer of the slide at ``slide_path``, or None.
+
+    When several exist, the most recently added (top-most) one wins.
+    """
+    for layer in reversed(list(viewer.layers)):
+        if is_tissue_layer(layer) and _same_path(layer.metadata.get("slide_path"), slide_path):
+            return layer
+    return None
+
+
+def tissue_mask_from_layer(layer: napari.layers.Labels) -> TissueMask:
+    """The (possibly user-painted) tissue labels layer as a :class:`TissueMask`.
+
+    Every label > 0 is tissue. The mask's geometry (um/px, slide size and
+    um/px) comes from the layer's metadata, set by the Tissue panel.
+
+    Raises
+    ------
+    ValueError
+        When the layer is not a tissue layer made by the Tissue panel.
+
+    """
+    meta = getattr(layer, "metadata", {}) or {}
+    missing = [key for key in ("mask_mpp", "slide_size", "slide_mpp") if meta.get(key) is None]
+    if not meta.get(TISSUE_MARKER) or missing:
+        raise ValueError(
+            f"layer {getattr(layer, 'name', layer)!r} is not a tissue mask made by the Tissue panel"
+            + (f" (its metadata lacks {', '.join(missing)})" if missing else "")
+        )
+    data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+    data = np.asarray(data)
+    if data.ndim != 2:
+        raise ValueError(f"tissue layer {layer.name!r} must be 2-D, got shape {data.shape}")
+    params = dict(meta.get("params") or {})
+    return TissueMask(
+        mask=data > 0,
+        mpp=float(meta["mask_mpp"]),
+        slide_size=tuple(int(v) for v in meta["slide_size"]),  # type: ignore[arg-type]
+        slide_mpp=tuple(float(v) for v in meta["slide_mpp"]),  # type: ignore[arg-type]
+        method=str(meta.get("method", "painted")),
+        params=params,
+    )
+
+
+def tissue_layer_kwargs(mask: TissueMask, slide_layer: Any, slide_path: str | None) -> dict[str, Any]:
+    """``add_labels`` keyword arguments that lay ``mask`` over ``slide_layer``."""
+    from napari.utils.colormaps import DirectLabelColormap
+
+    geometry = overlay_geometry(mask.mpp, (mask.mpp / 2, mask.mpp / 2), mask.slide_mpp)
+    metadata = {
+        TISSUE_MARKER: True,
+        "slide_path": slide_path,
+        "mask_mpp": mask.mpp,
+        "slide_size": list(mask.slide_size),
+        "slide_mpp": list(mask.slide_mpp),
+        "method": mask.method,
+        "params": dict(mask.params),
+    }
+    colormap = DirectLabelColormap(color_dict={None: _TISSUE_RGBA, 0: (0, 0, 0, 0), 1: _TISSUE_RGBA})
+    return {
+        "name": f"{slide_layer.name} tissue",
+        "scale": geometry["scale"],
+        "translate": geometry["translate"],
+        "units": tuple(str(u) for u in slide_layer.units),
+        "metadata": metadata,
+        "opacity": 0.35,
+        "colormap": colormap,
+    }
+
+
+def format_area(mask: TissueMask) -> str:
+    """The area label's text."""
+    if mask.is_empty:
+        return "No tissue found"
+    return f"Tissue: {mask.area_mm2:.2f} mm\N{SUPERSCRIPT TWO}"
+
+
+# --------------------------------------------------------------------------- panel
+
+
+class TissuePanel(QWidget):
+    """Dock widget: detect the tissue of the chosen slide, correct, import and save it."""
+
+    def __init__(self, napari_viewer: napari.Viewer) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self._worker: Any = None
+        self._watched: Any = None
+        self.last_mask: TissueMask | None = None
+
+        self.slide_combo = SlideLayerCombo(napari_viewer)
+        self.slide_combo.changed.connect(self._on_slide_changed)
+
+        # ---- parameters
+        defaults = TissueParams()
+        self.method_combo = QComboBox()
+        for text, method in METHOD_CHOICES:
+            self.method_combo.addItem(text, method)
+        self.method_combo.setToolTip(
+            "Saturation: CLAM's HSV-saturation threshold (robust default).\n"
+            "Otsu: automatic threshold on grayscale.\n"
+            "Gray: Liu et al.'s rule, background where gray > 0.8."
+        )
+        self.method_combo.currentIndexChanged.connect(self._update_method_rows)
+        self.mask_mpp_spin = _double_spin(0.5, 128.0, defaults.mask_mpp, 1, " um/px", 1.0)
+        self.mask_mpp_spin.setToolTip("Resolution of the mask (coarser is faster)")
+        self.saturation_spin = QSpinBox()
+        self.saturation_spin.setRange(0, 255)
+        self.saturation_spin.setSpecialValueText("Otsu")
+        self.saturation_spin.setValue(int(defaults.saturation_threshold or 0))
+        self.saturation_spin.setToolTip("Saturation (0-255) above which a pixel is tissue; 0 = Otsu")
+        self.gray_spin = _double_spin(0.0, 1.0, defaults.gray_threshold, 2, "", 0.05)
+        self.gray_spin.setToolTip("Gray value (0-1) above which a pixel is background")
+        self.median_spin = _double_spin(0.0, 1000.0, defaults.median_um, 0, " um", 8.0)
+        self.closing_spin = _double_spin(0.0, 1000.0, defaults.closing_um, 0, " um", 8.0)
+        self.min_area_spin = _double_spin(
+            0.0, 100.0, defaults.min_tissue_area_mm2, 3, " mm\N{SUPERSCRIPT TWO}", 0.01
+        )
+        self.min_area_spin.setToolTip("Drop tissue pieces smaller than this")
+        self.min_hole_spin = _double_spin(
+            0.0, 100.0, defaults.min_hole_area_mm2, 3, " mm\N{SUPERSCRIPT TWO}", 0.01
+        )
+        self.min_hole_spin.setToolTip("Fill holes smaller than this")
+        self.fill_holes_check = QCheckBox("Fill all holes")
+        self.fill_holes_check.setChecked(defaults.fill_holes)
+        self.exclude_pen_check = QCheckBox("Exclude pen marks")
+        self.exclude_pen_check.setChecked(defaults.exclude_pen)
+        self.exclude_pen_check.setToolTip("Remove green, blue and red marker ink from the mask")
+
+        params_box = QGroupBox("Detection")
+        self.form = QFormLayout(params_box)
+        self.form.addRow("Method", self.method_combo)
+        self.form.addRow("Mask resolution", self.mask_mpp_spin)
+        self.form.addRow("Saturation threshold", self.saturation_spin)
+        self.form.addRow("Gray threshold", self.gray_spin)
+        self.form.addRow("Median blur", self.median_spin)
+        self.form.addRow("Closing", self.closing_spin)
+        self.form.addRow("Min. tissue piece", self.min_area_spin)
+        self.form.addRow("Min. kept hole", self.min_hole_spin)
+        self.form.addRow(self.fill_holes_check)
+        self.form.addRow(self.exclude_pen_check)
+
+        # ---- actions and feedback
+        self.detect_button = QPushButton("Detect")
+        self.detect_button.setToolTip("Find the tissue of the chosen slide (runs in the background)")
+        self.detect_button.clicked.connect(self.detect)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.clicked.connect(self.cancel)
+        self.cancel_button.setEnabled(False)
+        self.progress_bar = QProgressBar()
+        self.progress_bar.setRange(0, 1)
+        self.progress_bar.setValue(0)
+        self.area_label = QLabel("-")
+        self.area_label.setStyleSheet("font-weight: bold;")
+        self.status_label = QLabel()
+        self.status_label.setWordWrap(True)
+        self.import_button = QPushButton("Import...")
+        self.import_button.setToolTip("Load a tissue mask: GeoJSON (QuPath), a saved mask or a mask image")
+        self.import_button.clicked.connect(self._import_dialog)
+        self.save_button = QPushButton("Save...")
+        self.save_button.setToolTip("Save the (corrected) mask as PNG + JSON + GeoJSON")
+        self.save_button.clicked.connect(self._save_dialog)
+
+        run_row = QHBoxLayout()
+        run_row.addWidget(self.detect_button)
+        run_row.addWidget(self.cancel_button)
+        file_row = QHBoxLayout()
+        file_row.addWidget(self.import_button)
+        file_row.addWidget(self.save_button)
+        hint = QLabel("Correct the mask with the layer's paint / erase tools; the area follows.")
+        hint.setWordWrap(True)
+
+        layout = QVBoxLayout(self)
+        layout.addWidget(self.slide_combo)
+        layout.addWidget(params_box)
+        layout.addLayout(run_row)
+        layout.addWidget(self.progress_bar)
+        layout.addWidget(self.area_label)
+        layout.addWidget(self.status_label)
+        layout.addWidget(hint)
+        layout.addLayout(file_row)
+        layout.addStretch(1)
+
+        self._area_timer = QTimer(self)
+        self._area_timer.setSingleShot(True)
+        self._area_timer.setInterval(AREA_UPDATE_MS)
+        self._area_timer.timeout.connect(self.update_area)
+        napari_viewer.layers.events.inserted.connect(self._on_layers_changed)
+        napari_viewer.layers.events.removed.connect(self._on_layers_changed)
+        self._update_method_rows()
+        self._on_slide_changed()
+
+    # ------------------------------------------------------------------ state
+    @property
+    def slide_layer(self) -> napari.layers.Image | None:
+        """The slide layer chosen in the panel."""
+        return self.slide_combo.current_layer()
+
+    @property
+    def tissue_layer(self) -> napari.layers.Labels | None:
+        """The tissue layer of the chosen slide, if any."""
+        layer = self.slide_layer
+        return None if layer is None else find_tissue_layer(self.viewer, layer.metadata.get("path"))
+
+    def params(self) -> TissueParams:
+        """The parameters set in the panel."""
+        saturation = self.saturation_spin.value()
+        return TissueParams(
+            method=self.method_combo.currentData(),
+            mask_mpp=float(self.mask_mpp_spin.value()),
+            saturation_threshold=None if saturation == 0 else float(saturation),
+            gray_threshold=float(self.gray_spin.value()),
+            median_um=float(self.median_spin.value()),
+            closing_um=float(self.closing_spin.value()),
+            min_tissue_area_mm2=float(self.min_area_spin.value()),
+            min_hole_area_mm2=float(self.min_hole_spin.value()),
+            fill_holes=self.fill_holes_check.isChecked(),
+            exclude_pen=self.exclude_pen_check.isChecked(),
+        )
+
+    def _update_method_rows(self, *_: Any) -> None:
+        method = self.method_combo.currentData()
+        for field, visible in (
+            (self.saturation_spin, method == "saturation"),
+            (self.gray_spin, method == "gray"),
+        ):
+            field.setVisible(visible)
+            label = self.form.labelForField(field)
+            if label is not None:
+                label.setVisible(visible)
+
+    def _set_status(self, text: str, warning: bool = False) -> None:
+        self.status_label.setText(text)
+        self.status_label.setStyleSheet("color: #f0a030;" if warning else "")
+
+    def _on_slide_changed(self) -> None:
+        has_slide = self.slide_layer is not None
+        running = self._worker is not None
+        self.detect_button.setEnabled(has_slide and not running)
+        self.import_button.setEnabled(has_slide)
+        if not has_slide:
+            self._set_status("Open a slide (File > Open) to find its tissue.")
+        elif not running:
+            meta = self.slide_layer.metadata
+            if meta.get("mpp_missing"):
+                self._set_status(
+                    "This slide has no um/px: set it in the Slide panel before detecting tissue.", True
+                )
+            else:
+                self._set_status("")
+        self._follow_slide_mpp()
+        self._watch(self.tissue_layer)
+
+    def _follow_slide_mpp(self) -> None:
+        """Keep the tissue layer on its slide when the slide's um/px is changed (Slide panel).
+
+        The mask stays attached to the same level-0 pixels; its um/px scales with the slide's.
+        """
+        slide_layer, tissue = self.slide_layer, self.tissue_layer
+        if slide_layer is None or tissue is None or slide_layer.metadata.get("mpp_missing"):
+            return
+        meta = dict(tissue.metadata)
+        new = (float(slide_layer.metadata["mpp_x"]), float(slide_layer.metadata["mpp_y"]))
+        old = tuple(float(v) for v in meta.get("slide_mpp") or new)
+        if np.allclose(new, old, rtol=1e-9):
+            return
+        factor = new[0] / old[0]
+        meta["mask_mpp"] = float(meta["mask_mpp"]) * factor
+        meta["slide_mpp"] = list(new)
+        geometry = overlay_geometry(meta["mask_mpp"], (meta["mask_mpp"] / 2,) * 2, new)
+        tissue.metadata = meta
+        tissue.scale = geometry["scale"]
+        tissue.translate = geometry["translate"]
+        tissue.units = tuple(str(u) for u in slide_layer.units)
+
+    def _on_layers_changed(self, event: Any = None) -> None:
+        self._watch(self.tissue_layer)
+
+    # ------------------------------------------------------------------ area
+    def _watch(self, layer: Any) -> None:
+        """Follow edits of ``layer`` (paint strokes, undo, new data) to keep the area current."""
+        if layer is self._watched:
+            self._schedule_area()
+            return
+        if self._watched is not None:
+            for emitter in self._area_emitters(self._watched):
+                emitter.disconnect(self._schedule_area)
+        self._watched = layer
+        if layer is not None:
+            for emitter in self._area_emitters(layer):
+                emitter.connect(self._schedule_area)
+        self.save_button.setEnabled(layer is not None)
+        self.update_area()
+
+    @staticmethod
+    def _area_emitters(layer: Any) -> list[Any]:
+        events = layer.events
+        return [getattr(events, name) for name in ("paint", "data", "set_data") if hasattr(events, name)]
+
+    def _schedule_area(self, event: Any = None) -> None:
+        self._area_timer.start()
+
+    def update_area(self) -> None:
+        """Recompute the area label from the tissue layer (painted corrections included)."""
+        layer = self._watched
+        if layer is None or layer not in self.viewer.layers:
+            self.area_label.setText("-")
+            return
+        try:
+            mask = tissue_mask_from_layer(layer)
+        except ValueError as exc:
+            self.area_label.setText(str(exc))
+            return
+        self.area_label.setText(format_area(mask))
+
+    # ------------------------------------------------------------------ detect
+    def detect(self) -> None:
+        """Run tissue detection on the chosen slide in a background worker."""
+        from napari.qt.threading import create_worker
+        from napari.utils.notifications import show_error
+
+        layer = self.slide_layer
+        if layer is None or self._worker is not None:
+            return
+        try:
+            slide = slide_from_metadata(layer.metadata)
+            slide.require_mpp()
+            params = self.params()
+        except Exception as exc:  # a missing um/px, a vanished file: say so, keep the panel usable
+            self._set_status(str(exc), warning=True)
+            show_error(str(exc))
+            return
+        worker = create_worker(detect_tissue, slide, params, _start_thread=False)
+        worker.yielded.connect(self._on_progress)
+        worker.returned.connect(lambda mask, layer=layer, slide=slide: self._on_detected(mask, layer, slide))
+        worker.errored.connect(self._on_error)
+        worker.finished.connect(self._on_finished)
+        self._worker = worker
+        self.detect_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        self.progress_bar.setRange(0, 0)
+        self._set_status(f"Finding tissue on {layer.name}...")
+        worker.start()
+
+    def cancel(self) -> None:
+        """Stop a running detection (the previous mask, if any, is kept)."""
+        if self._worker is not None:
+            self._worker.quit()
+            self._set_status("Cancelled.")
+
+    def _on_progress(self, event: Progress) -> None:
+        if event.total > 0:
+            self.progress_bar.setRange(0, event.total)
+            self.progress_bar.setValue(min(event.done, event.total))
+        if event.message:
+            self._set_status(event.message)
+
+    def _on_detected(self, mask: TissueMask, slide_layer: Any, slide: Slide) -> None:
+        from napari.utils.notifications import show_warning
+
+        self.show_mask(mask, slide_layer, slide.path)
+        if mask.is_empty:
+            text = (
+                f"No tissue found on {slide_layer.name}. Try another method or a lower threshold, "
+                "or paint the tissue on the layer."
+            )
+            self._set_status(text, warning=True)
+            show_warning(text)
+        else:
+            self._set_status(f"Tissue found on {slide_layer.name} ({mask.method}).")
+
+    def _on_error(self, exc: BaseException) -> None:
+        from napari.utils.notifications import show_error
+
+        self._set_status(f"Tissue detection failed: {exc}", warning=True)
+        show_error(f"Tissue detection failed: {exc}")
+
+    def _on_finished(self) -> None:
+        self._worker = None
+        self.progress_bar.setRange(0, 1)
+        self.progress_bar.setValue(1)
+        self.cancel_button.setEnabled(False)
+        self.detect_button.setEnabled(self.slide_layer is not None)
+
+    # ------------------------------------------------------------------ layer
+    def show_mask(self, mask: TissueMask, slide_layer: Any, slide_path: str | None) -> napari.layers.Labels:
+        """Add (or update) the ``"<slide> tissue"`` labels layer for ``mask``."""
+        self.last_mask = mask
+        kwargs = tissue_layer_kwargs(mask, slide_layer, slide_path)
+        data = mask.mask.astype(np.uint8)
+        layer = find_tissue_layer(self.viewer, slide_path)
+        if layer is None:
+            layer = self.viewer.add_labels(data, **kwargs)
+        else:
+            layer.metadata = kwargs["metadata"]
+            layer.scale = kwargs["scale"]
+            layer.translate = kwargs["translate"]
+            layer.data = data
+        self._watch(layer)
+        self.update_area()
+        return layer
+
+    # ------------------------------------------------------------------ import / save
+    def _import_dialog(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Import tissue mask", "", _IMPORT_FILTER)
+        if path:
+            self.import_file(path)
+
+    def import_file(self, path: str | Path) -> Any:
+        """Load a tissue mask file for the chosen slide (in a worker) and show it."""
+        layer = self.slide_layer
+        if layer is None:
+            return None
+        try:
+            slide = slide_from_metadata(layer.metadata)
+            mpp = slide.require_mpp()
+        except Exception as exc:
+            self._set_status(str(exc), warning=True)
+            return None
+        mask_mpp = float(self.mask_mpp_spin.value())
+        self._set_status(f"Importing {Path(path).name}...")
+
+        def done(mask: TissueMask) -> None:
+            self.show_mask(mask, layer, slide.path)
+            self._set_status(f"Imported {Path(path).name}.")
+
+        return run_in_thread(
+            read_tissue_file, path, slide.dimensions, mpp, mask_mpp, on_done=done, on_error=self._on_io_error
+        )
+
+    def _save_dialog(self) -> None:
+        layer = self.tissue_layer
+        if layer is None:
+            return
+        slide_path = layer.metadata.get("slide_path")
+        stem = Path(slide_path).stem if slide_path else "slide"
+        default = (
+            str(Path(slide_path).with_name(f"{stem}.tissue.png")) if slide_path else f"{stem}.tissue.png"
+        )
+        path, _ = QFileDialog.getSaveFileName(
+            self, "Save tissue mask", default, "PNG mask + JSON + GeoJSON (*.png)"
+        )
+        if path:
+            self.save_to(path)
+
+    def save_to(self, path: str | Path) -> Any:
+        """Save the tissue layer as ``STEM.png``, ``STEM.json`` and ``STEM.geojson`` (in a worker)."""
+        layer = self.tissue_layer
+        if layer is None:
+            return None
+        path = Path(path)
+        stem = path.name[: -len(path.suffix)] if path.suffix.lower() == ".png" else path.name
+        mask = tissue_mask_from_layer(layer)  # a copy: painting may go on while the worker writes
+
+        def done(paths: dict[str, Path]) -> None:
+            self._set_status("Saved " + ", ".join(p.name for p in paths.values()))
+
+        return run_in_thread(
+            save_tissue_mask, mask, path.parent, stem, on_done=done, on_error=self._on_io_error
+        )
+
+    def _on_io_error(self, exc: BaseException) -> None:
+        from napari.utils.notifications import show_error
+
+        self._set_status(str(exc), warning=True)
+        show_error(str(exc))
+
+
+def _double_spin(
+    low: float, high: float, value: float, decimals: int, suffix: str, step: float
+) -> QDoubleSpinBox:
+    spin = QDoubleSpinBox()
+    spin.setRange(low, high)
+    spin.setDecimals(decimals)
+    spin.setSingleStep(step)
+    spin.setValue(value)
+    spin.setSuffix(suffix)
+    return spin
+
+
+__all__ = [
+    "TISSUE_MARKER",
+    "TissuePanel",
+    "find_tissue_layer",
+    "format_area",
+    "is_tissue_layer",
+    "tissue_layer_kwargs",
+    "tissue_mask_from_layer",
+]

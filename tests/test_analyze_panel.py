@@ -1,0 +1,80 @@
+"""Analyze panel: click Run on a synthetic slide, get heatmap + detections; Cancel mid-run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from napari_pathology._widgets.analyze_panel import AnalyzePanel
+from napari_pathology.analysis import HeatmapBlock
+from napari_pathology.geometry import geojson_to_polygons, rasterize_polygons
+
+PLUGIN = "napari-pathology"
+MODEL = "nuclear-density"
+
+
+@pytest.fixture
+def panel_on_slide(make_napari_viewer, qtbot, synthetic_slide, tmp_path):
+    viewer = make_napari_viewer()
+    [slide_layer] = viewer.open(str(synthetic_slide.slide_path), plugin=PLUGIN)
+    panel = AnalyzePanel(viewer)
+    qtbot.addWidget(panel)
+    panel.select_model(MODEL)
+    panel.out_edit.setText(str(tmp_path))
+    return viewer, panel, slide_layer
+
+
+def test_run_shows_heatmap_detections_and_slide_score(panel_on_slide, qtbot, synthetic_slide) -> None:
+    viewer, panel, slide_layer = panel_on_slide
+    panel.run_button.click()
+    assert not panel.run_button.isEnabled()
+    qtbot.waitUntil(lambda: panel.run_button.isEnabled(), timeout=120_000)
+    heatmap = viewer.layers[f"{slide_layer.name} {MODEL} heatmap"]
+    points = viewer.layers[f"{slide_layer.name} {MODEL} detections"]
+    assert tuple(heatmap.contrast_limits) == (0.0, 1.0) and heatmap.opacity == 0.5
+    cell_um = heatmap.scale[0]
+    assert cell_um == pytest.approx(128.0)  # 64 px at 2 um/px
+    assert str(heatmap.units[0]) == "micrometer"
+    assert "Slide score" in panel.score_label.text()
+    # the hottest cell and the first detection lie on the planted tumour
+    truth = synthetic_slide
+    polygons = geojson_to_polygons(json.loads(truth.tumour_geojson.read_text()))
+    tumour = rasterize_polygons(polygons, (truth.height, truth.width))
+    data = np.nan_to_num(heatmap.data)
+    r, c = np.unravel_index(np.argmax(data), data.shape)
+    world = np.array(heatmap.data_to_world((r, c)))
+    y, x = (world / slide_layer.scale).astype(int)
+    assert tumour[y, x]
+    assert len(points.data) >= 1
+    py, px = (points.data[0] / slide_layer.scale).astype(int)
+    assert tumour[py, px]
+    assert "complete" in panel.status.text()
+
+
+def test_cancel_mid_run_keeps_a_partial_heatmap(panel_on_slide, qtbot) -> None:
+    viewer, panel, slide_layer = panel_on_slide
+    panel.batch_spin.setValue(1)
+    panel.run_button.click()
+    panel.worker.yielded.connect(
+        lambda event: panel.cancel() if isinstance(event.payload, HeatmapBlock) else None
+    )
+    qtbot.waitUntil(lambda: panel.run_button.isEnabled(), timeout=120_000)
+    assert "partial" in panel.status.text()
+    heatmap = viewer.layers[f"{slide_layer.name} {MODEL} heatmap"]
+    assert 0 < np.isfinite(heatmap.data).sum() < heatmap.data.size
+
+
+def test_run_refuses_a_slide_without_mpp(make_napari_viewer, qtbot, monkeypatch) -> None:
+    from conftest import real_file
+
+    messages = []
+    monkeypatch.setattr("napari.utils.notifications.show_error", messages.append)
+    viewer = make_napari_viewer()
+    viewer.open(str(real_file("slides/boxes.tiff")), plugin=PLUGIN)
+    panel = AnalyzePanel(viewer)
+    qtbot.addWidget(panel)
+    panel.run_button.click()
+    assert panel.worker is None
+    assert any("Slide panel" in m for m in messages)
