@@ -20,9 +20,12 @@ from napari_pathology.demo import demo_slide
 out = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/images/demo.png")
 viewer = napari.Viewer(title="napari-pathology demo")
 viewer.window._qt_window.resize(1500, 900)
-show_slide(viewer, demo_slide())
 dock_panels(viewer)
-for _ in range(20):  # let Qt lay out the dock before grabbing the window
+for _ in range(20):  # let Qt lay out the docks before fitting the slide to the canvas
+    QApplication.processEvents()
+    time.sleep(0.05)
+show_slide(viewer, demo_slide())
+for _ in range(10):
     QApplication.processEvents()
     time.sleep(0.05)
 viewer.screenshot(str(out), canvas_only=False, flash=False)

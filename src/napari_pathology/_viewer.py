@@ -45,6 +45,6 @@ def open_demo_viewer(path: str | Path) -> None:
     import napari
 
     viewer = napari.Viewer(title=f"napari-pathology: {Path(path).name}")
+    dock_panels(viewer)  # dock first so the slide is fitted to the final canvas size
     show_slide(viewer, path)
-    dock_panels(viewer)
     napari.run()
