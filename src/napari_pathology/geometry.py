@@ -364,3 +364,29 @@ def geojson_to_polygons(geojson: dict[str, Any] | list[Any]) -> list[Polygon]:
         elif kind == "GeometryCollection":
             polygons.extend(geojson_to_polygons(list(geometry.get("geometries", []))))
     return polygons
+
+
+def summed_area_table(mask: np.ndarray) -> np.ndarray:
+    """Summed-area table of a mask with a zero first row and column (``(H + 1, W + 1)`` float64)."""
+    table = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), np.float64)
+    np.cumsum(np.cumsum(mask, axis=0, dtype=np.float64), axis=1, out=table[1:, 1:])
+    return table
+
+
+def area_below(table: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Mask area in ``[0, x) x [0, y)`` (mask pixel units, fractional corners allowed).
+
+    The integral of a piecewise-constant image is bilinear inside each pixel,
+    so bilinear interpolation of the summed-area ``table`` at fractional
+    corners is exact. Corners outside the mask are clipped to it.
+    """
+    h, w = table.shape[0] - 1, table.shape[1] - 1
+    x = np.clip(x, 0.0, w)
+    y = np.clip(y, 0.0, h)
+    x0 = np.minimum(np.floor(x).astype(np.int64), max(w - 1, 0))
+    y0 = np.minimum(np.floor(y).astype(np.int64), max(h - 1, 0))
+    fx, fy = x - x0, y - y0
+    x1, y1 = np.minimum(x0 + 1, w), np.minimum(y0 + 1, h)
+    top = table[y0, x0] * (1 - fx) + table[y0, x1] * fx
+    bottom = table[y1, x0] * (1 - fx) + table[y1, x1] * fx
+    return top * (1 - fy) + bottom * fy

@@ -48,6 +48,8 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from napari_pathology.geometry import area_below, summed_area_table
+
 if TYPE_CHECKING:
     import torch
 
@@ -232,32 +234,6 @@ def _choose_level(slide: Any, mpp: tuple[float, float], target_mpp: float, toler
     return best
 
 
-def _summed_area(mask: np.ndarray) -> np.ndarray:
-    """Summed-area table with a zero first row and column (``(H + 1, W + 1)`` float64)."""
-    sat = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), np.float64)
-    np.cumsum(np.cumsum(mask, axis=0, dtype=np.float64), axis=1, out=sat[1:, 1:])
-    return sat
-
-
-def _area_below(sat: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Mask area in ``[0, x) x [0, y)`` (mask px units, fractional) by bilinear SAT lookup.
-
-    The integral of a piecewise-constant image is bilinear inside each pixel,
-    so bilinear interpolation of the summed-area table at fractional corners
-    is exact.
-    """
-    h, w = sat.shape[0] - 1, sat.shape[1] - 1
-    x = np.clip(x, 0.0, w)
-    y = np.clip(y, 0.0, h)
-    x0 = np.minimum(np.floor(x).astype(np.int64), max(w - 1, 0))
-    y0 = np.minimum(np.floor(y).astype(np.int64), max(h - 1, 0))
-    fx, fy = x - x0, y - y0
-    x1, y1 = np.minimum(x0 + 1, w), np.minimum(y0 + 1, h)
-    top = sat[y0, x0] * (1 - fx) + sat[y0, x1] * fx
-    bottom = sat[y1, x0] * (1 - fx) + sat[y1, x1] * fx
-    return top * (1 - fy) + bottom * fy
-
-
 def tissue_fractions(tissue: MaskLike, x0_um: np.ndarray, y0_um: np.ndarray, side_um: float) -> np.ndarray:
     """Tissue fraction of axis-aligned squares, exact for fractional mask-pixel overlap.
 
@@ -288,10 +264,10 @@ def tissue_fractions(tissue: MaskLike, x0_um: np.ndarray, y0_um: np.ndarray, sid
     side = side_um / mask_mpp
     if mask.size == 0 or side <= 0:
         return np.zeros(np.broadcast(x0, y0).shape, np.float32)
-    sat = _summed_area(mask)
+    sat = summed_area_table(mask)
     x1, y1 = x0 + side, y0 + side
-    area = _area_below(sat, x1, y1) - _area_below(sat, x0, y1) - _area_below(sat, x1, y0)
-    area += _area_below(sat, x0, y0)
+    area = area_below(sat, x1, y1) - area_below(sat, x0, y1) - area_below(sat, x1, y0)
+    area += area_below(sat, x0, y0)
     fraction = np.clip(area / (side * side), 0.0, 1.0)
     fraction[fraction < _FRACTION_EPS] = 0.0
     return fraction.astype(np.float32)

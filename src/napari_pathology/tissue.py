@@ -54,10 +54,12 @@ import numpy as np
 from scipy import ndimage, sparse
 
 from napari_pathology.geometry import (
+    area_below,
     geojson_to_polygons,
     mask_to_polygons,
     polygons_to_geojson,
     rasterize_polygons,
+    summed_area_table,
 )
 from napari_pathology.progress import Progress
 
@@ -249,30 +251,12 @@ class TissueMask:
 
     def _integral_image(self) -> np.ndarray:
         if self._integral is None or self._integral.shape != (self.shape[0] + 1, self.shape[1] + 1):
-            integral = np.zeros((self.shape[0] + 1, self.shape[1] + 1), np.float64)
-            np.cumsum(np.cumsum(self.mask, axis=0, dtype=np.float64), axis=1, out=integral[1:, 1:])
-            self._integral = integral
+            self._integral = summed_area_table(self.mask)
         return self._integral
 
     def _cumulative(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        """Tissue (mask pixels) in ``[0, x) x [0, y)`` (mask units); exact for fractional corners.
-
-        The integral of a piecewise-constant image is bilinear inside each
-        cell, so bilinear interpolation of the integral image is exact.
-        """
-        integral = self._integral_image()
-        rows, cols = self.shape
-        x = np.clip(x, 0.0, cols)
-        y = np.clip(y, 0.0, rows)
-        c0 = np.minimum(np.floor(x).astype(np.int64), max(cols - 1, 0))
-        r0 = np.minimum(np.floor(y).astype(np.int64), max(rows - 1, 0))
-        c1 = np.minimum(c0 + 1, cols)
-        r1 = np.minimum(r0 + 1, rows)
-        u = x - c0
-        v = y - r0
-        top = integral[r0, c0] * (1 - u) + integral[r0, c1] * u
-        bottom = integral[r1, c0] * (1 - u) + integral[r1, c1] * u
-        return top * (1 - v) + bottom * v
+        """Tissue (mask pixels) in ``[0, x) x [0, y)`` (mask units); exact for fractional corners."""
+        return area_below(self._integral_image(), x, y)
 
     def _tissue_um2(self, boxes_um: np.ndarray) -> np.ndarray:
         """Tissue area (um^2) inside each box, clipped to the slide."""
