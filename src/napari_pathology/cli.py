@@ -1,6 +1,7 @@
 """The ``napari-pathology`` command.
 
-Sub-commands: ``demo``, ``info``, ``synth``, ``tissue``, ``models``, ``run``. Errors a user can fix (a broken
+Sub-commands: ``demo``, ``info``, ``synth``, ``tissue``, ``models``, ``run``, ``train``,
+``evaluate``. Errors a user can fix (a broken
 file, a missing um/px) end the command with one clear line on stderr and a
 non-zero exit status, never a traceback.
 """
@@ -43,6 +44,34 @@ def run_with_progress(job: Generator[Progress, None, T], description: str, quiet
             bar.refresh()
 
         return run_to_completion(job, update)
+
+
+def run_training(job: Generator[Any, None, T], description: str, quiet: bool = False) -> T:
+    """Drive a training generator (:class:`~napari_pathology.training.TrainEvent`) with a tqdm bar.
+
+    Steps move the bar (loss and ETA in its postfix); validation, checkpoint
+    and log events are printed above it. Ctrl-C closes the job, which saves
+    its last checkpoint, and is re-raised.
+    """
+    from tqdm import tqdm
+
+    with tqdm(desc=description, unit="step", file=sys.stderr, disable=quiet, dynamic_ncols=True) as bar:
+        try:
+            while True:
+                try:
+                    event = next(job)
+                except StopIteration as stop:
+                    return stop.value
+                bar.total = event.total_steps or None
+                bar.n = event.step
+                if event.kind == "step" and event.loss is not None:
+                    bar.set_postfix_str(f"loss {event.loss:.4f}", refresh=False)
+                elif event.kind in ("validation", "checkpoint", "log", "done") and event.message:
+                    (print if quiet else bar.write)(f"[{event.kind}] {event.message}", file=sys.stderr)
+                bar.refresh()
+        except KeyboardInterrupt:
+            job.close()
+            raise
 
 
 # --------------------------------------------------------------------------- info
@@ -222,6 +251,65 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- train and evaluate
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from napari_pathology.cohort import CohortError
+    from napari_pathology.training import TrainingError
+
+    try:
+        if args.family == "metastasis":
+            from napari_pathology.training import MetastasisTraining, train_metastasis
+
+            job = MetastasisTraining(
+                data=args.data, out=args.out, start=args.start or "metastasis-small-10x",
+                steps=args.steps or 2000, batch_size=args.batch_size or 32, lr=args.lr,
+                val_fraction=args.val_fraction, eval_every=args.eval_every, device=args.device,
+                seed=args.seed, resume=args.resume,
+            )  # fmt: skip
+            generator = train_metastasis(job)
+        else:
+            from napari_pathology.training.tumor_normal import TumorNormalTraining, train_tumor_normal
+
+            job = TumorNormalTraining(
+                data=args.data, out=args.out, start=args.start or "tumor-normal-inception-v3",
+                trunk_from=args.trunk_from, epochs=args.epochs or 20, batch_size=args.batch_size or 512,
+                lr=args.lr or 1e-4, val_fraction=args.val_fraction, device=args.device, seed=args.seed,
+                resume=args.resume,
+            )  # fmt: skip
+            generator = train_tumor_normal(job)
+        result = run_training(generator, f"train {args.family}", args.quiet)
+    except (TrainingError, CohortError) as error:
+        raise CommandError(str(error)) from error
+    except KeyboardInterrupt:
+        print(f"stopped: last checkpoint kept beside {args.out} (resume with --resume)", file=sys.stderr)
+        return 130
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items() if isinstance(v, float))
+    print(f"best checkpoint: {result.best} ({shown})")
+    print(f"last checkpoint: {result.last} (step {result.step})")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from napari_pathology.analysis import RunSettings
+    from napari_pathology.analysis.evaluate import evaluate_cohort
+    from napari_pathology.cohort import CohortError, read_slide_table
+    from napari_pathology.models import resolve_model
+
+    try:
+        entries = read_slide_table(args.data)
+    except CohortError as error:
+        raise CommandError(str(error)) from error
+    model = resolve_model(args.model)
+    settings = RunSettings(batch_size=args.batch_size, device=args.device, tta=args.tta)
+    job = evaluate_cohort(model, entries, args.out, settings)
+    evaluation = run_with_progress(job, f"evaluate {model.spec.name}", args.quiet)
+    print(evaluation.summary())
+    print(f"per-slide results: {args.out}")
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -288,6 +376,36 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--recompute", action="store_true", help="ignore a saved result")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.set_defaults(func=_cmd_run)
+
+    train = sub.add_parser("train", help="train or fine-tune a model; best and last checkpoints")
+    train.add_argument("family", choices=["metastasis", "tumor-normal"])
+    train.add_argument("--data", type=Path, required=True,
+                       help="slide table CSV (slide, label, annotations) or a folder of slides")  # fmt: skip
+    train.add_argument("--out", type=Path, required=True, help="best checkpoint (.pt)")
+    train.add_argument("--start", default=None, help="registry name or checkpoint to start from")
+    train.add_argument("--trunk-from", default=None, help="tumor-normal: take the frozen trunk of this model")
+    train.add_argument("--steps", type=int, default=None, help="metastasis: optimiser steps (default 2000)")
+    train.add_argument("--epochs", type=int, default=None, help="tumor-normal: epochs (default 20)")
+    train.add_argument("--batch-size", type=int, default=None)
+    train.add_argument("--lr", type=float, default=None, help="learning rate (default: the paper's)")
+    train.add_argument("--val-fraction", type=float, default=0.2, help="share of slides held out")
+    train.add_argument("--eval-every", type=int, default=100, help="metastasis: steps between validations")
+    train.add_argument("--device", default="cpu", help="cpu, cuda:N or auto (default cpu)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint of --out")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(func=_cmd_train)
+
+    evaluate = sub.add_parser("evaluate", help="score a model on slides with ground truth (AUC, FROC)")
+    evaluate.add_argument("--model", required=True, help="registered model name or checkpoint path")
+    evaluate.add_argument("--data", type=Path, required=True, help="slide table CSV or folder of slides")
+    evaluate.add_argument("--out", type=Path, required=True, help="results and evaluation JSON/CSV")
+    evaluate.add_argument("--device", default="cpu")
+    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                          help="average the 8 orientations (default: the model's choice)")  # fmt: skip
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
+    evaluate.set_defaults(func=_cmd_evaluate)
     return parser
 
 

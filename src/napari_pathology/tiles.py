@@ -62,6 +62,8 @@ __all__ = [
     "TileLoader",
     "dihedral",
     "make_tile_grid",
+    "normalize_unit",
+    "read_patch",
     "read_tile",
     "tissue_fractions",
     "to_tensor",
@@ -406,6 +408,31 @@ def read_tile(slide: Any, grid: TileGrid, i: int) -> np.ndarray:
     return np.array(image.resize((size, size), Image.Resampling.BOX, box=box))  # writable
 
 
+def read_patch(slide: Any, centre_um: tuple[float, float], size: int, mpp: float) -> np.ndarray:
+    """Read a ``size`` px square centred on ``centre_um = (x, y)`` at ``mpp`` um/px (RGB uint8).
+
+    The finest level not finer than needed is read and area-resampled to
+    exactly ``mpp``, as :func:`read_tile` does for grid tiles; parts outside
+    the slide are white. Used to sample training patches anywhere.
+    """
+    grid = make_tile_grid(slide, mpp, size, size)
+    mx, my = grid.level_mpp_xy
+    side_um = size * float(mpp)
+    x0_um, y0_um = centre_um[0] - side_um / 2.0, centre_um[1] - side_um / 2.0
+    x, y, w, h = x0_um / mx, y0_um / my, side_um / mx, side_um / my
+    if grid.direct:
+        region = slide.read_region(grid.level, round(x), round(y), size, size)
+        return np.array(region, dtype=np.uint8, order="C", copy=True)
+    from PIL import Image
+
+    x0, y0 = math.floor(x) - 1, math.floor(y) - 1
+    x1, y1 = math.ceil(x + w) + 1, math.ceil(y + h) + 1
+    region = slide.read_region(grid.level, x0, y0, x1 - x0, y1 - y0)
+    image = Image.fromarray(np.ascontiguousarray(region))
+    box = (x - x0, y - y0, x - x0 + w, y - y0 + h)
+    return np.array(image.resize((size, size), Image.Resampling.BOX, box=box))
+
+
 # --------------------------------------------------------------------------- batches
 
 
@@ -641,13 +668,22 @@ def to_tensor(tiles: np.ndarray, normalization: str, device: Any = None) -> torc
     if device is not None:
         x = x.to(device, non_blocking=True)
     x = x.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
+    return normalize_unit(x.div_(255.0), normalization)
+
+
+def normalize_unit(x: torch.Tensor, normalization: str) -> torch.Tensor:
+    """Normalise a float ``(B, 3, H, W)`` batch in [0, 1] (in place) as a model expects."""
+    import torch
+
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalization {normalization!r} (known: {', '.join(NORMALIZATIONS)})")
     if normalization == "unit":
-        return x.div_(255.0)
+        return x
     if normalization == "liu":
-        return x.div_(127.5).sub_(1.0)
+        return x.mul_(2.0).sub_(1.0)
     mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return x.div_(255.0).sub_(mean).div_(std)
+    return x.sub_(mean).div_(std)
 
 
 def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:

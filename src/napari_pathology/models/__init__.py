@@ -19,15 +19,20 @@ from napari_pathology.models.registry import (
     list_families,
     list_models,
     load_checkpoint,
+    pretrained_path,
     register_family,
     register_model,
+    register_pretrained,
     register_spec,
     resolve_model,
     save_checkpoint,
 )
 
 # Built-in families: imported for their registration side effect.
-from napari_pathology.models import baseline  # noqa: F401  isort: skip
+from napari_pathology.models import baseline, metastasis, tumor_normal  # noqa: F401  isort: skip
+from napari_pathology.models.pretrained import register_shipped_weights  # isort: skip
+
+register_shipped_weights()
 
 __all__ = [
     "AGGREGATORS",
@@ -44,8 +49,10 @@ __all__ = [
     "list_families",
     "list_models",
     "load_checkpoint",
+    "pretrained_path",
     "register_family",
     "register_model",
+    "register_pretrained",
     "register_spec",
     "resolve_model",
     "save_checkpoint",

@@ -55,8 +55,10 @@ __all__ = [
     "list_families",
     "list_models",
     "load_checkpoint",
+    "pretrained_path",
     "register_family",
     "register_model",
+    "register_pretrained",
     "register_spec",
     "resolve_model",
     "save_checkpoint",
@@ -296,6 +298,7 @@ def _spec_int(value: Any, name: str) -> int:
 _LOCK = threading.RLock()
 _BUILDERS: dict[str, Builder] = {}
 _SPECS: dict[str, ModelSpec] = {}
+_PRETRAINED: dict[str, Path] = {}
 
 
 def _same_function(a: Callable[..., Any], b: Callable[..., Any]) -> bool:
@@ -367,6 +370,40 @@ def register_model(spec: ModelSpec) -> Callable[[Builder], Builder]:
         return builder
 
     return decorator
+
+
+def register_pretrained(path: str | os.PathLike[str], name: str | None = None) -> ModelSpec | None:
+    """Register a checkpoint file under its spec's name (or ``name``): ``create_model`` then loads it.
+
+    Used for weights shipped with the package. A missing or unreadable file
+    is skipped with a warning (returns None), so one broken file never hides
+    the other models.
+    """
+    import logging
+
+    path = Path(path)
+    try:
+        _, _, spec = _read_checkpoint(path)
+    except (ModelError, OSError) as error:
+        logging.getLogger(__name__).warning("pretrained model %s not registered: %s", path, error)
+        return None
+    if name is not None:
+        spec = spec.replace(name=name)
+    with _LOCK:
+        if spec.family not in _BUILDERS:
+            logging.getLogger(__name__).warning(
+                "pretrained model %s not registered: family %r unknown", path, spec.family
+            )
+            return None
+        _SPECS[spec.name] = spec
+        _PRETRAINED[spec.name] = path
+    return spec
+
+
+def pretrained_path(name: str) -> Path | None:
+    """The checkpoint behind a registered pretrained name, or None for a builder-only name."""
+    with _LOCK:
+        return _PRETRAINED.get(name)
 
 
 def list_models() -> list[ModelSpec]:
@@ -498,6 +535,13 @@ def create_model(name_or_spec: str | ModelSpec, **config_overrides: Any) -> Path
         For an unknown name or family, or a config the builder rejects.
 
     """
+    if isinstance(name_or_spec, str) and pretrained_path(name_or_spec) is not None:
+        if config_overrides:
+            raise ModelError(f"{name_or_spec!r} is a trained model; its config cannot be changed")
+        model = load_checkpoint(pretrained_path(name_or_spec))
+        if model.spec.name != name_or_spec:
+            model.spec = model.spec.replace(name=name_or_spec)
+        return model.eval()
     spec = get_spec(name_or_spec) if isinstance(name_or_spec, str) else name_or_spec
     if not isinstance(spec, ModelSpec):
         raise ModelError(f"create_model needs a model name or a ModelSpec, got {type(spec).__name__}")

@@ -1,0 +1,349 @@
+"""Slide tables: which slides, their labels and their tumour annotations.
+
+Training and evaluation read a *slide table*: a CSV with a ``slide`` column
+(path, relative to the CSV's folder or absolute), an optional ``label``
+column (``tumour``/``normal`` or any class name) and an optional
+``annotations`` column (a GeoJSON of tumour polygons, as QuPath exports or
+the synthetic ground truth writes). A folder works too: every slide in it,
+with ``<stem>.tumour.geojson`` or ``<stem>.geojson`` beside it as its
+annotations and ``<stem>.truth.json`` (synthetic slides) giving its label.
+
+:func:`write_synthetic_cohort` makes such a folder of synthetic slides with
+known truth: tumour slides with macro- and micro-metastases, and negatives.
+
+No Qt, no napari, no torch.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from napari_pathology.geometry import Polygon, geojson_to_polygons
+from napari_pathology.progress import Progress
+
+__all__ = [
+    "CohortError",
+    "SlideEntry",
+    "read_slide_table",
+    "write_slide_table",
+    "write_synthetic_cohort",
+]
+
+TUMOUR_LABELS = ("tumour", "tumor", "positive", "1", "true", "cancer", "metastasis")
+NORMAL_LABELS = ("normal", "negative", "0", "false", "benign")
+
+
+class CohortError(ValueError):
+    """A slide table or folder cannot be used; the message says which row and why."""
+
+
+@dataclass(frozen=True)
+class SlideEntry:
+    """One slide of a cohort.
+
+    Attributes
+    ----------
+    path : Path
+        The slide file.
+    label : str or None
+        Slide-level class (``"tumour"``, ``"normal"``, a subtype...), None when unknown.
+    annotations : Path or None
+        GeoJSON of tumour polygons (level-0 pixels, as QuPath and the
+        synthetic ground truth write them; see :meth:`tumour_polygons_um`).
+    mpp : float or None
+        um/px override for files that do not carry it.
+    """
+
+    path: Path
+    label: str | None = None
+    annotations: Path | None = None
+    mpp: float | None = None
+    extra: dict[str, str] = field(default_factory=dict, compare=False)
+
+    @property
+    def name(self) -> str:
+        """The slide's file stem."""
+        return self.path.stem
+
+    @property
+    def is_tumour(self) -> bool | None:
+        """True for a tumour label, False for a normal one, None when unknown or another class."""
+        if self.label is None:
+            return None
+        value = self.label.strip().lower()
+        if value in TUMOUR_LABELS:
+            return True
+        if value in NORMAL_LABELS:
+            return False
+        return None
+
+    def tumour_polygons_um(self, slide_mpp: float | tuple[float, float] | None = None) -> list[Polygon]:
+        """Tumour polygons in micrometres (``[outer, *holes]`` rings of ``(x, y)``).
+
+        GeoJSON from QuPath and the synthetic ground truth is in level-0
+        pixels and is scaled by ``slide_mpp``; a file that says
+        ``"units": "um"`` is taken as is.
+
+        Raises
+        ------
+        CohortError
+            If the file cannot be read, or holds pixels and ``slide_mpp`` is unknown.
+        """
+        if self.annotations is None:
+            return []
+        try:
+            with open(self.annotations, encoding="utf-8") as fh:
+                data = json.load(fh)
+            polygons = geojson_to_polygons(data)
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise CohortError(f"cannot read annotations {self.annotations}: {error}") from error
+        if _geojson_units(data) == "um":
+            return polygons
+        if slide_mpp is None:
+            raise CohortError(f"{self.annotations} is in pixels; the slide's um/px is needed to place it")
+        mx, my = (slide_mpp, slide_mpp) if np.isscalar(slide_mpp) else slide_mpp
+        scale = np.array([float(mx), float(my)])
+        return [[np.asarray(ring, float) * scale for ring in polygon] for polygon in polygons]
+
+
+def _geojson_units(data: Any) -> str:
+    """``"um"`` when the GeoJSON says its coordinates are micrometres, else ``"px"``."""
+    if isinstance(data, dict):
+        for holder in (data, data.get("properties") or {}):
+            units = str(holder.get("units", holder.get("unit", ""))).lower()
+            if units in ("um", "µm", "micrometre", "micrometer", "micrometres", "micrometers", "microns"):
+                return "um"
+    return "px"
+
+
+def _find_annotations(slide: Path) -> Path | None:
+    stem = slide.with_suffix("")
+    for suffix in (".tumour.geojson", ".tumor.geojson", ".geojson", ".json"):
+        candidate = stem.with_name(stem.name + suffix)
+        if candidate.is_file() and not candidate.name.endswith(".truth.json"):
+            return candidate
+    return None
+
+
+def _label_from_truth(slide: Path) -> str | None:
+    truth = slide.with_suffix("").with_name(slide.with_suffix("").name + ".truth.json")
+    if not truth.is_file():
+        return None
+    try:
+        with open(truth, encoding="utf-8") as fh:
+            return str(json.load(fh).get("label")) or None
+    except (OSError, ValueError):
+        return None
+
+
+def read_slide_table(source: str | os.PathLike[str]) -> list[SlideEntry]:
+    """Read a slide table (CSV) or scan a folder of slides.
+
+    Parameters
+    ----------
+    source : path-like
+        A CSV with columns ``slide`` and optionally ``label``, ``annotations``,
+        ``mpp``; or a folder of slides.
+
+    Returns
+    -------
+    list of SlideEntry
+        In file order (CSV) or sorted by name (folder).
+
+    Raises
+    ------
+    CohortError
+        For a missing file or column, a slide that does not exist, or an empty table.
+    """
+    from napari_pathology.slide import is_supported_path
+
+    source = Path(source)
+    if source.is_dir():
+        slides = sorted(p for p in source.iterdir() if p.is_file() and is_supported_path(p))
+        slides = [p for p in slides if not p.name.endswith((".tissue.png", ".tumour.png"))]
+        entries = [SlideEntry(p, _label_from_truth(p), _find_annotations(p)) for p in slides]
+    elif source.is_file():
+        entries = _read_csv(source)
+    else:
+        raise CohortError(f"{source} is neither a slide table (CSV) nor a folder of slides")
+    if not entries:
+        raise CohortError(f"{source} lists no slides")
+    return entries
+
+
+def _read_csv(path: Path) -> list[SlideEntry]:
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        columns = [c.strip().lower() for c in reader.fieldnames or []]
+        if "slide" not in columns and "path" not in columns:
+            raise CohortError(f"{path}: needs a 'slide' column (found: {', '.join(columns) or 'none'})")
+        rows = [{(k or "").strip().lower(): (v or "").strip() for k, v in row.items()} for row in reader]
+    entries = []
+    for number, row in enumerate(rows, start=2):
+        slide = _resolve(path.parent, row.get("slide") or row.get("path") or "")
+        if slide is None:
+            raise CohortError(f"{path}, line {number}: empty slide path")
+        if not slide.exists():
+            raise CohortError(f"{path}, line {number}: slide {slide} does not exist")
+        annotations = _resolve(path.parent, row.get("annotations", ""))
+        if annotations is not None and not annotations.is_file():
+            raise CohortError(f"{path}, line {number}: annotations {annotations} do not exist")
+        mpp = row.get("mpp") or None
+        try:
+            mpp_value = float(mpp) if mpp else None
+        except ValueError as error:
+            raise CohortError(f"{path}, line {number}: mpp {mpp!r} is not a number") from error
+        known = {"slide", "path", "label", "annotations", "mpp"}
+        extra = {k: v for k, v in row.items() if k not in known}
+        entries.append(SlideEntry(slide, row.get("label") or None, annotations, mpp_value, extra))
+    return entries
+
+
+def _resolve(folder: Path, value: str) -> Path | None:
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else folder / path
+
+
+def write_slide_table(entries: Sequence[SlideEntry], path: str | os.PathLike[str]) -> Path:
+    """Write entries as a slide table CSV (paths relative to its folder where possible)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def rel(p: Path | None) -> str:
+        if p is None:
+            return ""
+        try:
+            return str(Path(p).resolve().relative_to(path.parent.resolve()))
+        except ValueError:
+            return str(p)
+
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["slide", "label", "annotations"])
+        for entry in entries:
+            writer.writerow([rel(entry.path), entry.label or "", rel(entry.annotations)])
+    os.replace(tmp, path)
+    return path
+
+
+def synthetic_cohort_plan(
+    n_slides: int, seed: int, negative_fraction: float = 0.4, micro_fraction: float = 0.5
+) -> list[dict[str, Any]]:
+    """Per-slide options of a synthetic cohort: seeds, negatives, micro-metastases, pen marks.
+
+    Negatives come first in a fixed proportion (not sampled), so a cohort of
+    ``n`` slides always has ``round(n * negative_fraction)`` of them.
+    """
+    if n_slides < 1:
+        raise ValueError(f"a cohort needs at least one slide, got {n_slides}")
+    rng = np.random.default_rng(seed)
+    n_negative = round(n_slides * negative_fraction)
+    n_micro = round((n_slides - n_negative) * micro_fraction)
+    plan = []
+    for k in range(n_slides):
+        negative = k < n_negative
+        micro = not negative and (k - n_negative) < n_micro
+        plan.append(
+            {
+                "seed": int(seed) * 1000 + k,
+                "negative": negative,
+                "tumour_size": "micro" if micro else "macro",
+                "pen_mark": bool(rng.random() < 0.25),
+                "blurred_patch": bool(rng.random() < 0.15),
+            }
+        )
+    return plan
+
+
+def write_synthetic_cohort(
+    folder: str | os.PathLike[str],
+    n_slides: int,
+    seed: int,
+    *,
+    size: int = 8192,
+    mpp: float = 0.5,
+    negative_fraction: float = 0.4,
+    micro_fraction: float = 0.5,
+) -> Generator[Progress, None, Path]:
+    """Write a cohort of synthetic slides with ground truth and its slide table.
+
+    Slides already written with the same options are kept (generation is
+    deterministic), so an interrupted run resumes.
+
+    Parameters
+    ----------
+    folder : path-like
+        Output folder; the table is ``folder/cohort.csv``.
+    n_slides : int
+        Number of slides.
+    seed : int
+        Cohort seed; slide ``k`` uses seed ``seed * 1000 + k``.
+    size : int
+        Level-0 side in px.
+    mpp : float
+        Level-0 um/px.
+    negative_fraction, micro_fraction : float
+        Share of tumour-free slides, and of micro-metastases among the others.
+
+    Yields
+    ------
+    Progress
+        One step per slide.
+
+    Returns
+    -------
+    Path
+        The slide table.
+    """
+    from napari_pathology.slide.synthetic import generate_synthetic_slide, load_truth, truth_paths
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    plan = synthetic_cohort_plan(n_slides, seed, negative_fraction, micro_fraction)
+    entries = []
+    for k, options in enumerate(plan):
+        kind = "negative" if options["negative"] else options["tumour_size"]
+        path = folder / f"synthetic-{options['seed']:06d}-{kind}.tif"
+        yield Progress(k, len(plan), f"slide {k + 1}/{len(plan)}: {path.name}")
+        paths = truth_paths(path)
+        wanted = {**options, "size": size, "mpp": mpp}
+        if not (path.is_file() and paths["truth_json"].is_file() and _same_options(path, wanted)):
+            options = dict(options)
+            slide_seed = options.pop("seed")
+            job = generate_synthetic_slide(path, size, slide_seed, mpp=mpp, **options)
+            for _ in job:
+                pass
+            _write_options(path, wanted)
+        label = str(load_truth(path).get("label", "normal" if options["negative"] else "tumour"))
+        entries.append(SlideEntry(path, label, paths["tumour_geojson"]))
+    table = write_slide_table(entries, folder / "cohort.csv")
+    yield Progress(len(plan), len(plan), f"{len(plan)} slides in {folder}")
+    return table
+
+
+def _options_path(slide: Path) -> Path:
+    return slide.with_name(slide.stem + ".options.json")
+
+
+def _same_options(slide: Path, wanted: dict[str, Any]) -> bool:
+    try:
+        with open(_options_path(slide), encoding="utf-8") as fh:
+            return json.load(fh) == wanted
+    except (OSError, ValueError):
+        return False
+
+
+def _write_options(slide: Path, options: dict[str, Any]) -> None:
+    with open(_options_path(slide), "w", encoding="utf-8") as fh:
+        json.dump(options, fh, sort_keys=True)

@@ -1,0 +1,311 @@
+"""The optimisation loop every family shares: steps, validation, checkpoints, stop and resume.
+
+:func:`fit` is a generator of :class:`~napari_pathology.training.events.TrainEvent`
+driving any :class:`~napari_pathology.models.PathologyModel` over an
+iterator of ``(x, y)`` batches. It validates every ``eval_every`` steps,
+keeps the best checkpoint (highest validation ``score``) and the last one,
+both written atomically with their spec, provenance and metrics, plus the
+optimiser state beside the last one so a stopped or crashed job resumes
+where its last save left it (:func:`resume_state`). Setting the ``stop``
+event ends the job after the current step, saved. An out-of-memory error
+splits the batch into halves with gradient accumulation (same effective
+batch, half the memory) and says so. Mixed precision on CUDA (bf16 where
+supported, fp16 with a gradient scaler otherwise).
+
+No Qt, no napari.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from napari_pathology.devices import is_out_of_memory, resolve_device
+from napari_pathology.models.registry import PathologyModel, save_checkpoint
+from napari_pathology.training.events import TrainEvent, TrainingError, TrainResult
+
+__all__ = ["LoopSettings", "checkpoint_paths", "fit", "resume_state", "seed_everything"]
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """How long and where to train.
+
+    Parameters
+    ----------
+    steps : int
+        Optimiser steps in total (including those of a resumed job).
+    out : Path
+        Best checkpoint path; the last one is ``<stem>.last.pt`` beside it.
+    eval_every : int
+        Steps between validations (and saves).
+    device : str
+        ``"cpu"``, ``"cuda:N"`` or ``"auto"``.
+    amp : bool
+        Mixed precision on CUDA.
+    log_every : int
+        Steps between ``step`` events.
+    """
+
+    steps: int
+    out: Path
+    eval_every: int = 100
+    device: str = "cpu"
+    amp: bool = True
+    log_every: int = 5
+
+
+def checkpoint_paths(out: str | os.PathLike[str]) -> tuple[Path, Path, Path]:
+    """``(best, last, state)`` paths for a job writing ``out``."""
+    best = Path(out)
+    if best.suffix not in (".pt", ".pth", ".ckpt"):
+        best = best.with_name(best.name + ".pt")
+    last = best.with_name(best.stem + ".last.pt")
+    state = best.with_name(best.stem + ".last.state.pt")
+    return best, last, state
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed torch (CPU and CUDA) and return a generator for sampling."""
+    torch.manual_seed(int(seed))
+    return torch.Generator().manual_seed(int(seed))
+
+
+def resume_state(out: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The optimiser state and step saved beside the last checkpoint of ``out``, or None."""
+    _, last, state = checkpoint_paths(out)
+    if not (last.is_file() and state.is_file()):
+        return None
+    try:
+        return torch.load(state, map_location="cpu", weights_only=True)
+    except Exception as error:  # a torn or foreign file: say so instead of guessing
+        raise TrainingError(f"cannot resume from {state}: {error}") from error
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _autocast(device: torch.device, amp: bool) -> tuple[Any, torch.amp.GradScaler | None]:
+    if not (amp and device.type == "cuda"):
+        return torch.autocast(device.type, enabled=False), None
+    if torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16), None
+    return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
+
+
+def fit(
+    model: PathologyModel,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    settings: LoopSettings,
+    *,
+    validate: Callable[[PathologyModel], dict[str, Any]] | None = None,
+    forward: Callable[[PathologyModel, torch.Tensor], torch.Tensor] | None = None,
+    scheduler: Any = None,
+    provenance: dict[str, Any] | None = None,
+    stop: threading.Event | None = None,
+    resume: dict[str, Any] | None = None,
+) -> Generator[TrainEvent, None, TrainResult]:
+    """Train ``model`` with cross-entropy on ``batches``; yields events, returns a :class:`TrainResult`.
+
+    Parameters
+    ----------
+    model : PathologyModel
+        The model (its spec goes into every checkpoint).
+    batches : iterator of (x, y)
+        Normalised inputs ``(B, ...)`` and class indices ``(B,)``, endless or
+        at least ``settings.steps`` long.
+    optimizer : torch.optim.Optimizer
+        Over the parameters to train.
+    settings : LoopSettings
+        Steps, output, validation interval, device, mixed precision.
+    validate : callable, optional
+        ``validate(model) -> metrics``; must include ``"score"`` (higher is
+        better) to choose the best checkpoint. Without it the last is best.
+    forward : callable, optional
+        ``forward(model, x) -> logits`` (default ``model(x)``), e.g. a head on cached features.
+    scheduler : optional
+        Stepped once per optimiser step.
+    provenance : dict, optional
+        Data and hyper-parameters, stored in each checkpoint.
+    stop : threading.Event, optional
+        Set it to finish the current step, save and return.
+    resume : dict, optional
+        From :func:`resume_state`: continue at its step with its optimiser state.
+    """
+    device = resolve_device(settings.device)
+    best_path, last_path, state_path = checkpoint_paths(settings.out)
+    best_path.parent.mkdir(parents=True, exist_ok=True)
+    forward = forward or (lambda m, x: m(x))
+    model.to(device).train()
+    context, scaler = _autocast(device, settings.amp)
+    step, history, best_score, best_metrics = 0, [], -math.inf, {}
+    if resume:
+        optimizer.load_state_dict(resume["optimizer"])
+        step = int(resume["step"])
+        history = list(resume.get("history", []))
+        best_score = float(resume.get("best_score", -math.inf))
+        best_metrics = dict(resume.get("best_metrics", {}))
+        if scheduler is not None and "scheduler" in resume:
+            scheduler.load_state_dict(resume["scheduler"])
+    provenance = {**(provenance or {}), "loop": {**asdict(settings), "out": str(settings.out)}}
+    started = time.perf_counter()
+    split = 1  # micro-batches per batch (doubled on out-of-memory)
+    smoothed: float | None = None
+    stopped = False
+    last_metrics: dict[str, Any] = {}
+
+    def event(kind: str, **kw: Any) -> TrainEvent:
+        return TrainEvent(kind, step, settings.steps, elapsed=time.perf_counter() - started, **kw)
+
+    def save_last(metrics: dict[str, Any]) -> TrainEvent:
+        prov = {**provenance, "step": step, "stopped": stopped}
+        save_checkpoint(model, last_path, provenance=prov, metrics=metrics)
+        state = {
+            "optimizer": optimizer.state_dict(), "step": step, "history": history,
+            "best_score": best_score, "best_metrics": best_metrics,
+        }  # fmt: skip
+        if scheduler is not None:
+            state["scheduler"] = scheduler.state_dict()
+        _atomic_torch_save(state, state_path)
+        return event("checkpoint", path=str(last_path), metrics=metrics, message=f"saved {last_path.name}")
+
+    def run_validation() -> list[TrainEvent]:
+        nonlocal best_score, best_metrics, last_metrics
+        events = []
+        if validate is not None:
+            model.eval()
+            with torch.no_grad(), context:
+                metrics = {k: _plain(v) for k, v in validate(model).items()}
+            model.train()
+        else:
+            metrics = {"score": float(step)}
+        metrics["step"] = step
+        last_metrics = metrics
+        history.append(dict(metrics))
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+        events.append(event("validation", metrics=metrics, message=f"step {step}: {shown}"))
+        score = float(metrics.get("score", -math.inf))
+        if score > best_score or not best_path.exists():
+            best_score, best_metrics = score, dict(metrics)
+            save_checkpoint(model, best_path, provenance={**provenance, "step": step}, metrics=metrics)
+            events.append(
+                event(
+                    "checkpoint", path=str(best_path), metrics=metrics, message=f"new best: {best_path.name}"
+                )
+            )
+        events.append(save_last(metrics))
+        return events
+
+    yield event(
+        "start", message=f"training {model.spec.name} on {device} from step {step} to {settings.steps}"
+    )
+    try:
+        while step < settings.steps:
+            if stop is not None and stop.is_set():
+                stopped = True
+                break
+            x, y = next(batches)
+            while True:
+                try:
+                    loss = _train_step(model, forward, optimizer, x, y, device, context, scaler, split)
+                    break
+                except Exception as error:
+                    if not is_out_of_memory(error) or split >= len(x):
+                        if is_out_of_memory(error):
+                            raise TrainingError(
+                                f"out of memory on {device} even with one sample per micro-batch; "
+                                "use a smaller model or another device"
+                            ) from error
+                        raise
+                    optimizer.zero_grad(set_to_none=True)
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    split *= 2
+                    yield event("log", message=(
+                        f"out of memory on {device}: splitting each batch of {len(x)} into {split} parts "
+                        "(same effective batch, gradients accumulated)"
+                    ))  # fmt: skip
+            if not math.isfinite(loss):
+                raise TrainingError(
+                    f"the loss became {loss} at step {step + 1}; lower the learning rate "
+                    f"(the last good checkpoint is {last_path})"
+                )
+            if scheduler is not None:
+                scheduler.step()
+            step += 1
+            smoothed = loss if smoothed is None else 0.9 * smoothed + 0.1 * loss
+            history.append({"step": step, "loss": loss})
+            if step % settings.log_every == 0 or step == settings.steps:
+                yield event(
+                    "step", loss=smoothed, message=f"step {step}/{settings.steps} loss {smoothed:.4f}"
+                )
+            if step % settings.eval_every == 0 or step == settings.steps:
+                yield from run_validation()
+    except GeneratorExit:  # the consumer went away (viewer closed): keep the steps done
+        stopped = True
+        save_last(last_metrics)
+        raise
+    if stopped and step > 0:
+        yield save_last(last_metrics)
+    elif step > 0 and not last_path.exists():
+        yield from run_validation()
+    message = f"{'stopped' if stopped else 'finished'} at step {step}; best {best_path.name}"
+    yield event("done", metrics=best_metrics, path=str(best_path), message=message)
+    return TrainResult(
+        best=best_path if best_path.exists() else None, last=last_path if last_path.exists() else None,
+        step=step, stopped=stopped, metrics=best_metrics, history=history,
+    )  # fmt: skip
+
+
+def _train_step(
+    model: PathologyModel,
+    forward: Callable[[PathologyModel, torch.Tensor], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    device: torch.device,
+    context: Any,
+    scaler: Any,
+    split: int,
+) -> float:
+    optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    n = len(x)
+    for part_x, part_y in zip(x.chunk(split), y.chunk(split), strict=True):
+        part_x = part_x.to(device, non_blocking=True)
+        part_y = part_y.to(device, non_blocking=True)
+        with context:
+            loss = F.cross_entropy(forward(model, part_x).float(), part_y) * (len(part_x) / n)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        total += float(loss.detach())
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return total
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, torch.Tensor | float) or hasattr(value, "item"):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            return value
+    return value

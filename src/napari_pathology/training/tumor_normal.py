@@ -1,0 +1,287 @@
+"""Training Noorbakhsh et al. 2020's tumour/normal tile classifier from slide labels.
+
+Every tissue tile of a slide takes the slide's label. Trunk features are
+computed once per slide and cached (:mod:`.features`); the head (FC 1024,
+ReLU, dropout 0.2, softmax) trains on them with Adam in batches of 512,
+the majority class undersampled afresh each epoch. Validation is by slide:
+each held-out slide's **TPF** (tumour-predicted fraction of its tiles) and
+the slide AUC of TPF, plus tile accuracy against slide labels.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Generator, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from napari_pathology.analysis.metrics import roc_auc
+from napari_pathology.cohort import SlideEntry, read_slide_table
+from napari_pathology.models.registry import ModelError, PathologyModel, resolve_model
+from napari_pathology.progress import run_to_completion
+from napari_pathology.slide import open_slide
+from napari_pathology.tissue import TissueParams, detect_tissue
+from napari_pathology.training.common import (
+    model_name_for,
+    progress_as_log,
+    provenance_entries,
+    split_by_slide,
+    starting_model,
+)
+from napari_pathology.training.events import TrainEvent, TrainingError, TrainResult
+from napari_pathology.training.features import tile_features
+from napari_pathology.training.loop import LoopSettings, checkpoint_paths, fit, resume_state, seed_everything
+
+__all__ = ["TumorNormalTraining", "slide_classes", "train_tumor_normal"]
+
+
+@dataclass(frozen=True)
+class TumorNormalTraining:
+    """A tumour/normal (TPF) training job.
+
+    Parameters
+    ----------
+    data : Path
+        Slide table: CSV with ``slide`` and ``label`` columns (or a folder of synthetic slides).
+    out : Path
+        Best checkpoint; ``<stem>.last.pt`` holds the last one.
+    start : str
+        Registry name or checkpoint of the ``tumor-normal`` family.
+    trunk_from : str, optional
+        A checkpoint or name whose Inception trunk replaces the starting
+        trunk (e.g. a trained metastasis detector when no ImageNet weights exist).
+    epochs : int
+        Passes over the (balanced) training tiles.
+    batch_size : int
+        Tiles per step (512 in the paper).
+    lr : float
+        Adam learning rate.
+    val_fraction : float
+        Share of slides held out, per label.
+    min_tissue_fraction : float
+        Minimum tissue per tile.
+    device : str
+        Where features and training run.
+    cache_dir : Path, optional
+        Feature cache (default: ``features/`` beside ``out``).
+    seed : int
+        Split, sampling and initialisation seed.
+    resume : bool
+        Continue from the last checkpoint of ``out``.
+    """
+
+    data: Path
+    out: Path
+    start: str = "tumor-normal-inception-v3"
+    trunk_from: str | None = None
+    epochs: int = 20
+    batch_size: int = 512
+    lr: float = 1e-4
+    val_fraction: float = 0.2
+    min_tissue_fraction: float = 0.5
+    device: str = "cpu"
+    amp: bool = True
+    cache_dir: Path | None = None
+    seed: int = 0
+    resume: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready settings for provenance."""
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+
+def slide_classes(entries: list[SlideEntry]) -> tuple[str, ...]:
+    """Class names from slide labels: ``normal`` first, then the others sorted (``tumour`` for binary)."""
+    labels = {str(e.label).strip() for e in entries if e.label}
+    missing = [e.name for e in entries if not e.label]
+    if missing:
+        raise TrainingError(
+            f"slides without a label: {', '.join(missing[:5])}; the table needs a 'label' column"
+        )
+    canonical = {"tumor": "tumour", "positive": "tumour", "negative": "normal"}
+    labels = {canonical.get(label.lower(), label) for label in labels}
+    if len(labels) < 2:
+        raise TrainingError(f"only one class among the slides ({', '.join(labels)}); at least two are needed")
+    return tuple(sorted(labels, key=lambda c: (c != "normal", c)))
+
+
+def _label_of(entry: SlideEntry, classes: tuple[str, ...]) -> int:
+    canonical = {"tumor": "tumour", "positive": "tumour", "negative": "normal"}
+    label = str(entry.label).strip()
+    return classes.index(canonical.get(label.lower(), label))
+
+
+def _build_model(job: TumorNormalTraining, classes: tuple[str, ...]) -> tuple[PathologyModel, bool, str]:
+    if job.resume:
+        last = checkpoint_paths(job.out)[1]
+        if not last.is_file():
+            raise TrainingError(f"nothing to resume: {last} does not exist")
+        return resolve_model(str(last)), True, f"resumed from {last}"
+    start, pretrained = starting_model(job.start)
+    if start.spec.family != "tumor-normal":
+        raise TrainingError(f"{job.start!r} is a {start.spec.family!r} model, not a tumour/normal classifier")
+    spec = start.spec.replace(
+        name=model_name_for(job.out), classes=classes,
+        positive_class="tumour" if "tumour" in classes else None,
+    )  # fmt: skip
+    from napari_pathology.models.registry import create_model
+
+    model = create_model(spec) if spec.classes != start.spec.classes else start
+    model.spec = spec
+    init = getattr(model.net, "init", "unknown")
+    if model is start and pretrained:
+        init = f"checkpoint {job.start}"
+    elif model is not start:
+        model.net.trunk.load_state_dict(start.net.trunk.state_dict())
+    if job.trunk_from:
+        try:
+            donor = resolve_model(job.trunk_from)
+        except ModelError as error:
+            raise TrainingError(str(error)) from error
+        trunk = getattr(donor.net, "trunk", None)
+        try:
+            model.net.trunk.load_state_dict(trunk.state_dict())
+        except (AttributeError, RuntimeError) as error:
+            raise TrainingError(
+                f"the trunk of {job.trunk_from!r} does not fit {job.start!r} (width or architecture differ)"
+            ) from error
+        init = f"trunk from {Path(job.trunk_from).name} ({donor.spec.name}), frozen; head random"
+    return model, pretrained, init
+
+
+def train_tumor_normal(
+    job: TumorNormalTraining, stop: threading.Event | None = None
+) -> Generator[TrainEvent, None, TrainResult]:
+    """Run a tumour/normal job (see :class:`TumorNormalTraining`); yields events, returns the result."""
+    generator = seed_everything(job.seed)
+    entries = read_slide_table(job.data)
+    classes = slide_classes(entries)
+    model, _pretrained, init = _build_model(job, classes)
+    train, val = split_by_slide(entries, job.val_fraction, job.seed)
+    cache = job.cache_dir or Path(job.out).parent / "features"
+    spec = model.spec
+    yield TrainEvent("log", 0, 0, message=(
+        f"{len(train)} training and {len(val)} validation slides, classes {', '.join(classes)}; "
+        f"{spec.input_size} px tiles at {spec.mpp:g} um/px; {init}"
+    ))  # fmt: skip
+    data = {}
+    for k, entry in enumerate(train + val):
+        yield TrainEvent("log", 0, 0, message=f"features {k + 1}/{len(entries)}: {entry.name}")
+        data[entry.path] = yield from progress_as_log(_features(entry, model, job, cache), 0)
+    x_train, y_train = _stack(train, data, classes)
+    if len(np.unique(y_train)) < 2:
+        raise TrainingError("the training slides have tissue tiles of one class only")
+    per_class = np.bincount(y_train, minlength=len(classes))
+    steps_per_epoch = max(
+        1, math.ceil(per_class[per_class > 0].min() * (per_class > 0).sum() / job.batch_size)
+    )
+    total = job.epochs * steps_per_epoch
+    yield TrainEvent("log", 0, total, message=(
+        f"{len(y_train)} training tiles "
+        f"({', '.join(f'{c} {n}' for c, n in zip(classes, per_class, strict=True))}); "
+        f"majority undersampled: {steps_per_epoch} steps per epoch"
+    ))  # fmt: skip
+    batches = _balanced_batches(x_train, y_train, job.batch_size, generator)
+    validate = _tpf_validation(val, data, classes, spec.positive_index) if val else None
+    optimizer = torch.optim.Adam(model.net.head.parameters(), lr=job.lr)
+    provenance = {
+        "family": "tumor-normal", "job": job.to_dict(), "initialisation": init, "classes": list(classes),
+        "train_slides": provenance_entries(train), "val_slides": provenance_entries(val),
+        "training_tiles": len(y_train), "labels": "slide-level (every tile takes its slide's label)",
+    }  # fmt: skip
+    settings = LoopSettings(
+        total, Path(job.out), eval_every=max(1, steps_per_epoch), device=job.device, amp=job.amp
+    )
+    resume = resume_state(job.out) if job.resume else None
+    return (
+        yield from fit(
+            model,
+            batches,
+            optimizer,
+            settings,
+            validate=validate,
+            forward=lambda m, f: m.net.head(f),
+            provenance=provenance,
+            stop=stop,
+            resume=resume,
+        )
+    )
+
+
+def _features(entry: SlideEntry, model: PathologyModel, job: TumorNormalTraining, cache: Path):
+    try:
+        slide = open_slide(entry.path, mpp=entry.mpp)
+        slide.require_mpp()
+    except Exception as error:
+        raise TrainingError(f"{entry.path}: {error}") from error
+    tissue = run_to_completion(detect_tissue(slide, TissueParams()))
+    return (
+        yield from tile_features(
+            slide,
+            model,
+            tissue=tissue,
+            cache_dir=cache,
+            min_tissue_fraction=job.min_tissue_fraction,
+            device=job.device,
+        )
+    )
+
+
+def _stack(entries: list[SlideEntry], data: dict, classes: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    xs = [data[e.path].features for e in entries]
+    ys = [np.full(len(data[e.path]), _label_of(e, classes), np.int64) for e in entries]
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def _balanced_batches(
+    x: np.ndarray, y: np.ndarray, batch_size: int, generator: torch.Generator
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless batches; each epoch keeps as many tiles of every class as the rarest class has."""
+    rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+    by_class = [np.flatnonzero(y == k) for k in np.unique(y)]
+    n = min(len(idx) for idx in by_class)
+    features, labels = torch.from_numpy(x), torch.from_numpy(y)
+    while True:
+        epoch = rng.permutation(np.concatenate([rng.choice(idx, n, replace=False) for idx in by_class]))
+        for start in range(0, len(epoch), batch_size):
+            take = torch.from_numpy(epoch[start : start + batch_size])
+            yield features[take], labels[take]
+
+
+def _tpf_validation(val: list[SlideEntry], data: dict, classes: tuple[str, ...], positive: int):
+    feats = [torch.from_numpy(data[e.path].features) for e in val]
+    slide_labels = np.array([_label_of(e, classes) for e in val])
+
+    def validate(model: PathologyModel) -> dict[str, float]:
+        device = next(model.net.head.parameters()).device
+        tpf, correct, losses, count = [], 0, 0.0, 0
+        for f, label in zip(feats, slide_labels, strict=True):
+            if len(f) == 0:
+                tpf.append(0.0)
+                continue
+            logits = model.net.head(f.to(device)).float().cpu()
+            winners = logits.argmax(1)
+            tpf.append(float((winners == positive).float().mean()))
+            correct += int((winners == int(label)).sum())
+            losses += float(F.cross_entropy(logits, torch.full((len(f),), int(label)), reduction="sum"))
+            count += len(f)
+        metrics = {"tile_accuracy": correct / max(count, 1), "val_loss": losses / max(count, 1)}
+        binary = (slide_labels == positive).astype(int)
+        if 0 < binary.sum() < len(binary):
+            metrics["slide_auc"] = roc_auc(binary, np.array(tpf))
+        pos = [t for t, b in zip(tpf, binary, strict=True) if b]
+        neg = [t for t, b in zip(tpf, binary, strict=True) if not b]
+        metrics["mean_tpf_tumour"] = float(np.mean(pos)) if pos else float("nan")
+        metrics["mean_tpf_normal"] = float(np.mean(neg)) if neg else float("nan")
+        # Best = slide AUC, ties broken by the gap between tumour and normal slides' mean TPF.
+        gap = metrics["mean_tpf_tumour"] - metrics["mean_tpf_normal"]
+        metrics["score"] = metrics.get("slide_auc", metrics["tile_accuracy"]) + 0.01 * np.nan_to_num(gap)
+        return metrics
+
+    return validate
