@@ -65,3 +65,27 @@ def synthetic_slide(tmp_path_factory: pytest.TempPathFactory):
 
     out = tmp_path_factory.mktemp("synthetic") / "slide.tif"
     return write_synthetic_slide(out, size=3072, seed=11)
+
+
+@pytest.fixture(scope="session")
+def tiny_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Slide table of 4 small synthetic slides (4096 px at 0.5 um/px): 2 negative, 2 macro-metastasis."""
+    from napari_pathology.cohort import write_synthetic_cohort
+    from napari_pathology.progress import run_to_completion
+
+    folder = tmp_path_factory.mktemp("cohort")
+    return run_to_completion(
+        write_synthetic_cohort(folder, 4, 5, size=4096, negative_fraction=0.5, micro_fraction=0)
+    )
+
+
+@pytest.fixture(scope="session")
+def unseen_slides(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Slides no shipped model saw (new seeds): a 6144 px macro-metastasis slide and a 4096 px negative."""
+    from napari_pathology.slide.synthetic import write_synthetic_slide
+
+    folder = tmp_path_factory.mktemp("unseen")
+    return {
+        "tumour": write_synthetic_slide(folder / "tumour.tif", size=6144, seed=424242),
+        "negative": write_synthetic_slide(folder / "negative.tif", size=4096, seed=515151, negative=True),
+    }

@@ -61,6 +61,7 @@ def test_demo_headless_makes_the_slide_once_and_prints_a_summary(tmp_path, capsy
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "truth:" in out and "label tumour" in out and "0.5 x 0.5 um/px" in out
+    assert "metastasis:" in out and "tumor-normal:" in out and "slide score" in out
     made = sorted(p.name for p in tmp_path.iterdir())
     assert any(name.endswith(".tif") for name in made) and not any(n.startswith(".") for n in made)
     stamp = next(tmp_path.glob("*.tif")).stat().st_mtime_ns
@@ -112,3 +113,41 @@ def test_run_with_a_file_that_is_not_a_checkpoint(tmp_path, capsys, synthetic_sl
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "model.pt" in err
+
+
+def test_models_lists_the_shipped_demo_models_first_class(capsys) -> None:
+    assert main(["models"]) == 0
+    rows = {line.split("\t")[0]: line for line in capsys.readouterr().out.strip().splitlines()}
+    assert "not for diagnostic use" in rows["metastasis"] and "not for diagnostic use" in rows["tumor-normal"]
+    assert {"metastasis-small-10x", "metastasis-inception-v3", "tumor-normal-inception-v3"} <= set(rows)
+
+
+def test_train_then_evaluate_from_the_command_line(tmp_path, capsys, tiny_cohort) -> None:
+    from napari_pathology.models import load_checkpoint
+
+    out = tmp_path / "met.pt"
+    args = ["train", "metastasis", "--data", str(tiny_cohort), "--out", str(out), "--steps", "3",
+            "--batch-size", "4", "--val-fraction", "0", "--quiet"]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert f"best checkpoint: {out}" in printed and "(step 3)" in printed
+    assert load_checkpoint(out).spec.family == "metastasis"
+
+    report = tmp_path / "eval"
+    assert main(["evaluate", "--model", "nuclear-density", "--data", str(tiny_cohort), "--out", str(report),
+                 "--quiet"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "slide AUC" in printed and "FROC" in printed
+    summary = json.loads((report / "evaluation-nuclear-density.json").read_text())
+    assert summary["n_slides"] == 4 and summary["slide_auc"]["n_positive"] == 2
+    assert len(summary["slides"]) == 4
+
+
+def test_train_with_a_bad_table_is_one_line(tmp_path, capsys) -> None:
+    table = tmp_path / "slides.csv"
+    table.write_text("slide,label\nmissing.tif,tumour\n")
+    assert (
+        main(["train", "tumor-normal", "--data", str(table), "--out", str(tmp_path / "x.pt"), "--quiet"]) == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not exist" in err[0]

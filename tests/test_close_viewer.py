@@ -56,6 +56,7 @@ def test_closing_the_viewer_mid_run_stops_the_worker_and_saves_a_partial_result(
     viewer.window.add_dock_widget(panel, name="Analyze")
     panel.select_model(MODEL)
     panel.batch_spin.setValue(1)
+    panel.tta_check.setChecked(False)
     panel.out_edit.setText(str(tmp_path))
 
     blocks: list[HeatmapBlock] = []

@@ -55,7 +55,7 @@ def run_training(job: Generator[Any, None, T], description: str, quiet: bool = F
     """
     from tqdm import tqdm
 
-    with tqdm(desc=description, unit="step", file=sys.stderr, disable=quiet, dynamic_ncols=True) as bar:
+    with tqdm(desc=description, unit="step", file=sys.stderr, disable=quiet, leave=False) as bar:
         try:
             while True:
                 try:
@@ -167,11 +167,46 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             f"tissue {truth['tissue_area_mm2']:.2f} mm^2, {truth['n_nuclei']} nuclei "
             f"({truth['n_tumour_nuclei']} tumour)"
         )
+        _demo_models(slide, path, args)
         return 0
     from napari_pathology._viewer import open_demo_viewer
 
     open_demo_viewer(path)
     return 0
+
+
+def _demo_models(slide, path: Path, args: argparse.Namespace) -> None:
+    """Run the shipped models on the demo slide and say what they found against the truth."""
+    from napari_pathology.analysis import RunSettings, result_folder, run_analysis
+    from napari_pathology.cohort import SlideEntry
+    from napari_pathology.demo import cache_dir
+    from napari_pathology.geometry import rasterize_polygons
+    from napari_pathology.models import ModelError, resolve_model
+    from napari_pathology.slide.synthetic import truth_paths
+    from napari_pathology.tissue import TissueParams, detect_tissue
+
+    tissue = run_with_progress(detect_tissue(slide, TissueParams()), "tissue mask")
+    print(f"tissue:        {tissue.area_mm2:.2f} mm^2 found (CLAM-style saturation threshold)")
+    polygons = SlideEntry(path, None, truth_paths(path)["tumour_geojson"]).tumour_polygons_um(slide.mpp)
+    for name in ("metastasis", "tumor-normal"):
+        try:
+            model = resolve_model(name)
+        except ModelError as error:
+            print(f"{name}:    not available ({error})")
+            continue
+        out = result_folder((args.cache_dir or cache_dir()) / "results", slide, name)
+        result = run_with_progress(
+            run_analysis(slide, model, tissue=tissue, settings=RunSettings(), out_dir=out), name
+        )
+        line = f"{name + ':':<15}{result.summary()}"
+        if len(result.detections):
+            hits = sum(
+                bool(rasterize_polygons(polygons, (1, 1), offset=(x - 0.5, y - 0.5))[0, 0])
+                for x, y, _ in result.detections
+            )
+            line += f"; {hits}/{len(result.detections)} detections inside the planted tumour"
+        print(line)
+    print(f"results:       {(args.cache_dir or cache_dir()) / 'results'}")
 
 
 # --------------------------------------------------------------------------- tissue

@@ -85,13 +85,15 @@ class AnalyzePanel(QWidget):
         super().__init__()
         from napari_pathology.devices import available_devices
         from napari_pathology.models import list_models
+        from napari_pathology.models.pretrained import is_untrained, sorted_for_analysis
 
         self.viewer = napari_viewer
         self.slide_combo = SlideLayerCombo(napari_viewer)
 
         self.model_combo = QComboBox()
-        for spec in list_models():
-            self.model_combo.addItem(f"{spec.name} ({spec.family})", spec.name)
+        for spec in sorted_for_analysis(list_models()):
+            untrained = " - untrained, train it first" if is_untrained(spec) else ""
+            self.model_combo.addItem(f"{spec.name} ({spec.family}){untrained}", spec.name)
         self.model_combo.currentIndexChanged.connect(self._model_changed)
         self.load_checkpoint_button = QPushButton("Load checkpoint...")
         self.load_checkpoint_button.clicked.connect(self._choose_checkpoint)
@@ -202,12 +204,19 @@ class AnalyzePanel(QWidget):
             self.model_info.setText("")
             show_error(str(exc))
             return
+        from napari_pathology.models.pretrained import is_untrained
+
+        warning = (
+            "<br><b>Untrained starting point: its output is meaningless until it is trained.</b>"
+            if not Path(source).suffix and is_untrained(spec)
+            else ""
+        )
         self.model_info.setText(
             f"{spec.task}: {spec.input_size} px at {spec.mpp:g} um/px, output {spec.output}, "
-            f"slide score = {spec.aggregator}"
+            f"slide score = {spec.aggregator}.<br><small>{spec.description}</small>{warning}"
         )
         self.tta_check.setEnabled(spec.tta)
-        self.tta_check.setChecked(False)
+        self.tta_check.setChecked(spec.tta)  # the paper's default (Liu et al.: 8 orientations)
 
     # ------------------------------------------------------------------ running
     def settings(self) -> Any:

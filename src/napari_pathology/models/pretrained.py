@@ -11,9 +11,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from napari_pathology.models.registry import ModelSpec, register_pretrained
+from napari_pathology.models.registry import ModelSpec, pretrained_path, register_pretrained
 
-__all__ = ["SHIPPED_WEIGHTS", "WEIGHTS_DIR", "register_shipped_weights"]
+__all__ = [
+    "SHIPPED_WEIGHTS",
+    "WEIGHTS_DIR",
+    "is_untrained",
+    "register_shipped_weights",
+    "sorted_for_analysis",
+]
 
 WEIGHTS_DIR = Path(__file__).with_name("weights")
 #: Registered name -> checkpoint file in :data:`WEIGHTS_DIR`.
@@ -33,3 +39,23 @@ def register_shipped_weights() -> list[ModelSpec]:
             if spec is not None:
                 specs.append(spec)
     return specs
+
+
+#: Families whose registered models are fixed scorers, usable without training.
+FIXED_FAMILIES = ("baseline",)
+
+
+def is_untrained(spec: ModelSpec) -> bool:
+    """Whether a registered name is only a starting point for training (random or ImageNet weights)."""
+    return pretrained_path(spec.name) is None and spec.family not in FIXED_FAMILIES
+
+
+def sorted_for_analysis(specs: list[ModelSpec]) -> list[ModelSpec]:
+    """Trained models first, then fixed baselines, then untrained starting points; by name within each."""
+
+    def rank(spec: ModelSpec) -> tuple[int, str]:
+        if pretrained_path(spec.name) is not None:
+            return 0, spec.name
+        return (1 if spec.family in FIXED_FAMILIES else 2), spec.name
+
+    return sorted(specs, key=rank)

@@ -33,7 +33,14 @@ from napari_pathology.devices import is_out_of_memory, resolve_device
 from napari_pathology.models.registry import PathologyModel, save_checkpoint
 from napari_pathology.training.events import TrainEvent, TrainingError, TrainResult
 
-__all__ = ["LoopSettings", "checkpoint_paths", "fit", "resume_state", "seed_everything"]
+__all__ = [
+    "LoopSettings",
+    "checkpoint_paths",
+    "fit",
+    "recalibrate_batch_norm",
+    "resume_state",
+    "seed_everything",
+]
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,11 @@ class LoopSettings:
         Mixed precision on CUDA.
     log_every : int
         Steps between ``step`` events.
+    precise_bn_batches : int
+        Before each validation, batch-norm statistics are recomputed as a
+        plain average over this many training batches ("precise BN"): the
+        running averages of a fast-moving network are too noisy to evaluate
+        with. 0 keeps the running averages.
     """
 
     steps: int
@@ -62,6 +74,7 @@ class LoopSettings:
     device: str = "cpu"
     amp: bool = True
     log_every: int = 5
+    precise_bn_batches: int = 16
 
 
 def checkpoint_paths(out: str | os.PathLike[str]) -> tuple[Path, Path, Path]:
@@ -188,6 +201,8 @@ def fit(
     def run_validation() -> list[TrainEvent]:
         nonlocal best_score, best_metrics, last_metrics
         events = []
+        if settings.precise_bn_batches > 0:
+            recalibrate_batch_norm(model, forward, batches, settings.precise_bn_batches, device, context)
         if validate is not None:
             model.eval()
             with torch.no_grad(), context:
@@ -271,6 +286,39 @@ def fit(
         best=best_path if best_path.exists() else None, last=last_path if last_path.exists() else None,
         step=step, stopped=stopped, metrics=best_metrics, history=history,
     )  # fmt: skip
+
+
+def recalibrate_batch_norm(
+    model: torch.nn.Module,
+    forward: Callable[[Any, torch.Tensor], torch.Tensor],
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    n_batches: int,
+    device: torch.device,
+    context: Any = None,
+) -> int:
+    """Replace the running statistics of training-mode batch norms by their mean over ``n_batches``.
+
+    Batch norms that are frozen (eval mode while the model trains, as a
+    frozen trunk) are left alone. Returns the number of layers recalibrated.
+    """
+    batch_norm = torch.nn.modules.batchnorm._BatchNorm
+    norms = [m for m in model.modules() if isinstance(m, batch_norm) and m.training]
+    if not norms:
+        return 0
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: the plain mean over the batches
+    try:
+        context = context if context is not None else torch.autocast(device.type, enabled=False)
+        with torch.no_grad(), context:
+            for _ in range(n_batches):
+                x, _y = next(batches)
+                forward(model, x.to(device, non_blocking=True))
+    finally:
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+    return len(norms)
 
 
 def _train_step(

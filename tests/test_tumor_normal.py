@@ -1,0 +1,106 @@
+"""The tumour/normal tile classifier: frozen trunk, feature cache, slide-label training, TPF."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_pathology.cohort import SlideEntry, read_slide_table
+from napari_pathology.models import create_model, load_checkpoint, resolve_model, save_checkpoint
+from napari_pathology.progress import run_to_completion
+from napari_pathology.slide import open_slide
+from napari_pathology.tissue import detect_tissue
+from napari_pathology.training import TrainingError
+from napari_pathology.training.features import tile_features
+from napari_pathology.training.tumor_normal import TumorNormalTraining, slide_classes, train_tumor_normal
+
+
+def test_trunk_stays_frozen_in_training_mode() -> None:
+    model = create_model("tumor-normal-small-10x")
+    model.train()
+    assert not model.net.trunk.training and model.net.head.training
+    assert not any(p.requires_grad for p in model.net.trunk.parameters())
+    assert all(p.requires_grad for p in model.net.head.parameters())
+    logits = model(torch.rand(2, 3, 256, 256))
+    logits.sum().backward()
+    assert all(p.grad is None for p in model.net.trunk.parameters())
+    assert model.spec.aggregator == "fraction" and model.spec.positive_class == "tumour"
+
+
+def test_classes_come_from_slide_labels(tmp_path) -> None:
+    entries = [
+        SlideEntry(tmp_path / f"{k}.tif", label) for k, label in enumerate(["Tumor", "normal", "tumour"])
+    ]
+    assert slide_classes(entries) == ("normal", "tumour")
+    assert slide_classes([SlideEntry(tmp_path / "a", "LUSC"), SlideEntry(tmp_path / "b", "LUAD"),
+                          SlideEntry(tmp_path / "c", "normal")]) == ("normal", "LUAD", "LUSC")  # fmt: skip
+    with pytest.raises(TrainingError, match="one class"):
+        slide_classes([SlideEntry(tmp_path / "a", "normal"), SlideEntry(tmp_path / "b", "normal")])
+    with pytest.raises(TrainingError, match="without a label"):
+        slide_classes([SlideEntry(tmp_path / "a", None), SlideEntry(tmp_path / "b", "normal")])
+
+
+def test_features_are_cached_and_keyed_by_the_trunk(tiny_cohort, tmp_path) -> None:
+    entry = read_slide_table(tiny_cohort)[0]
+    slide = open_slide(entry.path)
+    tissue = run_to_completion(detect_tissue(slide))
+    torch.manual_seed(0)
+    model = create_model("tumor-normal-small-10x")
+    first = run_to_completion(tile_features(slide, model, tissue=tissue, cache_dir=tmp_path))
+    assert first.path is not None and first.path.exists()
+    assert first.features.shape == (len(first.cells), 256) and len(first) > 10
+    again = run_to_completion(tile_features(slide, model, tissue=tissue, cache_dir=tmp_path))
+    assert again.path == first.path and np.array_equal(again.features, first.features)
+    with torch.no_grad():
+        next(model.net.trunk.parameters()).mul_(1.5)
+    changed = run_to_completion(tile_features(slide, model, tissue=tissue, cache_dir=tmp_path))
+    assert changed.path != first.path
+
+
+def test_training_from_slide_labels_writes_a_tpf_model(tiny_cohort, tmp_path) -> None:
+    donor = create_model("metastasis-small-10x")
+    save_checkpoint(donor, tmp_path / "donor.pt")
+    job = TumorNormalTraining(
+        data=tiny_cohort, out=tmp_path / "tn.pt", start="tumor-normal-small-10x",
+        trunk_from=str(tmp_path / "donor.pt"), epochs=3, batch_size=64, val_fraction=0.5, lr=1e-3,
+    )  # fmt: skip
+    result = run_to_completion(train_tumor_normal(job))
+    model = load_checkpoint(result.best)
+    assert model.spec.family == "tumor-normal" and model.spec.aggregator == "fraction"
+    assert model.spec.classes == ("normal", "tumour")
+    assert "trunk from donor.pt" in model.provenance["initialisation"]
+    assert {"slide_auc", "tile_accuracy", "mean_tpf_tumour"} <= set(result.metrics)
+    # the trunk is the donor's, untouched by training
+    for a, b in zip(
+        model.net.trunk.state_dict().values(), donor.net.trunk.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b)
+    assert (tmp_path / "features").is_dir()
+
+
+def test_a_trunk_of_another_width_is_refused(tiny_cohort, tmp_path) -> None:
+    job = TumorNormalTraining(data=tiny_cohort, out=tmp_path / "tn.pt", start="tumor-normal-small-10x",
+                              trunk_from="metastasis-small")  # fmt: skip
+    save_checkpoint(create_model("metastasis-inception-v3-10x"), tmp_path / "wide.pt")
+    job = TumorNormalTraining(**{**job.__dict__, "trunk_from": str(tmp_path / "wide.pt")})
+    with pytest.raises(TrainingError, match="does not fit"):
+        run_to_completion(train_tumor_normal(job))
+
+
+def test_shipped_tpf_model_separates_tumour_from_normal(unseen_slides) -> None:
+    from napari_pathology.analysis import RunSettings, run_analysis
+
+    model = resolve_model("tumor-normal")
+    assert "not for diagnostic use" in model.spec.description
+    scores = {}
+    for kind, truth in unseen_slides.items():
+        slide = open_slide(truth.slide_path)
+        tissue = run_to_completion(detect_tissue(slide))
+        result = run_to_completion(
+            run_analysis(slide, model, tissue=tissue, settings=RunSettings(batch_size=16))
+        )
+        scores[kind] = result.slide_score
+        assert result.scores["tumour"] == pytest.approx(result.slide_score)
+    assert scores["tumour"] > scores["negative"]
+    assert scores["negative"] < 0.05
