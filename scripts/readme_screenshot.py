@@ -1,4 +1,4 @@
-"""Save the README screenshot: the demo slide in napari with the Slide panel docked.
+"""Save the README screenshot: the demo slide after Run with the shipped ``metastasis`` model.
 
 Run under a (virtual) screen::
 
@@ -28,6 +28,16 @@ show_slide(viewer, demo_slide())
 for _ in range(10):
     QApplication.processEvents()
     time.sleep(0.05)
+analyze = viewer.window.dock_widgets["Analyze (napari-pathology)"]
+analyze.model_combo.setCurrentIndex(analyze.model_combo.findData("metastasis"))
+analyze.run()
+while not analyze.run_button.isEnabled():  # the worker runs; the viewer keeps painting
+    QApplication.processEvents()
+    time.sleep(0.02)
+for _ in range(20):
+    QApplication.processEvents()
+    time.sleep(0.05)
+print(analyze.score_label.text(), "|", analyze.status.text())
 viewer.screenshot(str(out), canvas_only=False, flash=False)
 print(f"saved {out}")
 viewer.close()

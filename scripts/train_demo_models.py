@@ -6,7 +6,9 @@
    4 micro- and 8 macro-metastasis slides, 8192 px at 0.5 um/px).
 2. ``metastasis``: the small Inception v3 (1/8 width) at 1 um/px ("10x"),
    trained from random initialisation with Liu et al.'s sampling,
-   augmentation and RMSProp, 4 slides held out for validation.
+   augmentation and RMSProp, 4 slides held out for validation, plus
+   hard-negative mining (30% of normal patches, after each validation, from
+   normal tissue the model calls tumour: lymphoid aggregates, blur).
 3. ``tumor-normal``: Noorbakhsh et al.'s head (FC 1024, dropout 0.2) on the
    frozen trunk of that metastasis model (no ImageNet weights are shipped),
    256 px tiles at 1 um/px (the paper's 512 px at 20x field of view), from
@@ -52,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("build/demo-training"))
     parser.add_argument("--stage", choices=("all", "data", "metastasis", "tumor-normal"), default="all")
-    parser.add_argument("--steps", type=int, default=800, help="metastasis optimiser steps")
+    parser.add_argument("--steps", type=int, default=1000, help="metastasis optimiser steps")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -64,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         job = MetastasisTraining(
             data=table, out=metastasis, start="metastasis-small-10x", steps=args.steps, batch_size=32,
             val_fraction=0.2, val_patches=256, eval_every=100, device=args.device, seed=0,
+            hard_negative_fraction=0.3,
         )  # fmt: skip
         run_training(train_metastasis(job), "metastasis")
         _ship(metastasis, "metastasis", "Liu et al. 2017 metastasis detector, small Inception v3, 1 um/px")

@@ -78,3 +78,36 @@ def test_run_refuses_a_slide_without_mpp(make_napari_viewer, qtbot, monkeypatch)
     panel.run_button.click()
     assert panel.worker is None
     assert any("Slide panel" in m for m in messages)
+
+
+def test_shipped_metastasis_model_finds_the_tumour_from_the_panel(
+    panel_on_slide, qtbot, synthetic_slide
+) -> None:
+    viewer, panel, slide_layer = panel_on_slide
+    panel.select_model("metastasis")
+    assert panel.model_combo.currentIndex() == 0  # trained models are listed first
+    assert "not for diagnostic use" in panel.model_info.text()
+    assert panel.tta_check.isChecked()  # Liu et al.: 8 orientations by default
+    panel.run_button.click()
+    qtbot.waitUntil(lambda: panel.run_button.isEnabled(), timeout=180_000)
+    heatmap = viewer.layers[f"{slide_layer.name} metastasis heatmap"]
+    assert heatmap.scale[0] == pytest.approx(128.0)  # stride 128 px at 1 um/px
+    truth = synthetic_slide
+    tumour = rasterize_polygons(
+        geojson_to_polygons(json.loads(truth.tumour_geojson.read_text())), (truth.height, truth.width)
+    )
+    data = np.nan_to_num(heatmap.data)
+    r, c = np.unravel_index(np.argmax(data), data.shape)
+    y, x = (np.array(heatmap.data_to_world((r, c))) / slide_layer.scale).astype(int)
+    assert tumour[y, x]
+    points = viewer.layers[f"{slide_layer.name} metastasis detections"]
+    assert any(tumour[tuple((p / slide_layer.scale).astype(int))] for p in points.data)
+
+
+def test_untrained_models_are_marked(panel_on_slide) -> None:
+    _, panel, _ = panel_on_slide
+    texts = [panel.model_combo.itemText(i) for i in range(panel.model_combo.count())]
+    assert any(t.startswith("metastasis-small-10x") and "untrained" in t for t in texts)
+    assert not any(t.startswith("metastasis (") and "untrained" in t for t in texts)
+    panel.select_model("metastasis-small-10x")
+    assert "Untrained" in panel.model_info.text()

@@ -211,3 +211,33 @@ def test_shipped_metastasis_model_is_quiet_on_a_negative_slide(unseen_slides) ->
     )
     assert result.slide_score < 0.5
     assert len(result.detections) == 0
+
+
+class _ConstantNet(torch.nn.Module):
+    """Calls every patch tumour (or normal)."""
+
+    def __init__(self, tumour: bool) -> None:
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.tensor([0.0, 5.0] if tumour else [5.0, 0.0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bias.expand(len(x), 2)
+
+
+def test_hard_negative_mining_feeds_the_sampler(tiny_cohort) -> None:
+    from napari_pathology.training.patches import NORMAL, mine_hard_negatives
+
+    spec = get_spec("metastasis-small-10x")
+    regions = run_to_completion(prepare_regions(read_slide_table(tiny_cohort), spec))
+    sampler = PatchSampler(regions, spec, margin=8, seed=2)
+    try:
+        none, scored = mine_hard_negatives(_ConstantNet(tumour=False), sampler, 16)
+        assert none == [] and scored == 16
+        hard, _ = mine_hard_negatives(_ConstantNet(tumour=True), sampler, 16)
+        assert len(hard) == 16 and all(d[2] == NORMAL for d in hard)
+        sampler.set_hard_negatives(hard[:1], fraction=1.0)
+        normals = sampler.positions(20, NORMAL)
+        assert all(d is hard[0] for d in normals)
+        assert not all(d is hard[0] for d in sampler.positions(20, NORMAL, uniform=True))
+    finally:
+        sampler.close()

@@ -25,7 +25,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchvision.models import inception as tv_inception
+
+from napari_pathology._native import import_torchvision
+
+# triton before torchvision: see napari_pathology._native
+tv_inception = import_torchvision("torchvision.models.inception")
 
 __all__ = [
     "DEPTH_MULTIPLIERS",

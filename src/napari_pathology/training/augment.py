@@ -14,9 +14,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torchvision.transforms.v2 import functional as TF
 
+from napari_pathology._native import import_torchvision
 from napari_pathology.tiles import dihedral
+
+TF = import_torchvision("torchvision.transforms.v2.functional")  # triton first: see napari_pathology._native
 
 __all__ = ["Augmentation", "augment_batch"]
 

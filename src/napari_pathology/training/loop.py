@@ -133,6 +133,7 @@ def fit(
     provenance: dict[str, Any] | None = None,
     stop: threading.Event | None = None,
     resume: dict[str, Any] | None = None,
+    after_validation: Callable[[PathologyModel, int], str | None] | None = None,
 ) -> Generator[TrainEvent, None, TrainResult]:
     """Train ``model`` with cross-entropy on ``batches``; yields events, returns a :class:`TrainResult`.
 
@@ -160,6 +161,10 @@ def fit(
         Set it to finish the current step, save and return.
     resume : dict, optional
         From :func:`resume_state`: continue at its step with its optimiser state.
+    after_validation : callable, optional
+        ``after_validation(model, step) -> message`` runs after each validation
+        (batch norm freshly recalibrated), e.g. hard-negative mining; its
+        message becomes a ``log`` event.
     """
     device = resolve_device(settings.device)
     best_path, last_path, state_path = checkpoint_paths(settings.out)
@@ -272,6 +277,10 @@ def fit(
                 )
             if step % settings.eval_every == 0 or step == settings.steps:
                 yield from run_validation()
+                if after_validation is not None and step < settings.steps:
+                    message = after_validation(model, step)
+                    if message:
+                        yield event("log", message=message)
     except GeneratorExit:  # the consumer went away (viewer closed): keep the steps done
         stopped = True
         save_last(last_metrics)

@@ -35,7 +35,13 @@ from napari_pathology.training.common import (
 )
 from napari_pathology.training.events import TrainEvent, TrainingError, TrainResult
 from napari_pathology.training.loop import LoopSettings, fit, resume_state, seed_everything
-from napari_pathology.training.patches import BatchStream, PatchSampler, fixed_patches, prepare_regions
+from napari_pathology.training.patches import (
+    BatchStream,
+    PatchSampler,
+    fixed_patches,
+    mine_hard_negatives,
+    prepare_regions,
+)
 
 __all__ = ["MetastasisTraining", "train_metastasis"]
 
@@ -73,6 +79,13 @@ class MetastasisTraining:
         Seeds sampling, augmentation and initialisation.
     resume : bool
         Continue from the last checkpoint of ``out``.
+    hard_negative_fraction : float
+        After each validation, score ``hard_negative_candidates`` random
+        normal patches and draw this share of later normal patches from those
+        the model calls tumour (hard-negative mining; 0 = Liu et al.'s plain
+        sampling).
+    hard_negative_candidates : int
+        Normal patches scored per mining round.
     """
 
     data: Path
@@ -90,6 +103,8 @@ class MetastasisTraining:
     augmentation: Augmentation = field(default_factory=Augmentation)
     workers: int = 2
     resume: bool = False
+    hard_negative_fraction: float = 0.0
+    hard_negative_candidates: int = 768
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready settings for provenance."""
@@ -138,11 +153,25 @@ def train_metastasis(
         "sampling": "class, then slide, then position (Liu et al. 2017)",
     }  # fmt: skip
     settings = LoopSettings(job.steps, Path(job.out), job.eval_every, job.device, job.amp)
+    after_validation = None
+    if job.hard_negative_fraction > 0:
+
+        def after_validation(net: PathologyModel, step: int) -> str:
+            hard, scored = mine_hard_negatives(net, sampler, job.hard_negative_candidates)
+            sampler.set_hard_negatives(hard, job.hard_negative_fraction)
+            if not hard:
+                return f"hard negatives: none of {scored} random normal patches scores >= 0.5"
+            return (
+                f"hard negatives: {len(hard)} of {scored} random normal patches score >= 0.5; "
+                f"{job.hard_negative_fraction:.0%} of normal patches now come from them"
+            )
+
     resume = resume_state(job.out) if job.resume else None
     try:
         result = yield from fit(
             model, stream, optimizer, settings, validate=validate, scheduler=scheduler,
             provenance=provenance, stop=stop, resume=resume,
+            after_validation=after_validation,
         )  # fmt: skip
     finally:
         stream.close()

@@ -35,7 +35,15 @@ from napari_pathology.tissue import TissueParams, detect_tissue
 from napari_pathology.training.augment import Augmentation, augment_batch
 from napari_pathology.training.events import TrainingError
 
-__all__ = ["BatchStream", "PatchSampler", "SlideRegions", "fixed_patches", "prepare_regions"]
+__all__ = [
+    "BatchStream",
+    "Draw",
+    "PatchSampler",
+    "SlideRegions",
+    "fixed_patches",
+    "mine_hard_negatives",
+    "prepare_regions",
+]
 
 NORMAL, TUMOUR = 0, 1
 
@@ -100,6 +108,10 @@ def prepare_regions(
     return out
 
 
+#: One sampled patch: its slide, centre ``(x, y)`` in um and label.
+Draw = tuple[SlideRegions, tuple[float, float], int]
+
+
 class PatchSampler:
     """Draw labelled patches: class with equal probability, then a slide with it, then a position.
 
@@ -130,15 +142,24 @@ class PatchSampler:
         self.size = spec.input_size + 2 * int(margin)
         self.rng = np.random.default_rng(seed)
         self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="patches")
+        self._hard: list[Draw] = []
+        self._hard_fraction = 0.0
         self._by_class = {label: [r for r in self.regions if r.count(label)] for label in (NORMAL, TUMOUR)}
 
-    def positions(
-        self, n: int, label: int | None = None
-    ) -> list[tuple[SlideRegions, tuple[float, float], int]]:
-        """``n`` draws of ``(slide, centre (x, y) um, label)``."""
+    def set_hard_negatives(self, draws: Sequence[Draw], fraction: float) -> None:
+        """Draw this ``fraction`` of normal patches from ``draws`` (mined hard negatives) from now on."""
+        self._hard = list(draws)  # replaced whole: the producer thread reads it without a lock
+        self._hard_fraction = float(fraction) if self._hard else 0.0
+
+    def positions(self, n: int, label: int | None = None, uniform: bool = False) -> list[Draw]:
+        """``n`` draws of ``(slide, centre (x, y) um, label)``; ``uniform`` ignores hard negatives."""
         draws = []
+        hard, hard_fraction = self._hard, self._hard_fraction
         for _ in range(n):
             cls = int(self.rng.integers(2)) if label is None else int(label)
+            if cls == NORMAL and hard and not uniform and self.rng.random() < hard_fraction:
+                draws.append(hard[int(self.rng.integers(len(hard)))])
+                continue
             region = self._by_class[cls][int(self.rng.integers(len(self._by_class[cls])))]
             pixels = region.tumour_px if cls == TUMOUR else region.normal_px
             row, col = pixels[int(self.rng.integers(len(pixels)))]
@@ -146,9 +167,7 @@ class PatchSampler:
             draws.append((region, ((col + dx) * region.mask_mpp, (row + dy) * region.mask_mpp), cls))
         return draws
 
-    def read(
-        self, draws: Sequence[tuple[SlideRegions, tuple[float, float], int]]
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def read(self, draws: Sequence[Draw]) -> tuple[np.ndarray, np.ndarray]:
         """Patches ``(n, size, size, 3)`` uint8 and labels ``(n,)`` for ``draws``."""
         patches = list(
             self._pool.map(lambda d: read_patch(d[0].slide, d[1], self.size, self.spec.mpp), draws)
@@ -162,6 +181,39 @@ class PatchSampler:
     def close(self) -> None:
         """Stop the reading threads."""
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def mine_hard_negatives(
+    model: torch.nn.Module, sampler: PatchSampler, n_candidates: int, threshold: float = 0.5, batch: int = 64
+) -> tuple[list[Draw], int]:
+    """Score ``n_candidates`` uniformly drawn normal patches; return those the model calls tumour.
+
+    Hard-negative mining (Wang et al. 2016, the Camelyon16 winners): normal
+    tissue that looks like tumour (lymphoid aggregates, crushed or blurred
+    areas) is rare under uniform sampling, so the network sees too little
+    of it. Returns the draws scoring at least ``threshold`` and the number scored.
+    """
+    spec = sampler.spec
+    draws = sampler.positions(n_candidates, NORMAL, uniform=True)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    hard: list[Draw] = []
+    try:
+        for start in range(0, len(draws), batch):
+            chunk = draws[start : start + batch]
+            patches, _ = sampler.read(chunk)
+            margin = (patches.shape[1] - spec.input_size) // 2
+            crop = np.ascontiguousarray(
+                patches[:, margin : margin + spec.input_size, margin : margin + spec.input_size]
+            )
+            x = normalize_unit(torch.from_numpy(crop).permute(0, 3, 1, 2).float() / 255.0, spec.normalization)
+            with torch.no_grad():
+                p = torch.softmax(model(x.to(device)).float(), 1)[:, spec.positive_index].cpu().numpy()
+            hard += [d for d, score in zip(chunk, p, strict=True) if score >= threshold]
+    finally:
+        model.train(was_training)
+    return hard, len(draws)
 
 
 def fixed_patches(
