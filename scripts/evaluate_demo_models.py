@@ -44,11 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path("build/demo-training"))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--slides", type=int, default=20)
+    parser.add_argument("--models", nargs="+", default=["metastasis", "tumor-normal"])
     args = parser.parse_args(argv)
     table = run_with_progress(write_synthetic_cohort(args.work / "eval", args.slides, 2), "unseen slides")
     entries = read_slide_table(table)
     rows = []
-    for name in ("metastasis", "tumor-normal"):
+    for name in args.models:
         model = resolve_model(name)
         job = evaluate_cohort(model, entries, args.work / "evaluation", RunSettings(device=args.device))
         evaluation = run_with_progress(job, f"evaluate {name}")

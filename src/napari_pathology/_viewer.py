@@ -10,7 +10,7 @@ if TYPE_CHECKING:
 
 PLUGIN = "napari-pathology"
 #: Panels docked by the demo, in order (display names from napari.yaml).
-DEMO_PANELS = ("Slide", "Tissue", "Analyze")
+DEMO_PANELS = ("Slide", "Tissue", "Analyze", "Train")
 
 
 def scale_bar(viewer: napari.Viewer):

@@ -2,9 +2,11 @@
 
 Training and evaluation read a *slide table*: a CSV with a ``slide`` column
 (path, relative to the CSV's folder or absolute), an optional ``label``
-column (``tumour``/``normal`` or any class name) and an optional
+column (``tumour``/``normal`` or any class name), an optional
 ``annotations`` column (a GeoJSON of tumour polygons, as QuPath exports or
-the synthetic ground truth writes). A folder works too: every slide in it,
+the synthetic ground truth writes) and an optional ``normal_annotations``
+column (a GeoJSON of regions known to be normal, where normal training
+patches are then taken from). A folder works too: every slide in it,
 with ``<stem>.tumour.geojson`` or ``<stem>.geojson`` beside it as its
 annotations and ``<stem>.truth.json`` (synthetic slides) giving its label.
 
@@ -60,6 +62,12 @@ class SlideEntry:
         synthetic ground truth write them; see :meth:`tumour_polygons_um`).
     mpp : float or None
         um/px override for files that do not carry it.
+    extra : dict
+        Other columns of the slide table.
+    normal_annotations : Path or None
+        GeoJSON of regions known to be normal (same conventions as
+        ``annotations``); when given, normal training patches are centred
+        only inside them (see :meth:`normal_polygons_um`).
     """
 
     path: Path
@@ -67,6 +75,7 @@ class SlideEntry:
     annotations: Path | None = None
     mpp: float | None = None
     extra: dict[str, str] = field(default_factory=dict, compare=False)
+    normal_annotations: Path | None = None
 
     @property
     def name(self) -> str:
@@ -97,21 +106,36 @@ class SlideEntry:
         CohortError
             If the file cannot be read, or holds pixels and ``slide_mpp`` is unknown.
         """
-        if self.annotations is None:
-            return []
-        try:
-            with open(self.annotations, encoding="utf-8") as fh:
-                data = json.load(fh)
-            polygons = geojson_to_polygons(data)
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise CohortError(f"cannot read annotations {self.annotations}: {error}") from error
-        if _geojson_units(data) == "um":
-            return polygons
-        if slide_mpp is None:
-            raise CohortError(f"{self.annotations} is in pixels; the slide's um/px is needed to place it")
-        mx, my = (slide_mpp, slide_mpp) if np.isscalar(slide_mpp) else slide_mpp
-        scale = np.array([float(mx), float(my)])
-        return [[np.asarray(ring, float) * scale for ring in polygon] for polygon in polygons]
+        return _polygons_um(self.annotations, slide_mpp)
+
+    def normal_polygons_um(self, slide_mpp: float | tuple[float, float] | None = None) -> list[Polygon]:
+        """Normal-region polygons in micrometres (as :meth:`tumour_polygons_um`); [] when none.
+
+        Raises
+        ------
+        CohortError
+            If the file cannot be read, or holds pixels and ``slide_mpp`` is unknown.
+        """
+        return _polygons_um(self.normal_annotations, slide_mpp)
+
+
+def _polygons_um(path: Path | None, slide_mpp: float | tuple[float, float] | None) -> list[Polygon]:
+    """Polygons of a GeoJSON file in micrometres (pixels scaled by ``slide_mpp``)."""
+    if path is None:
+        return []
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+        polygons = geojson_to_polygons(data)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CohortError(f"cannot read annotations {path}: {error}") from error
+    if _geojson_units(data) == "um":
+        return polygons
+    if slide_mpp is None:
+        raise CohortError(f"{path} is in pixels; the slide's um/px is needed to place it")
+    mx, my = (slide_mpp, slide_mpp) if np.isscalar(slide_mpp) else slide_mpp
+    scale = np.array([float(mx), float(my)])
+    return [[np.asarray(ring, float) * scale for ring in polygon] for polygon in polygons]
 
 
 def _geojson_units(data: Any) -> str:
@@ -151,7 +175,7 @@ def read_slide_table(source: str | os.PathLike[str]) -> list[SlideEntry]:
     ----------
     source : path-like
         A CSV with columns ``slide`` and optionally ``label``, ``annotations``,
-        ``mpp``; or a folder of slides.
+        ``normal_annotations``, ``mpp``; or a folder of slides.
 
     Returns
     -------
@@ -196,14 +220,17 @@ def _read_csv(path: Path) -> list[SlideEntry]:
         annotations = _resolve(path.parent, row.get("annotations", ""))
         if annotations is not None and not annotations.is_file():
             raise CohortError(f"{path}, line {number}: annotations {annotations} do not exist")
+        normal = _resolve(path.parent, row.get("normal_annotations", ""))
+        if normal is not None and not normal.is_file():
+            raise CohortError(f"{path}, line {number}: normal annotations {normal} do not exist")
         mpp = row.get("mpp") or None
         try:
             mpp_value = float(mpp) if mpp else None
         except ValueError as error:
             raise CohortError(f"{path}, line {number}: mpp {mpp!r} is not a number") from error
-        known = {"slide", "path", "label", "annotations", "mpp"}
+        known = {"slide", "path", "label", "annotations", "normal_annotations", "mpp"}
         extra = {k: v for k, v in row.items() if k not in known}
-        entries.append(SlideEntry(slide, row.get("label") or None, annotations, mpp_value, extra))
+        entries.append(SlideEntry(slide, row.get("label") or None, annotations, mpp_value, extra, normal))
     return entries
 
 
@@ -215,7 +242,10 @@ def _resolve(folder: Path, value: str) -> Path | None:
 
 
 def write_slide_table(entries: Sequence[SlideEntry], path: str | os.PathLike[str]) -> Path:
-    """Write entries as a slide table CSV (paths relative to its folder where possible)."""
+    """Write entries as a slide table CSV (paths relative to its folder where possible).
+
+    The ``normal_annotations`` and ``mpp`` columns are written only when some entry has them.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -227,23 +257,38 @@ def write_slide_table(entries: Sequence[SlideEntry], path: str | os.PathLike[str
         except ValueError:
             return str(p)
 
+    with_normal = any(e.normal_annotations is not None for e in entries)
+    with_mpp = any(e.mpp is not None for e in entries)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["slide", "label", "annotations"])
+        writer.writerow(
+            ["slide", "label", "annotations"] + ["normal_annotations"] * with_normal + ["mpp"] * with_mpp
+        )
         for entry in entries:
-            writer.writerow([rel(entry.path), entry.label or "", rel(entry.annotations)])
+            row = [rel(entry.path), entry.label or "", rel(entry.annotations)]
+            row += [rel(entry.normal_annotations)] * with_normal
+            row += [repr(float(entry.mpp)) if entry.mpp is not None else ""] * with_mpp
+            writer.writerow(row)
     os.replace(tmp, path)
     return path
 
 
 def synthetic_cohort_plan(
-    n_slides: int, seed: int, negative_fraction: float = 0.4, micro_fraction: float = 0.5
+    n_slides: int,
+    seed: int,
+    negative_fraction: float = 0.4,
+    micro_fraction: float = 0.5,
+    balanced_artefacts: bool = False,
 ) -> list[dict[str, Any]]:
     """Per-slide options of a synthetic cohort: seeds, negatives, micro-metastases, pen marks.
 
     Negatives come first in a fixed proportion (not sampled), so a cohort of
-    ``n`` slides always has ``round(n * negative_fraction)`` of them.
+    ``n`` slides always has ``round(n * negative_fraction)`` of them. Pen
+    marks (25%) and blurred patches (15%) are drawn at random, or, with
+    ``balanced_artefacts``, given to the same share of tumour and normal
+    slides, so that a model trained on slide labels cannot learn an artefact
+    as a shortcut for the label (a training cohort should be built so).
     """
     if n_slides < 1:
         raise ValueError(f"a cohort needs at least one slide, got {n_slides}")
@@ -263,6 +308,13 @@ def synthetic_cohort_plan(
                 "blurred_patch": bool(rng.random() < 0.15),
             }
         )
+    if balanced_artefacts:
+        for group in ([p for p in plan if p["negative"]], [p for p in plan if not p["negative"]]):
+            for key, share, phase in (("pen_mark", 0.25, 0.0), ("blurred_patch", 0.15, 0.5)):
+                n, k = len(group), round(len(group) * share)
+                chosen = {int(n * (i + phase) / k) for i in range(k)}
+                for i, options in enumerate(group):
+                    options[key] = i in chosen
     return plan
 
 
@@ -275,6 +327,7 @@ def write_synthetic_cohort(
     mpp: float = 0.5,
     negative_fraction: float = 0.4,
     micro_fraction: float = 0.5,
+    balanced_artefacts: bool = False,
 ) -> Generator[Progress, None, Path]:
     """Write a cohort of synthetic slides with ground truth and its slide table.
 
@@ -295,6 +348,9 @@ def write_synthetic_cohort(
         Level-0 um/px.
     negative_fraction, micro_fraction : float
         Share of tumour-free slides, and of micro-metastases among the others.
+    balanced_artefacts : bool
+        Give pen marks and blur to the same share of each class (see
+        :func:`synthetic_cohort_plan`).
 
     Yields
     ------
@@ -310,7 +366,7 @@ def write_synthetic_cohort(
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    plan = synthetic_cohort_plan(n_slides, seed, negative_fraction, micro_fraction)
+    plan = synthetic_cohort_plan(n_slides, seed, negative_fraction, micro_fraction, balanced_artefacts)
     entries = []
     for k, options in enumerate(plan):
         kind = "negative" if options["negative"] else options["tumour_size"]

@@ -3,7 +3,8 @@
 For each slide, :func:`prepare_regions` finds the tissue (low resolution)
 and rasterises the tumour polygons on the same grid; a patch is *tumour*
 when its centre region (``spec.centre_size``) touches tumour, *normal* when
-its centre region is tissue far from any tumour. :class:`PatchSampler`
+its centre region is tissue far from any tumour (and, when the slide has
+normal-region annotations, its centre lies inside them). :class:`PatchSampler`
 draws patches as Liu et al. 2017 did: a class with equal probability, then
 a slide that has that class, then a position in it. :class:`BatchStream`
 reads, augments and normalises batches in a background thread so reading
@@ -70,6 +71,9 @@ def prepare_regions(
 ) -> Generator[Progress, None, list[SlideRegions]]:
     """Open each slide, find its tissue and tumour, and list candidate patch centres.
 
+    Normal centres are tissue clear of tumour; for a slide with
+    ``normal_annotations`` they are further restricted to those polygons.
+
     Raises
     ------
     TrainingError
@@ -96,6 +100,13 @@ def prepare_regions(
         tumour = rasterize_polygons(polygons, tissue.mask.shape, scale=tissue.mpp) if polygons else None
         # Normal centres: tissue whose label region (centre_size) stays clear of tumour.
         normal = tissue.mask.copy()
+        if entry.normal_annotations is not None:
+            normal_polygons = entry.normal_polygons_um(mpp)
+            normal &= (
+                rasterize_polygons(normal_polygons, tissue.mask.shape, scale=tissue.mpp)
+                if normal_polygons
+                else False
+            )
         if tumour is not None and tumour.any():
             reach = math.ceil(label_um / 2.0 * math.sqrt(2.0) / tissue.mpp) + 1
             normal &= ~ndimage.binary_dilation(tumour, iterations=reach)
