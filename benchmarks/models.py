@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"... {name}, {orientations}: {rate:.1f} model-only, {e2e:.1f} end to end", file=sys.stderr)
     print(f"\ndevice: {args.device}{' (autocast)' if device.type == 'cuda' else ''}, "
           f"{torch.get_num_threads()} threads; slide {size} px at 0.5 um/px, model at 1 um/px\n")  # fmt: skip
-    print("| network | parameters | orientations | model only (patches/s) | end to end (tiles/s) "
+    print("| network | parameters | orientations | model only (tiles/s) | end to end (tiles/s) "
           "| ratio |")  # fmt: skip
     print("|---|---|---|---|---|---|")
     for name, params, orient, rate, e2e, _tiles in rows:

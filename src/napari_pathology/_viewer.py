@@ -37,7 +37,8 @@ def show_slide(viewer: napari.Viewer, path: str | Path) -> list[napari.layers.La
 def dock_panels(viewer: napari.Viewer, panels: tuple[str, ...] = DEMO_PANELS) -> None:
     """Dock the plugin's panels on the right of the viewer."""
     for panel in panels:
-        viewer.window.add_plugin_dock_widget(PLUGIN, panel)
+        # Train shares a tab with Analyze: four stacked panels do not fit a laptop screen
+        viewer.window.add_plugin_dock_widget(PLUGIN, panel, tabify=panel == "Train")
 
 
 def open_demo_viewer(path: str | Path) -> None:

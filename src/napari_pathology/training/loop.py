@@ -213,14 +213,15 @@ def fit(
             with torch.no_grad(), context:
                 metrics = {k: _plain(v) for k, v in validate(model).items()}
             model.train()
-        else:
-            metrics = {"score": float(step)}
+            score = float(metrics.get("score", -math.inf))
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+            events.append(event("validation", metrics=metrics, message=f"step {step}: {shown}"))
+        else:  # no validation set: the latest weights are the best known
+            metrics, score = {}, float(step)
         metrics["step"] = step
         last_metrics = metrics
-        history.append(dict(metrics))
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
-        events.append(event("validation", metrics=metrics, message=f"step {step}: {shown}"))
-        score = float(metrics.get("score", -math.inf))
+        if validate is not None:
+            history.append(dict(metrics))
         if score > best_score or not best_path.exists():
             best_score, best_metrics = score, dict(metrics)
             save_checkpoint(model, best_path, provenance={**provenance, "step": step}, metrics=metrics)

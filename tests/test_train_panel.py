@@ -1,0 +1,248 @@
+"""Train panel: fine-tune from drawn regions, Stop and Resume, refuse bad set-ups, stop on close."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+# Import the model registry before any viewer exists (see test_close_viewer.py: triton vs OpenGL).
+import napari_pathology.models  # noqa: F401  isort: skip
+from napari_pathology._widgets.train_panel import ANALYZE_DOCK, TrainPanel, shapes_to_polygons
+from napari_pathology.cohort import SlideEntry, read_slide_table, write_slide_table
+from napari_pathology.geometry import geojson_to_polygons, polygons_to_geojson, rasterize_polygons
+from napari_pathology.models import get_spec, load_checkpoint
+from napari_pathology.progress import run_to_completion
+from napari_pathology.training.loop import checkpoint_paths
+from napari_pathology.training.patches import prepare_regions
+
+PLUGIN = "napari-pathology"
+WAIT_MS = 90_000
+
+
+def tumour_polygon_px(truth) -> np.ndarray:
+    """The planted tumour's outer ring, level-0 ``(x, y)`` px."""
+    [polygon] = geojson_to_polygons(json.loads(truth.tumour_geojson.read_text()))
+    return np.asarray(polygon[0], float)
+
+
+def normal_box_px(truth, half: float = 160.0) -> np.ndarray:
+    """A square of tissue far from the tumour: ``[[x0, y0], [x1, y1]]`` px."""
+    from PIL import Image
+    from scipy import ndimage
+
+    tissue = np.asarray(Image.open(truth.tissue_png)) > 0
+    cell = truth.width / tissue.shape[1]
+    tumour = rasterize_polygons([[tumour_polygon_px(truth)]], tissue.shape, scale=cell)
+    far = ndimage.distance_transform_edt(~tumour) * cell > 700
+    depth = ndimage.distance_transform_edt(tissue) * cell
+    r, c = np.unravel_index(np.argmax(np.where(far, depth, 0)), tissue.shape)
+    assert depth[r, c] > 2 * half, "no tissue far enough from the tumour for a normal box"
+    y, x = (r + 0.5) * cell, (c + 0.5) * cell
+    return np.array([[x - half, y - half], [x + half, y + half]])
+
+
+def add_regions(viewer, slide_layer, truth, labels=("tumour", "normal")):
+    """A Shapes layer in micrometres: the truth tumour polygon and/or a normal rectangle."""
+    mpp = slide_layer.metadata["mpp_x"]
+    shapes = {
+        "tumour": (tumour_polygon_px(truth)[:, ::-1] * mpp, "polygon"),
+        "normal": (normal_box_px(truth)[:, ::-1] * mpp, "rectangle"),
+    }
+    return viewer.add_shapes(
+        [shapes[label][0] for label in labels], shape_type=[shapes[label][1] for label in labels],
+        features={"label": list(labels)}, name="regions", units=slide_layer.units,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def viewer_with_slide(make_napari_viewer, synthetic_slide):
+    viewer = make_napari_viewer()
+    [slide_layer] = viewer.open(str(synthetic_slide.slide_path), plugin=PLUGIN)
+    return viewer, slide_layer
+
+
+def configure(panel: TrainPanel, tmp_path, steps: int) -> None:
+    """A tiny CPU fine-tune of the shipped metastasis model, no validation."""
+    panel.select_family("metastasis")
+    panel.select_start("metastasis")
+    panel.set_source("viewer")
+    panel.shapes_combo.setCurrentText("regions")
+    panel.val_spin.setValue(0.0)
+    panel.steps_spin.setValue(steps)
+    panel.batch_spin.setValue(2)
+    panel.device_combo.setCurrentIndex(panel.device_combo.findData("cpu"))
+    panel.out_edit.setText(str(tmp_path))
+    panel.name_edit.setText("tuned")
+
+
+def test_fine_tune_from_drawn_regions_and_use_in_analyze(viewer_with_slide, qtbot, synthetic_slide, tmp_path):
+    viewer, slide_layer = viewer_with_slide
+    add_regions(viewer, slide_layer, synthetic_slide)
+    _dock, panel = viewer.window.add_plugin_dock_widget(PLUGIN, "Train")
+    assert isinstance(panel, TrainPanel)
+    assert panel.slide_combo.current_layer() is slide_layer
+    configure(panel, tmp_path, steps=4)
+    panel.start_button.click()
+    job = panel.current_job
+    assert job is not None
+    qtbot.waitUntil(lambda: job.done and "finished" in panel.status.text(), timeout=WAIT_MS)
+    assert job.error is None and job.result.step == 4
+
+    losses = [row for row in panel.history if "loss" in row]
+    assert losses and losses[-1]["step"] == 4 and np.isfinite(losses[-1]["loss"])
+    best, last, _state = checkpoint_paths(tmp_path / "tuned.pt")
+    model = load_checkpoint(best)
+    assert model.spec.family == "metastasis" and model.spec.name == "tuned"
+    assert model.provenance["step"] == 4 and model.provenance["initialisation"] == "checkpoint metastasis"
+    assert {(c["kind"], c["path"]) for c in panel.checkpoints} == {("best", str(best)), ("last", str(last))}
+    assert panel.checkpoint_list.count() == 2 and "best" in panel.checkpoint_list.item(0).text()
+    assert panel.progress.value() == panel.progress.maximum() == 4
+
+    # what the panel wrote: tumour and normal GeoJSON in level-0 px, a one-row slide table
+    [entry] = read_slide_table(tmp_path / "tuned.slides.csv")
+    assert entry.path == synthetic_slide.slide_path and entry.is_tumour
+    assert entry.normal_annotations is not None and entry.normal_annotations.is_file()
+    [[ring]] = geojson_to_polygons(json.loads(entry.annotations.read_text()))
+    assert np.abs(ring - tumour_polygon_px(synthetic_slide)).max() <= 1  # um -> px round trip
+
+    assert panel.use_button.isEnabled()
+    panel.use_button.click()  # docks the Analyze panel and selects the best checkpoint
+    analyze = viewer.window.dock_widgets[ANALYZE_DOCK]
+    assert analyze.model_source == str(best)
+    assert "tuned" in analyze.model_combo.currentText()
+
+
+def test_stop_saves_and_resume_continues(viewer_with_slide, qtbot, synthetic_slide, tmp_path):
+    viewer, slide_layer = viewer_with_slide
+    add_regions(viewer, slide_layer, synthetic_slide, labels=("tumour",))
+    panel = TrainPanel(viewer)
+    viewer.window.add_dock_widget(panel, name="Train")
+    configure(panel, tmp_path, steps=20)
+
+    def stop_at_first_step(job, event) -> None:
+        if event.kind == "step" and not job.stop_event.is_set():
+            panel.stop_button.click()
+
+    panel.job_event.connect(stop_at_first_step)
+    panel.start_button.click()
+    first = panel.current_job
+    qtbot.waitUntil(lambda: first.done and "stopped" in panel.status.text(), timeout=WAIT_MS)
+    panel.job_event.disconnect(stop_at_first_step)
+    best, last, _state = checkpoint_paths(tmp_path / "tuned.pt")
+    saved = load_checkpoint(last)
+    assert saved.provenance["stopped"] is True
+    stopped_at = saved.provenance["step"]
+    assert 5 <= stopped_at < 20 and first.result.step == stopped_at
+    assert not panel.stop_button.isEnabled() and panel.resume_button.isEnabled()
+
+    panel.resume_button.click()
+    resumed = panel.current_job
+    assert resumed is not first
+    qtbot.waitUntil(lambda: resumed.done and "finished" in panel.status.text(), timeout=WAIT_MS)
+    assert resumed.result.step == 20 and not resumed.result.stopped
+    assert load_checkpoint(last).provenance["step"] == 20
+    assert load_checkpoint(best).provenance["step"] == 20
+    steps = [row["step"] for row in panel.history if "loss" in row]
+    assert steps[0] <= stopped_at < steps[-1] == 20  # one curve across the stop
+    assert not panel.resume_button.isEnabled()  # nothing left to resume
+
+
+def test_bad_set_ups_are_refused_without_a_job(
+    viewer_with_slide, qtbot, synthetic_slide, tmp_path, monkeypatch
+):
+    messages: list[str] = []
+    monkeypatch.setattr("napari.utils.notifications.show_error", messages.append)
+    viewer, slide_layer = viewer_with_slide
+    panel = TrainPanel(viewer)
+    qtbot.addWidget(panel)
+    configure(panel, tmp_path, steps=4)
+
+    def refused(expected: str) -> None:
+        before = len(messages)
+        panel.start_button.click()
+        assert panel.jobs == []
+        assert len(messages) == before + 1 and expected in messages[-1], messages[before:]
+        assert expected in panel.status.text()
+
+    refused("no annotations")  # no Shapes layer
+    normal_only = add_regions(viewer, slide_layer, synthetic_slide, labels=("normal",))
+    panel.shapes_combo.setCurrentText(normal_only.name)
+    refused("normal regions only")
+    viewer.layers.remove(normal_only)
+    add_regions(viewer, slide_layer, synthetic_slide, labels=("tumour", "normal"))
+    panel.shapes_combo.setCurrentText("regions")
+    panel.val_spin.setValue(0.2)
+    refused("too few slides for a validation split")  # one slide cannot be split
+    panel.val_spin.setValue(0.0)
+    panel.lr_edit.setText("fast")
+    refused("not a number")
+    panel.lr_edit.clear()
+    slide_layer.metadata = {**slide_layer.metadata, "mpp_missing": True, "mpp_x": None, "mpp_y": None}
+    refused("no um/px")
+    # tumour/normal classifiers learn from slide labels: drawn regions are not offered
+    panel.select_family("tumor-normal")
+    assert panel.source == "table" and panel.steps_spin.value() == 20  # epochs
+    refused("choose a slide table")
+
+
+def test_closing_the_viewer_stops_the_job_and_saves(make_napari_viewer, qtbot, synthetic_slide, tmp_path):
+    viewer = make_napari_viewer()
+    [slide_layer] = viewer.open(str(synthetic_slide.slide_path), plugin=PLUGIN)
+    add_regions(viewer, slide_layer, synthetic_slide, labels=("tumour",))
+    _dock, panel = viewer.window.add_plugin_dock_widget(PLUGIN, "Train")
+    configure(panel, tmp_path, steps=500)
+    panel.start_button.click()
+    job = panel.current_job
+    qtbot.waitUntil(lambda: any("loss" in row for row in panel.history), timeout=WAIT_MS)
+    viewer.close()
+    assert job.stop_event.is_set()  # at once, by the panel's close hook
+    assert job.wait(60)
+    assert job.state.value == "stopped" and job.result.step < 500
+    saved = load_checkpoint(checkpoint_paths(tmp_path / "tuned.pt")[1])
+    assert saved.provenance["stopped"] is True and saved.provenance["step"] == job.result.step
+
+
+# --------------------------------------------------------------------------- without Qt: normal regions
+def test_normal_annotations_restrict_normal_patch_centres(synthetic_slide, tmp_path) -> None:
+    box = normal_box_px(synthetic_slide)
+    (x0, y0), (x1, y1) = box
+    ring = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]])
+    normal = tmp_path / "normal.geojson"
+    normal.write_text(json.dumps(polygons_to_geojson([[ring]], "Normal")))
+    plain = SlideEntry(synthetic_slide.slide_path, "tumour", synthetic_slide.tumour_geojson)
+    table = write_slide_table(
+        [SlideEntry(plain.path, plain.label, plain.annotations, normal_annotations=normal)],
+        tmp_path / "t.csv",
+    )
+    with open(table, newline="") as fh:
+        assert next(csv.reader(fh)) == ["slide", "label", "annotations", "normal_annotations"]
+    [restricted] = read_slide_table(table)
+    assert restricted.normal_annotations == normal
+    spec = get_spec("metastasis")
+    [free] = run_to_completion(prepare_regions([plain], spec))
+    [only] = run_to_completion(prepare_regions([restricted], spec))
+    assert 0 < len(only.normal_px) < len(free.normal_px)
+    cell_px = only.mask_mpp / only.slide.mpp[0]
+    centres = (only.normal_px[:, ::-1] + 0.5) * cell_px  # (x, y) level-0 px
+    assert (centres >= box[0] - cell_px).all() and (centres <= box[1] + cell_px).all()
+    assert np.array_equal(only.tumour_px, free.tumour_px)
+
+
+def test_shapes_to_polygons_skips_lines_and_reads_ellipses(make_napari_viewer, synthetic_slide) -> None:
+    viewer = make_napari_viewer()
+    [slide_layer] = viewer.open(str(synthetic_slide.slide_path), plugin=PLUGIN)
+    box_um = np.array([[100.0, 100.0], [100.0, 300.0], [300.0, 300.0], [300.0, 100.0]])  # (y, x) corners
+    shapes = viewer.add_shapes(
+        [box_um, np.array([[0.0, 0.0], [50.0, 50.0]])],
+        shape_type=["ellipse", "line"], features={"label": ["Normal", "tumour"]}, units=slide_layer.units,
+    )  # fmt: skip
+    regions, problems = shapes_to_polygons(shapes, slide_layer)
+    assert regions["tumour"] == [] and len(regions["normal"]) == 1
+    assert len(problems) == 1 and "line" in problems[0]
+    ring = regions["normal"][0][0]  # an ellipse in a 200 um box at 0.5 um/px: 400 px across
+    assert ring.min(0) == pytest.approx([200.5, 200.5], abs=1) and ring.max(0) == pytest.approx(
+        [600.5, 600.5], abs=1
+    )
