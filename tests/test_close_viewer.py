@@ -7,7 +7,6 @@ import threading
 import time
 
 import numpy as np
-import pytest
 
 # Import the model registry before any viewer exists: the registry's torchvision models pull in
 # triton, whose native library crashes (SIGSEGV) when first loaded after napari has set up OpenGL.
@@ -26,15 +25,6 @@ THROTTLE = 0.05
 STOP_WITHIN = 5.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "AnalyzePanel does not finish the job when napari aborts its worker on close: napari's "
-        "task manager calls worker.quit(), the GeneratorWorker stops between two yields and leaves "
-        "run_analysis suspended, so no partial result.json is written (until the generator is "
-        "garbage-collected). Fix: connect worker.aborted to the job generator's close()."
-    ),
-)
 def test_closing_the_viewer_mid_run_stops_the_worker_and_saves_a_partial_result(
     make_napari_viewer, qtbot, synthetic_slide, tmp_path, monkeypatch
 ) -> None:

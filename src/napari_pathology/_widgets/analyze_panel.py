@@ -255,6 +255,9 @@ class AnalyzePanel(QWidget):
         self.worker.returned.connect(self._on_result)
         self.worker.errored.connect(self._on_error)
         self.worker.finished.connect(self._on_finished)
+        # Closing the viewer aborts the worker between two yields, leaving the job suspended:
+        # close it so the engine saves the finished tiles as a partial result.
+        self.worker.aborted.connect(job.close)
         self._slide_layer = layer
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
