@@ -10,6 +10,8 @@ if TYPE_CHECKING:
 
 PLUGIN = "napari-pathology"
 #: Panels docked by the demo, in order (display names from napari.yaml).
+#: ``(base, top)``: ``top`` is docked as a tab over ``base`` and shown.
+TAB_PAIRS = (("Tissue", "Slide"), ("Train", "Analyze"))
 DEMO_PANELS = ("Slide", "Tissue", "Analyze", "Train")
 
 
@@ -36,9 +38,13 @@ def show_slide(viewer: napari.Viewer, path: str | Path) -> list[napari.layers.La
 
 def dock_panels(viewer: napari.Viewer, panels: tuple[str, ...] = DEMO_PANELS) -> None:
     """Dock the plugin's panels on the right of the viewer."""
-    for panel in panels:
-        # Train shares a tab with Analyze: four stacked panels do not fit a laptop screen
-        viewer.window.add_plugin_dock_widget(PLUGIN, panel, tabify=panel == "Train")
+    # Slide shares a tab with Tissue and Analyze with Train: four stacked panels do not fit a
+    # laptop screen. A tabified dock becomes the visible tab, so Slide and Analyze go second.
+    order = [p for pair in TAB_PAIRS for p in pair if p in panels]
+    order += [p for p in panels if p not in order]
+    shown_first = {top for base, top in TAB_PAIRS if base in panels}
+    for panel in order:
+        viewer.window.add_plugin_dock_widget(PLUGIN, panel, tabify=panel in shown_first)
 
 
 def open_demo_viewer(path: str | Path) -> None:

@@ -36,7 +36,20 @@ if TYPE_CHECKING:
 
 #: Repaint the growing heatmap at most this often (seconds).
 REPAINT_INTERVAL = 0.15
-HEATMAP_COLORMAP = "inferno"
+HEATMAP_COLORMAP_NAME = "inferno"
+
+
+def heatmap_colormap() -> Any:
+    """Inferno fading in from transparent: low probabilities leave the tissue visible.
+
+    Plain inferno paints probability 0 black, which at 0.5 opacity darkens
+    all the tissue; here alpha rises from 0 at probability 0 to 1 at 0.4.
+    """
+    from napari.utils.colormaps import Colormap, ensure_colormap
+
+    colors = np.array(ensure_colormap(HEATMAP_COLORMAP_NAME).colors, dtype=np.float32)
+    colors[:, 3] = np.clip(np.linspace(0.0, 2.5, len(colors)), 0.0, 1.0)
+    return Colormap(colors, name="inferno (transparent low)", display_name="inferno, transparent low")
 
 
 def default_results_dir() -> Path:
@@ -314,7 +327,7 @@ class AnalyzePanel(QWidget):
         if name in self.viewer.layers:
             self.viewer.layers.remove(name)
         return self.viewer.add_image(
-            data, name=name, colormap=HEATMAP_COLORMAP, contrast_limits=(0.0, 1.0), opacity=0.5,
+            data, name=name, colormap=heatmap_colormap(), contrast_limits=(0.0, 1.0), opacity=0.5,
             blending="translucent", units=self._slide_layer.units, **geometry,
         )  # fmt: skip
 
