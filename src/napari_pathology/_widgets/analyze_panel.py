@@ -321,7 +321,13 @@ class AnalyzePanel(QWidget):
     def _show_empty_heatmap(self, grid: Any) -> None:
         geometry = overlay_geometry(grid.cell_um, grid.first_centre_um, _mpp_of(self._slide_layer))
         data = np.full(grid.shape, np.nan, np.float32)
-        self._heatmap_layer = self._upsert_image(self._layer_name("heatmap"), data, geometry)
+        name = self._layer_name("heatmap")
+        old = self.viewer.layers[name] if name in self.viewer.layers else None
+        if old is not None and old.data.shape == data.shape and np.allclose(old.scale, geometry["scale"]):
+            old.data = data  # a re-run on the same grid: reuse the layer (no removal, no gc pass)
+            self._heatmap_layer = old
+        else:
+            self._heatmap_layer = self._upsert_image(name, data, geometry)
 
     def _upsert_image(self, name: str, data: np.ndarray, geometry: dict[str, Any]) -> Any:
         if name in self.viewer.layers:
@@ -333,7 +339,12 @@ class AnalyzePanel(QWidget):
 
     def _on_result(self, result: AnalysisResult) -> None:
         geometry = overlay_geometry(result.cell_um, result.first_centre_um, _mpp_of(self._slide_layer))
-        self._heatmap_layer = self._upsert_image(self._layer_name("heatmap"), result.heatmap, geometry)
+        layer = self._heatmap_layer
+        if layer is not None and layer in self.viewer.layers and layer.data.shape == result.heatmap.shape:
+            layer.data = result.heatmap  # in place: removing a layer costs napari a full gc pass (~0.4 s)
+        else:
+            layer = self._upsert_image(self._layer_name("heatmap"), result.heatmap, geometry)
+        self._heatmap_layer = layer
         self._heatmap_layer.metadata = {"napari_pathology_result": str(result.out_dir), "spec": result.spec}
         self._show_detections(result)
         state = "partial (cancelled)" if result.partial else "complete"
