@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from qtpy.QtCore import Signal
-from qtpy.QtWidgets import QComboBox
+from qtpy.QtWidgets import QComboBox, QFileDialog, QLineEdit, QWidget
 
 from napari_pathology._layers import is_slide_metadata
 
@@ -96,3 +96,30 @@ def run_in_thread(
     worker.errored.connect(on_error or (lambda exc: show_error(str(exc))))
     worker.start()
     return worker
+
+
+#: File-dialog filter for model checkpoints.
+CHECKPOINT_FILTER = "napari-pathology checkpoints (*.pt *.pth *.ckpt);;All files (*)"
+
+
+def device_combo() -> QComboBox:
+    """A combo of every usable device (CPU and each visible GPU by name); item data is the device id."""
+    from napari_pathology.devices import available_devices
+
+    combo = QComboBox()
+    for device in available_devices():
+        combo.addItem(device.label, device.id)
+    return combo
+
+
+def choose_folder_into(parent: QWidget, edit: QLineEdit, title: str) -> None:
+    """Ask for a folder starting at ``edit``'s text and put the choice into ``edit``."""
+    folder = QFileDialog.getExistingDirectory(parent, title, edit.text())
+    if folder:
+        edit.setText(folder)
+
+
+def choose_checkpoint(parent: QWidget, title: str) -> str:
+    """Ask for a checkpoint file; the path, or an empty string when cancelled."""
+    path, _ = QFileDialog.getOpenFileName(parent, title, "", CHECKPOINT_FILTER)
+    return path

@@ -13,7 +13,6 @@ from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
     QDoubleSpinBox,
-    QFileDialog,
     QFormLayout,
     QHBoxLayout,
     QLabel,
@@ -26,7 +25,12 @@ from qtpy.QtWidgets import (
 )
 
 from napari_pathology._layers import overlay_geometry, slide_from_metadata
-from napari_pathology._widgets._common import SlideLayerCombo
+from napari_pathology._widgets._common import (
+    SlideLayerCombo,
+    choose_checkpoint,
+    choose_folder_into,
+    device_combo,
+)
 from napari_pathology.progress import Progress
 
 if TYPE_CHECKING:
@@ -96,7 +100,6 @@ class AnalyzePanel(QWidget):
 
     def __init__(self, napari_viewer: napari.Viewer) -> None:
         super().__init__()
-        from napari_pathology.devices import available_devices
         from napari_pathology.models import list_models
         from napari_pathology.models.pretrained import is_untrained, sorted_for_analysis
 
@@ -113,9 +116,7 @@ class AnalyzePanel(QWidget):
         self.model_info = QLabel()
         self.model_info.setWordWrap(True)
 
-        self.device_combo = QComboBox()
-        for device in available_devices():
-            self.device_combo.addItem(device.label, device.id)
+        self.device_combo = device_combo()
         self.batch_spin = QSpinBox()
         self.batch_spin.setRange(1, 1024)
         self.batch_spin.setValue(32)
@@ -194,16 +195,12 @@ class AnalyzePanel(QWidget):
         self.model_combo.setCurrentIndex(index)
 
     def _choose_checkpoint(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(
-            self, "Load checkpoint", "", "napari-pathology checkpoints (*.pt *.pth *.ckpt);;All files (*)"
-        )
+        path = choose_checkpoint(self, "Load checkpoint")
         if path:
             self.select_model(path)
 
     def _choose_out_dir(self) -> None:
-        folder = QFileDialog.getExistingDirectory(self, "Results folder", self.out_edit.text())
-        if folder:
-            self.out_edit.setText(folder)
+        choose_folder_into(self, self.out_edit, "Results folder")
 
     def _model_changed(self, *_: Any) -> None:
         from napari.utils.notifications import show_error

@@ -51,7 +51,12 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_pathology._widgets._common import SlideLayerCombo
+from napari_pathology._widgets._common import (
+    SlideLayerCombo,
+    choose_checkpoint,
+    choose_folder_into,
+    device_combo,
+)
 
 if TYPE_CHECKING:
     import napari
@@ -344,7 +349,6 @@ class TrainPanel(QWidget):
 
     def __init__(self, napari_viewer: napari.Viewer, queue: TrainingQueue | None = None) -> None:
         super().__init__()
-        from napari_pathology.devices import available_devices
         from napari_pathology.training.queue import training_queue
 
         self.viewer = napari_viewer
@@ -406,9 +410,7 @@ class TrainPanel(QWidget):
         self.eval_spin = QSpinBox()
         self.eval_spin.setRange(1, 1_000_000)
         self.eval_spin.setToolTip("Steps between validations and checkpoint saves")
-        self.device_combo = QComboBox()
-        for device in available_devices():
-            self.device_combo.addItem(device.label, device.id)
+        self.device_combo = device_combo()
         self.amp_check = QCheckBox("Mixed precision (CUDA)")
         self.out_edit = QLineEdit(str(default_models_dir()))
         out_browse = QPushButton("...")
@@ -734,12 +736,7 @@ class TrainPanel(QWidget):
         return layer
 
     def _choose_checkpoint(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(
-            self,
-            "Start from checkpoint",
-            "",
-            "napari-pathology checkpoints (*.pt *.pth *.ckpt);;All files (*)",
-        )
+        path = choose_checkpoint(self, "Start from checkpoint")
         if path:
             self.select_start(path)
 
@@ -749,9 +746,7 @@ class TrainPanel(QWidget):
             self.table_edit.setText(path)
 
     def _choose_out_dir(self) -> None:
-        folder = QFileDialog.getExistingDirectory(self, "Output folder", self.out_edit.text())
-        if folder:
-            self.out_edit.setText(folder)
+        choose_folder_into(self, self.out_edit, "Output folder")
 
     # ------------------------------------------------------------------ building a job
     def job_settings(self) -> tuple[str, Any]:
