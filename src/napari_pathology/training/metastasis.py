@@ -86,6 +86,8 @@ class MetastasisTraining:
         sampling).
     hard_negative_candidates : int
         Normal patches scored per mining round.
+    log_every : int
+        Steps between ``step`` events (loss curve points).
     """
 
     data: Path
@@ -105,6 +107,7 @@ class MetastasisTraining:
     resume: bool = False
     hard_negative_fraction: float = 0.0
     hard_negative_candidates: int = 768
+    log_every: int = 5
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready settings for provenance."""
@@ -152,7 +155,9 @@ def train_metastasis(
         "train_slides": provenance_entries(train), "val_slides": provenance_entries(val),
         "sampling": "class, then slide, then position (Liu et al. 2017)",
     }  # fmt: skip
-    settings = LoopSettings(job.steps, Path(job.out), job.eval_every, job.device, job.amp)
+    settings = LoopSettings(
+        job.steps, Path(job.out), job.eval_every, job.device, job.amp, log_every=max(1, job.log_every)
+    )
     after_validation = None
     if job.hard_negative_fraction > 0:
 
