@@ -158,12 +158,10 @@ def _find_annotations(slide: Path) -> Path | None:
 
 
 def _label_from_truth(slide: Path) -> str | None:
-    truth = slide.with_suffix("").with_name(slide.with_suffix("").name + ".truth.json")
-    if not truth.is_file():
-        return None
+    from napari_pathology.slide.synthetic import load_truth
+
     try:
-        with open(truth, encoding="utf-8") as fh:
-            return str(json.load(fh).get("label")) or None
+        return str(load_truth(slide).get("label")) or None
     except (OSError, ValueError):
         return None
 

@@ -72,6 +72,8 @@ __all__ = [
 
 #: Input normalisations a model can declare (see :func:`to_tensor`).
 NORMALIZATIONS = ("imagenet", "liu", "unit")
+#: Relative um/px difference read without resampling (and by which a level may be coarser).
+MPP_TOLERANCE = 0.05
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -135,7 +137,7 @@ class TileGrid:
     tissue_fraction: np.ndarray
     slide_mpp: tuple[float, float]
     slide_size: tuple[int, int]
-    mpp_tolerance: float = 0.05
+    mpp_tolerance: float = MPP_TOLERANCE
 
     def __len__(self) -> int:
         return len(self.cells)
@@ -284,7 +286,7 @@ def make_tile_grid(
     tissue: MaskLike | None = None,
     min_tissue_fraction: float = 0.0,
     tissue_region_size: int | None = None,
-    mpp_tolerance: float = 0.05,
+    mpp_tolerance: float = MPP_TOLERANCE,
 ) -> TileGrid:
     """Lay a grid of model tiles over a slide and keep the tissue tiles.
 
@@ -392,45 +394,44 @@ def read_tile(slide: Any, grid: TileGrid, i: int) -> np.ndarray:
         When the slide's pixels cannot be decoded.
 
     """
-    size = grid.tile_size
-    x, y, w, h = grid.level_box(i)
-    if grid.direct:
-        region = slide.read_region(grid.level, round(x), round(y), size, size)
+    return _read_level_box(slide, grid.level, grid.level_box(i), grid.tile_size, grid.direct)
+
+
+def read_patch(slide: Any, centre_um: tuple[float, float], size: int, mpp: float) -> np.ndarray:
+    """Read a ``size`` px square centred on ``centre_um = (x, y)`` at ``mpp`` um/px (RGB uint8).
+
+    The level and the resampling are those :func:`make_tile_grid` and
+    :func:`read_tile` use for grid tiles; parts outside the slide are white.
+    Used to sample training patches anywhere.
+    """
+    mpp = float(mpp)
+    slide_mpp = tuple(float(v) for v in slide.require_mpp())
+    level = _choose_level(slide, slide_mpp, mpp, MPP_TOLERANCE)
+    downsample = float(slide.level_downsamples[level])
+    mx, my = slide_mpp[0] * downsample, slide_mpp[1] * downsample
+    direct = all(abs(m / mpp - 1.0) <= MPP_TOLERANCE for m in (mx, my))
+    side_um = size * mpp
+    x0_um, y0_um = centre_um[0] - side_um / 2.0, centre_um[1] - side_um / 2.0
+    return _read_level_box(slide, level, (x0_um / mx, y0_um / my, side_um / mx, side_um / my), size, direct)
+
+
+def _read_level_box(
+    slide: Any, level: int, box: tuple[float, float, float, float], size: int, direct: bool
+) -> np.ndarray:
+    """``size`` px RGB of the float ``(x, y, w, h)`` box of ``level``, area-resampled unless ``direct``."""
+    x, y, w, h = box
+    if direct:
+        region = slide.read_region(level, round(x), round(y), size, size)
         return np.array(region, dtype=np.uint8, order="C", copy=True)  # never a view of the slide
     from PIL import Image
 
     margin = 1
     x0, y0 = math.floor(x) - margin, math.floor(y) - margin
     x1, y1 = math.ceil(x + w) + margin, math.ceil(y + h) + margin
-    region = slide.read_region(grid.level, x0, y0, x1 - x0, y1 - y0)
-    box = (x - x0, y - y0, x - x0 + w, y - y0 + h)
+    region = slide.read_region(level, x0, y0, x1 - x0, y1 - y0)
     image = Image.fromarray(np.ascontiguousarray(region))
-    return np.array(image.resize((size, size), Image.Resampling.BOX, box=box))  # writable
-
-
-def read_patch(slide: Any, centre_um: tuple[float, float], size: int, mpp: float) -> np.ndarray:
-    """Read a ``size`` px square centred on ``centre_um = (x, y)`` at ``mpp`` um/px (RGB uint8).
-
-    The finest level not finer than needed is read and area-resampled to
-    exactly ``mpp``, as :func:`read_tile` does for grid tiles; parts outside
-    the slide are white. Used to sample training patches anywhere.
-    """
-    grid = make_tile_grid(slide, mpp, size, size)
-    mx, my = grid.level_mpp_xy
-    side_um = size * float(mpp)
-    x0_um, y0_um = centre_um[0] - side_um / 2.0, centre_um[1] - side_um / 2.0
-    x, y, w, h = x0_um / mx, y0_um / my, side_um / mx, side_um / my
-    if grid.direct:
-        region = slide.read_region(grid.level, round(x), round(y), size, size)
-        return np.array(region, dtype=np.uint8, order="C", copy=True)
-    from PIL import Image
-
-    x0, y0 = math.floor(x) - 1, math.floor(y) - 1
-    x1, y1 = math.ceil(x + w) + 1, math.ceil(y + h) + 1
-    region = slide.read_region(grid.level, x0, y0, x1 - x0, y1 - y0)
-    image = Image.fromarray(np.ascontiguousarray(region))
-    box = (x - x0, y - y0, x - x0 + w, y - y0 + h)
-    return np.array(image.resize((size, size), Image.Resampling.BOX, box=box))
+    box_in_region = (x - x0, y - y0, x - x0 + w, y - y0 + h)
+    return np.array(image.resize((size, size), Image.Resampling.BOX, box=box_in_region))  # writable
 
 
 # --------------------------------------------------------------------------- batches

@@ -123,3 +123,12 @@ def choose_checkpoint(parent: QWidget, title: str) -> str:
     """Ask for a checkpoint file; the path, or an empty string when cancelled."""
     path, _ = QFileDialog.getOpenFileName(parent, title, "", CHECKPOINT_FILTER)
     return path
+
+
+def select_or_add(combo: QComboBox, data: str, label: str) -> None:
+    """Select the item whose data is ``data``, adding it as ``label`` first when the combo lacks it."""
+    index = combo.findData(data)
+    if index < 0:
+        combo.addItem(label, data)
+        index = combo.count() - 1
+    combo.setCurrentIndex(index)

@@ -30,6 +30,7 @@ from napari_pathology._widgets._common import (
     choose_checkpoint,
     choose_folder_into,
     device_combo,
+    select_or_add,
 )
 from napari_pathology.progress import Progress
 
@@ -188,11 +189,7 @@ class AnalyzePanel(QWidget):
     def select_model(self, source: str | Path, label: str | None = None) -> None:
         """Select a registry name or a checkpoint path (adding it to the list)."""
         source = str(source)
-        index = self.model_combo.findData(source)
-        if index < 0:
-            self.model_combo.addItem(label or f"{Path(source).name} (checkpoint)", source)
-            index = self.model_combo.count() - 1
-        self.model_combo.setCurrentIndex(index)
+        select_or_add(self.model_combo, source, label or f"{Path(source).name} (checkpoint)")
 
     def _choose_checkpoint(self) -> None:
         path = choose_checkpoint(self, "Load checkpoint")

@@ -56,6 +56,7 @@ from napari_pathology._widgets._common import (
     choose_checkpoint,
     choose_folder_into,
     device_combo,
+    select_or_add,
 )
 
 if TYPE_CHECKING:
@@ -614,11 +615,7 @@ class TrainPanel(QWidget):
     def select_start(self, source: str | Path, label: str | None = None) -> None:
         """Start from a registry name or a checkpoint path (added to the list)."""
         source = str(source)
-        index = self.start_combo.findData(source)
-        if index < 0:
-            self.start_combo.addItem(label or f"{Path(source).name} (checkpoint: fine-tune)", source)
-            index = self.start_combo.count() - 1
-        self.start_combo.setCurrentIndex(index)
+        select_or_add(self.start_combo, source, label or f"{Path(source).name} (checkpoint: fine-tune)")
 
     def set_source(self, source: str) -> None:
         """Train from :data:`SOURCE_VIEWER` (drawn regions) or :data:`SOURCE_TABLE` (a CSV)."""

@@ -105,10 +105,11 @@ def _row(o: SlideOutcome) -> dict[str, Any]:
 
 
 def _purity(entry: SlideEntry) -> float | None:
-    truth = entry.path.with_name(entry.path.stem + ".truth.json")
+    """Tumour nuclei / all nuclei from a synthetic slide's ground truth, None without one."""
+    from napari_pathology.slide.synthetic import load_truth
+
     try:
-        with open(truth, encoding="utf-8") as fh:
-            data = json.load(fh)
+        data = load_truth(entry.path)
         return float(data["n_tumour_nuclei"]) / max(1.0, float(data["n_nuclei"]))
     except (OSError, ValueError, KeyError, TypeError):
         return None

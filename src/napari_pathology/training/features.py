@@ -137,7 +137,7 @@ def tile_features(
                 shutil.rmtree(path, ignore_errors=True)
     torch_device = resolve_device(device)
     net = model.net.to(torch_device).eval()
-    rows = np.empty((len(grid), n_features or 1), np.float32)
+    rows: np.ndarray | None = None  # allocated with the first batch's feature width
     done = 0
     with TileLoader(slide, grid, batch_size, workers=workers) as loader:
         for indices, tiles in loader:
@@ -145,7 +145,7 @@ def tile_features(
                 features = (
                     net.features(to_tensor(tiles, spec.normalization, torch_device)).float().cpu().numpy()
                 )
-            if rows.shape[1] != features.shape[1]:
+            if rows is None:
                 rows = np.empty((len(grid), features.shape[1]), np.float32)
             rows[indices] = features
             done += len(indices)

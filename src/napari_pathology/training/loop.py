@@ -37,6 +37,7 @@ __all__ = [
     "LoopSettings",
     "checkpoint_paths",
     "fit",
+    "load_last_checkpoint",
     "recalibrate_batch_norm",
     "resume_state",
     "seed_everything",
@@ -91,6 +92,16 @@ def seed_everything(seed: int) -> torch.Generator:
     """Seed torch (CPU and CUDA) and return a generator for sampling."""
     torch.manual_seed(int(seed))
     return torch.Generator().manual_seed(int(seed))
+
+
+def load_last_checkpoint(out: str | os.PathLike[str]) -> PathologyModel:
+    """The last checkpoint of a job writing ``out``, to resume; :class:`TrainingError` if there is none."""
+    from napari_pathology.models.registry import load_checkpoint
+
+    last = checkpoint_paths(out)[1]
+    if not last.is_file():
+        raise TrainingError(f"nothing to resume: {last} does not exist")
+    return load_checkpoint(last)
 
 
 def resume_state(out: str | os.PathLike[str]) -> dict[str, Any] | None:

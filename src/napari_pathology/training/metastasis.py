@@ -34,7 +34,13 @@ from napari_pathology.training.common import (
     starting_model,
 )
 from napari_pathology.training.events import TrainEvent, TrainingError, TrainResult
-from napari_pathology.training.loop import LoopSettings, fit, resume_state, seed_everything
+from napari_pathology.training.loop import (
+    LoopSettings,
+    fit,
+    load_last_checkpoint,
+    resume_state,
+    seed_everything,
+)
 from napari_pathology.training.patches import (
     BatchStream,
     PatchSampler,
@@ -185,13 +191,7 @@ def train_metastasis(
 
 def _start(job: MetastasisTraining) -> tuple[PathologyModel, bool]:
     if job.resume:
-        from napari_pathology.models.registry import load_checkpoint
-        from napari_pathology.training.loop import checkpoint_paths
-
-        last = checkpoint_paths(job.out)[1]
-        if not last.is_file():
-            raise TrainingError(f"nothing to resume: {last} does not exist")
-        model, pretrained = load_checkpoint(last), True
+        model, pretrained = load_last_checkpoint(job.out), True
     else:
         model, pretrained = starting_model(job.start)
     if model.spec.family != "metastasis":

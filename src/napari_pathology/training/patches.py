@@ -31,7 +31,7 @@ from napari_pathology.geometry import rasterize_polygons
 from napari_pathology.models.registry import ModelSpec
 from napari_pathology.progress import Progress, run_to_completion
 from napari_pathology.slide import Slide, open_slide
-from napari_pathology.tiles import normalize_unit, read_patch
+from napari_pathology.tiles import normalize_unit, read_patch, to_tensor
 from napari_pathology.tissue import TissueParams, detect_tissue
 from napari_pathology.training.augment import Augmentation, augment_batch
 from napari_pathology.training.events import TrainingError
@@ -215,10 +215,8 @@ def mine_hard_negatives(
             chunk = draws[start : start + batch]
             patches, _ = sampler.read(chunk)
             margin = (patches.shape[1] - spec.input_size) // 2
-            crop = np.ascontiguousarray(
-                patches[:, margin : margin + spec.input_size, margin : margin + spec.input_size]
-            )
-            x = normalize_unit(torch.from_numpy(crop).permute(0, 3, 1, 2).float() / 255.0, spec.normalization)
+            crop = patches[:, margin : margin + spec.input_size, margin : margin + spec.input_size]
+            x = to_tensor(crop, spec.normalization)
             with torch.no_grad():
                 p = torch.softmax(model(x.to(device)).float(), 1)[:, spec.positive_index].cpu().numpy()
             hard += [d for d, score in zip(chunk, p, strict=True) if score >= threshold]
@@ -238,8 +236,7 @@ def fixed_patches(
         patches, labels = sampler.read(draws)
     finally:
         sampler.close()
-    x = torch.from_numpy(patches).permute(0, 3, 1, 2).float().div_(255.0)
-    return normalize_unit(x, spec.normalization), torch.from_numpy(labels)
+    return to_tensor(patches, spec.normalization), torch.from_numpy(labels)
 
 
 class BatchStream(Iterator[tuple[torch.Tensor, torch.Tensor]]):

@@ -36,7 +36,14 @@ from napari_pathology.training.common import (
 )
 from napari_pathology.training.events import TrainEvent, TrainingError, TrainResult
 from napari_pathology.training.features import tile_features
-from napari_pathology.training.loop import LoopSettings, checkpoint_paths, fit, resume_state, seed_everything
+from napari_pathology.training.loop import (
+    LoopSettings,
+    checkpoint_paths,
+    fit,
+    load_last_checkpoint,
+    resume_state,
+    seed_everything,
+)
 
 __all__ = ["TumorNormalTraining", "slide_classes", "train_tumor_normal"]
 
@@ -119,10 +126,7 @@ def _label_of(entry: SlideEntry, classes: tuple[str, ...]) -> int:
 
 def _build_model(job: TumorNormalTraining, classes: tuple[str, ...]) -> tuple[PathologyModel, bool, str]:
     if job.resume:
-        last = checkpoint_paths(job.out)[1]
-        if not last.is_file():
-            raise TrainingError(f"nothing to resume: {last} does not exist")
-        return resolve_model(str(last)), True, f"resumed from {last}"
+        return load_last_checkpoint(job.out), True, f"resumed from {checkpoint_paths(job.out)[1]}"
     start, pretrained = starting_model(job.start)
     if start.spec.family != "tumor-normal":
         raise TrainingError(f"{job.start!r} is a {start.spec.family!r} model, not a tumour/normal classifier")
