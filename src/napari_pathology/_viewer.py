@@ -10,9 +10,9 @@ if TYPE_CHECKING:
 
 PLUGIN = "napari-pathology"
 #: Panels docked by the demo, in order (display names from napari.yaml).
-#: ``(base, top)``: ``top`` is docked as a tab over ``base`` and shown.
-TAB_PAIRS = (("Tissue", "Slide"), ("Train", "Analyze"))
-DEMO_PANELS = ("Slide", "Tissue", "Analyze", "Train")
+#: Each group shares one dock as tabs; the last of a group is docked last and shown.
+TAB_GROUPS = (("Tissue", "Slide"), ("Nuclei", "Train", "Analyze"))
+DEMO_PANELS = ("Slide", "Tissue", "Analyze", "Train", "Nuclei")
 
 
 def scale_bar(viewer: napari.Viewer):
@@ -38,13 +38,16 @@ def show_slide(viewer: napari.Viewer, path: str | Path) -> list[napari.layers.La
 
 def dock_panels(viewer: napari.Viewer, panels: tuple[str, ...] = DEMO_PANELS) -> None:
     """Dock the plugin's panels on the right of the viewer."""
-    # Slide shares a tab with Tissue and Analyze with Train: four stacked panels do not fit a
-    # laptop screen. A tabified dock becomes the visible tab, so Slide and Analyze go second.
-    order = [p for pair in TAB_PAIRS for p in pair if p in panels]
-    order += [p for p in panels if p not in order]
-    shown_first = {top for base, top in TAB_PAIRS if base in panels}
-    for panel in order:
-        viewer.window.add_plugin_dock_widget(PLUGIN, panel, tabify=panel in shown_first)
+    # Slide shares a dock with Tissue, and Analyze with Train and Nuclei: five stacked panels do
+    # not fit a laptop screen. A tabified dock becomes the visible tab, so Slide and Analyze go last.
+    for group in TAB_GROUPS:
+        present = [p for p in group if p in panels]
+        for position, panel in enumerate(present):
+            viewer.window.add_plugin_dock_widget(PLUGIN, panel, tabify=position > 0)
+    grouped = {p for group in TAB_GROUPS for p in group}
+    for panel in panels:
+        if panel not in grouped:
+            viewer.window.add_plugin_dock_widget(PLUGIN, panel)
 
 
 def open_demo_viewer(path: str | Path) -> None:

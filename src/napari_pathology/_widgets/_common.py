@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from qtpy.QtCore import Signal
 from qtpy.QtWidgets import QComboBox, QFileDialog, QLineEdit, QWidget
 
@@ -132,3 +133,41 @@ def select_or_add(combo: QComboBox, data: str, label: str) -> None:
         combo.addItem(label, data)
         index = combo.count() - 1
     combo.setCurrentIndex(index)
+
+
+def _ellipse_ring(corners: np.ndarray, n: int = 64) -> np.ndarray:
+    """A polygon approximating the ellipse inscribed in napari's four bounding-box corners."""
+    centre = corners.mean(0)
+    a, b = (corners[1] - corners[0]) / 2, (corners[3] - corners[0]) / 2
+    t = np.linspace(0, 2 * np.pi, n, endpoint=False)[:, None]
+    return centre + np.cos(t) * a + np.sin(t) * b
+
+
+def shape_rings_px(shapes_layer: Any, slide_layer: Any) -> list[tuple[int, np.ndarray | None, str]]:
+    """Every area shape of a Shapes layer as a ring in a slide's level-0 pixels ``(x, y)``.
+
+    Polygons, rectangles and ellipses count; lines and paths do not. Each vertex
+    goes from the shapes layer's data to world coordinates (micrometres), then to
+    the slide layer's level-0 data coordinates, then half a pixel on: napari
+    centres pixel ``i`` at ``i``, while GeoJSON (QuPath) pixel ``i`` covers ``[i, i + 1)``.
+
+    Returns
+    -------
+    list of (int, np.ndarray or None, str)
+        ``(shape index, ring (n, 2) in px or None, why it was skipped or "")`` per shape.
+    """
+    out: list[tuple[int, np.ndarray | None, str]] = []
+    for index, (data, kind) in enumerate(zip(shapes_layer.data, shapes_layer.shape_type, strict=True)):
+        if kind not in ("polygon", "rectangle", "ellipse"):
+            out.append((index, None, f"shape {index} is a {kind}, not an area: skipped"))
+            continue
+        vertices = np.asarray(data, float)
+        if kind == "ellipse":
+            vertices = _ellipse_ring(vertices)
+        world = [shapes_layer.data_to_world(v) for v in vertices]
+        pixels = np.array([slide_layer.world_to_data(w)[-2:] for w in world], float) + 0.5
+        if len(pixels) < 3:
+            out.append((index, None, f"shape {index} has fewer than 3 vertices: skipped"))
+            continue
+        out.append((index, pixels[:, ::-1], ""))  # (row, col) -> (x, y)
+    return out

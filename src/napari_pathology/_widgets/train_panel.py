@@ -57,6 +57,7 @@ from napari_pathology._widgets._common import (
     choose_folder_into,
     device_combo,
     select_or_add,
+    shape_rings_px,
 )
 
 if TYPE_CHECKING:
@@ -130,14 +131,6 @@ def _region_label(value: Any) -> str | None:
     return None
 
 
-def _ellipse_ring(corners: np.ndarray, n: int = 64) -> np.ndarray:
-    """A polygon approximating the ellipse inscribed in napari's four bounding-box corners."""
-    centre = corners.mean(0)
-    a, b = (corners[1] - corners[0]) / 2, (corners[3] - corners[0]) / 2
-    t = np.linspace(0, 2 * np.pi, n, endpoint=False)[:, None]
-    return centre + np.cos(t) * a + np.sin(t) * b
-
-
 def shapes_to_polygons(shapes_layer: Any, slide_layer: Any) -> tuple[dict[str, list[Polygon]], list[str]]:
     """Polygons of a Shapes layer in level-0 pixels ``(x, y)`` of a slide layer, by label.
 
@@ -166,24 +159,13 @@ def shapes_to_polygons(shapes_layer: Any, slide_layer: Any) -> tuple[dict[str, l
     n = len(shapes_layer.data)
     features = getattr(shapes_layer, "features", None)
     labels = list(features["label"]) if features is not None and "label" in features else [None] * n
-    for index, (data, kind, value) in enumerate(
-        zip(shapes_layer.data, shapes_layer.shape_type, labels, strict=True)
-    ):
-        if kind not in ("polygon", "rectangle", "ellipse"):
-            problems.append(f"shape {index} is a {kind}, not an area: skipped")
+    for index, ring, problem in shape_rings_px(shapes_layer, slide_layer):
+        if ring is None:
+            problems.append(problem)
             continue
-        label = _region_label(value)
+        label = _region_label(labels[index])
         if label is None:
-            problems.append(f"shape {index} has label {value!r}: use 'tumour' or 'normal'")
-            continue
-        vertices = np.asarray(data, float)
-        if kind == "ellipse":
-            vertices = _ellipse_ring(vertices)
-        world = [shapes_layer.data_to_world(v) for v in vertices]
-        pixels = np.array([slide_layer.world_to_data(w)[-2:] for w in world], float) + 0.5
-        ring = pixels[:, ::-1]  # (row, col) -> (x, y)
-        if len(ring) < 3:
-            problems.append(f"shape {index} has fewer than 3 vertices: skipped")
+            problems.append(f"shape {index} has label {labels[index]!r}: use 'tumour' or 'normal'")
             continue
         out[label].append([ring])
     return out, problems

@@ -1,0 +1,953 @@
+"""The Nuclei panel: detect nuclei, label them tumour/normal, watch purity, classify, train.
+
+Thin wiring over :mod:`napari_pathology.nuclei`. Nuclei found in the view or in
+drawn regions go to an editable points layer (the ground truth a pathologist
+labels with ``t``/``n``/``o``/``u``); nuclei found over the whole tissue are
+predictions, kept apart and drawn by :class:`PredictionOverlay` so that
+10^5-10^6 of them do not slow panning. Every change is autosaved beside the slide.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Generator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from qtpy.QtCore import QObject, QTimer, Signal
+from qtpy.QtWidgets import (
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+from napari_pathology._layers import slide_from_metadata
+from napari_pathology._widgets._common import (
+    SlideLayerCombo,
+    choose_checkpoint,
+    device_combo,
+    run_in_thread,
+    select_or_add,
+    shape_rings_px,
+)
+from napari_pathology._widgets.nuclei_layers import (
+    NUCLEI_MARKER,
+    PredictionOverlay,
+    add_nuclei_layer,
+    points_from_layer,
+    repaint,
+    replace_points,
+    set_labels,
+    slide_mpp_xy,
+)
+from napari_pathology.nuclei.points import LABELS, NucleusPoints
+from napari_pathology.progress import Progress
+
+if TYPE_CHECKING:
+    import napari
+
+PURITY_FAMILY = "nucleus-purity"
+#: Where the detector looks: combo text and key.
+REGION_CHOICES = (("Current view", "view"), ("Drawn regions", "regions"), ("Whole tissue", "tissue"))
+#: Keys that label the selected nuclei.
+LABEL_KEYS = {"t": "tumour", "n": "normal", "o": "other", "u": "unlabeled"}
+#: Coalesce bursts of edits before recounting (ms) and before autosaving (ms).
+RECOUNT_MS = 120
+AUTOSAVE_MS = 1000
+_ANNOTATION_FILTER = "Nuclei (*.geojson *.json *.csv);;All files (*)"
+_REGION_COLUMNS = ("Region", "Nuclei", "Tumour", "Normal", "Purity", "Predicted", "Difference")
+
+
+def _same_path(a: Any, b: Any) -> bool:
+    return a is not None and b is not None and str(Path(a).resolve()) == str(Path(b).resolve())
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def detection_job(
+    metadata: dict[str, Any],
+    region: str,
+    box_um: tuple[float, float, float, float] | None,
+    params: Any,
+    tissue: Any,
+    cancel: threading.Event | None = None,
+) -> Generator[Progress, None, NucleusPoints]:
+    """Detect nuclei in a box (or over the tissue), off the Qt thread."""
+    from napari_pathology.nuclei.run import detect_in_slide
+    from napari_pathology.tissue import TissueParams, detect_tissue
+
+    slide = slide_from_metadata(metadata)
+    slide.require_mpp()
+    if region == "tissue" and tissue is None:
+        yield Progress(0, 0, "finding tissue...")
+        tissue = yield from detect_tissue(slide, TissueParams())
+        if tissue.is_empty:
+            raise ValueError(f"No tissue found in {slide.name}: draw a region or fix the tissue mask.")
+    table = yield from detect_in_slide(slide, region_um=box_um, tissue=tissue, params=params, cancel=cancel)
+    return NucleusPoints.from_table(table, source="detected")
+
+
+def classification_job(
+    metadata: dict[str, Any], model_source: str, device: str, sets: list[np.ndarray]
+) -> Generator[Progress, None, list[np.ndarray]]:
+    """Tumour probabilities for each array of nucleus centroids, off the Qt thread."""
+    from napari_pathology.models import resolve_model
+    from napari_pathology.nuclei.classify import classify_nuclei
+
+    slide = slide_from_metadata(metadata)
+    yield Progress(0, 0, f"loading {Path(model_source).name}...")
+    model = resolve_model(model_source)
+    if model.spec.family != PURITY_FAMILY:
+        raise ValueError(
+            f"{model.spec.name} is a {model.spec.family!r} model, not a nucleus purity classifier"
+        )
+    out = []
+    for xy in sets:
+        out.append((yield from classify_nuclei(slide, xy, model, device=device)) if len(xy) else np.zeros(0))
+    return out
+
+
+def _passthrough(job: Generator[Progress, None, Any]) -> Generator[Progress, None, Any]:
+    return (yield from job)
+
+
+class NucleiPanel(QWidget):
+    """Dock widget: detect, label (t/n/o/u), purity per region, classify, train, import/export."""
+
+    def __init__(self, napari_viewer: napari.Viewer) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.slide_combo = SlideLayerCombo(napari_viewer)
+        self.slide_combo.changed.connect(self._slide_changed)
+        self.worker: Any = None
+        self._cancel = threading.Event()
+        self._job_kind = ""
+        self._seen_slides: set[str] = set()
+        self._layer: Any = None
+        self._overlay: PredictionOverlay | None = None
+        self.predictions: NucleusPoints | None = None
+        self._train_job: Any = None
+        self.autosave_path: Path | None = None
+        #: Most predicted nuclei drawn as points at once (more: the density image only).
+        self.max_points_shown = 8000
+        self._recount_timer = self._timer(RECOUNT_MS, self.recount)
+        self._autosave_timer = self._timer(AUTOSAVE_MS, self.autosave)
+        layout = QVBoxLayout(self)
+        layout.addWidget(self._build_detect_box())
+        layout.addWidget(self._build_label_box())
+        layout.addWidget(self._build_classify_box())
+        layout.addWidget(self._build_files_box())
+        layout.addStretch(1)
+        napari_viewer.layers.events.inserted.connect(self._sync_regions)
+        napari_viewer.layers.events.removed.connect(self._layers_removed)
+        self._sync_regions()
+        self._slide_changed()
+
+    @staticmethod
+    def _timer(ms: int, slot: Any) -> QTimer:
+        timer = QTimer()
+        timer.setSingleShot(True)
+        timer.setInterval(ms)
+        timer.timeout.connect(slot)
+        return timer
+
+    # ------------------------------------------------------------------ building
+    def _build_detect_box(self) -> QGroupBox:
+        from napari_pathology.nuclei.detect import NucleusParams
+
+        defaults = NucleusParams()
+        box = QGroupBox("Detect")
+        self.where_combo = QComboBox()
+        for text, key in REGION_CHOICES:
+            self.where_combo.addItem(text, key)
+        self.where_combo.setToolTip(
+            "Current view and drawn regions add editable nuclei to label; whole tissue gives predictions."
+        )
+        self.regions_combo = QComboBox()
+        self.regions_combo.setToolTip("Shapes layer whose areas are regions (detection and purity)")
+        self.regions_combo.currentIndexChanged.connect(self._regions_layer_changed)
+        self.param_spins: dict[str, QDoubleSpinBox] = {}
+        specs = {
+            "sigma_um": ("Smoothing (um)", 0.0, 5.0, 0.1),
+            "threshold_factor": ("Threshold x Otsu", 0.3, 2.0, 0.05),
+            "min_area_um2": ("Min area (um^2)", 0.0, 200.0, 1.0),
+            "min_distance_um": ("Min distance (um)", 0.5, 20.0, 0.5),
+        }
+        form = QFormLayout()
+        form.addRow("Slide", self.slide_combo)
+        form.addRow("Where", self.where_combo)
+        form.addRow("Regions", self.regions_combo)
+        for name, (label, low, high, step) in specs.items():
+            spin = QDoubleSpinBox()
+            spin.setRange(low, high)
+            spin.setSingleStep(step)
+            spin.setValue(getattr(defaults, name))
+            self.param_spins[name] = spin
+            form.addRow(label, spin)
+        self.detect_button = QPushButton("Detect")
+        self.detect_button.clicked.connect(self.detect)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.clicked.connect(self.cancel)
+        self.progress = QProgressBar()
+        self.status = QLabel("Open a slide, then Detect or add nuclei by hand.")
+        self.status.setWordWrap(True)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.detect_button)
+        buttons.addWidget(self.cancel_button)
+        inner = QVBoxLayout(box)
+        inner.addLayout(form)
+        inner.addLayout(buttons)
+        inner.addWidget(self.progress)
+        inner.addWidget(self.status)
+        return box
+
+    def _build_label_box(self) -> QGroupBox:
+        box = QGroupBox("Label (keys t, n, o, u on the nuclei layer)")
+        buttons = QHBoxLayout()
+        self.label_buttons: dict[str, QPushButton] = {}
+        for key, label in LABEL_KEYS.items():
+            button = QPushButton(f"{label.capitalize()} ({key})")
+            button.clicked.connect(lambda _=False, name=label: self.label_selected(name))
+            buttons.addWidget(button)
+            self.label_buttons[label] = button
+        self.counts_label = QLabel("No nuclei yet.")
+        self.counts_label.setWordWrap(True)
+        self.counts_label.setStyleSheet("font-weight: bold;")
+        self.region_table = QTableWidget(0, len(_REGION_COLUMNS))
+        self.region_table.setHorizontalHeaderLabels(_REGION_COLUMNS)
+        self.region_table.verticalHeader().setVisible(False)
+        self.region_table.setMaximumHeight(150)
+        inner = QVBoxLayout(box)
+        inner.addLayout(buttons)
+        inner.addWidget(self.counts_label)
+        inner.addWidget(self.region_table)
+        return box
+
+    def _build_classify_box(self) -> QGroupBox:
+        from napari_pathology.models import list_models
+        from napari_pathology.training.nucleus_purity import NucleusPurityTraining
+
+        box = QGroupBox("Purity classifier")
+        self.model_combo = QComboBox()
+        for spec in list_models():
+            if spec.family == PURITY_FAMILY:
+                self.model_combo.addItem(f"{spec.name} ({spec.description.split('.')[0]})", spec.name)
+        load = QPushButton("Load...")
+        load.clicked.connect(self._choose_checkpoint)
+        self.device_combo = device_combo()
+        self.colour_combo = QComboBox()
+        self.colour_combo.addItem("label", "label")
+        self.colour_combo.addItem("tumour probability", "probability")
+        self.colour_combo.currentIndexChanged.connect(self._colour_changed)
+        self.classify_button = QPushButton("Classify")
+        self.classify_button.clicked.connect(self.classify)
+        self.epochs_spin = QSpinBox()
+        self.epochs_spin.setRange(1, 500)
+        self.epochs_spin.setValue(NucleusPurityTraining().epochs)
+        self.epochs_spin.setToolTip("Passes over the labelled nuclei when training from your labels")
+        self.train_button = QPushButton("Train from my labels")
+        self.train_button.clicked.connect(self.train_from_labels)
+        self.train_stop_button = QPushButton("Stop training")
+        self.train_stop_button.setEnabled(False)
+        self.train_stop_button.clicked.connect(self.stop_training)
+        self.train_status = QLabel("")
+        self.train_status.setWordWrap(True)
+        form = QFormLayout()
+        model_row = QHBoxLayout()
+        model_row.addWidget(self.model_combo, 1)
+        model_row.addWidget(load)
+        form.addRow("Model", model_row)
+        form.addRow("Device", self.device_combo)
+        form.addRow("Colour by", self.colour_combo)
+        form.addRow("Training epochs", self.epochs_spin)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.classify_button)
+        buttons.addWidget(self.train_button)
+        buttons.addWidget(self.train_stop_button)
+        inner = QVBoxLayout(box)
+        inner.addLayout(form)
+        inner.addLayout(buttons)
+        inner.addWidget(self.train_status)
+        return box
+
+    def _build_files_box(self) -> QGroupBox:
+        box = QGroupBox("Annotations")
+        import_button = QPushButton("Import...")
+        import_button.clicked.connect(self._choose_import)
+        geojson_button = QPushButton("Export GeoJSON...")
+        geojson_button.clicked.connect(lambda: self._choose_export("GeoJSON (*.geojson)", ".geojson"))
+        csv_button = QPushButton("Export CSV...")
+        csv_button.clicked.connect(lambda: self._choose_export("CSV (*.csv)", ".csv"))
+        self.autosave_label = QLabel("")
+        self.autosave_label.setWordWrap(True)
+        buttons = QHBoxLayout()
+        for button in (import_button, geojson_button, csv_button):
+            buttons.addWidget(button)
+        inner = QVBoxLayout(box)
+        inner.addLayout(buttons)
+        inner.addWidget(self.autosave_label)
+        return box
+
+    # ------------------------------------------------------------------ slide and layers
+    def slide_layer(self) -> Any:
+        """The chosen slide layer, or None."""
+        return self.slide_combo.current_layer()
+
+    @property
+    def mpp(self) -> tuple[float, float]:
+        """The chosen slide's level-0 ``(mpp_x, mpp_y)``."""
+        layer = self.slide_layer()
+        return slide_mpp_xy(layer) if layer is not None else (1.0, 1.0)
+
+    def nuclei_layer(self, create: bool = False) -> Any:
+        """The editable nuclei layer of the chosen slide (made empty when ``create``), or None."""
+        slide = self.slide_layer()
+        if slide is None:
+            return None
+        path = slide.metadata.get("path")
+        for layer in reversed(list(self.viewer.layers)):
+            if layer._type_string == "points" and _same_path(layer.metadata.get(NUCLEI_MARKER), path):
+                self._adopt(layer)
+                return layer
+        if not create:
+            return None
+        return self._adopt(
+            add_nuclei_layer(self.viewer, slide, NucleusPoints.empty(), f"{slide.name} nuclei")
+        )
+
+    def _adopt(self, layer: Any) -> Any:
+        """Wire a nuclei layer once: label keys, recount and autosave on every edit."""
+        if self._layer is layer:
+            return layer
+        self._layer = layer
+        for key, label in LABEL_KEYS.items():
+            layer.bind_key(key, lambda _layer, name=label: self.label_selected(name), overwrite=True)
+        layer.events.data.connect(self._on_layer_edited)
+        self._sync_colour_combo()
+        self.recount()
+        return layer
+
+    def _slide_changed(self) -> None:
+        slide = self.slide_layer()
+        self._layer = None
+        if slide is None:
+            self.autosave_path = None
+            return
+        self.autosave_path = self._sidecar_for(slide)
+        layer = self.nuclei_layer()
+        path = str(slide.metadata.get("path"))
+        # Restore once per slide: a layer the user deleted (or a viewer closing) must not come back.
+        if path not in self._seen_slides:
+            self._seen_slides.add(path)
+            if layer is None and self.autosave_path is not None and self.autosave_path.exists():
+                self._restore(slide)
+        self.recount()
+
+    def _sidecar_for(self, slide: Any) -> Path | None:
+        from napari_pathology.demo import cache_dir
+        from napari_pathology.nuclei.points import sidecar_path
+
+        path = slide.metadata.get("path")
+        return (
+            sidecar_path(path, out_dir=None)
+            if path and _writable(Path(path).parent)
+            else (sidecar_path(path, out_dir=cache_dir() / "annotations") if path else None)
+        )
+
+    def _restore(self, slide: Any) -> None:
+        from napari.utils.notifications import show_error
+
+        from napari_pathology.nuclei.points import load_sidecar
+
+        try:
+            points = load_sidecar(self.autosave_path)
+        except (OSError, ValueError) as exc:
+            show_error(f"Could not restore autosaved nuclei: {exc}")
+            return
+        if points is None or not len(points):
+            return
+        self._adopt(add_nuclei_layer(self.viewer, slide, points, f"{slide.name} nuclei"))
+        self.status.setText(f"Restored {len(points)} nuclei from {self.autosave_path}.")
+
+    def _sync_regions(self, *_: Any) -> None:
+        current = self.regions_combo.currentText()
+        names = [layer.name for layer in self.viewer.layers if layer._type_string == "shapes"]
+        self.regions_combo.blockSignals(True)
+        self.regions_combo.clear()
+        self.regions_combo.addItem("(none)")
+        self.regions_combo.addItems(names)
+        if current in names:
+            self.regions_combo.setCurrentText(current)
+        elif names:
+            self.regions_combo.setCurrentText(names[-1])
+        self.regions_combo.blockSignals(False)
+        self._regions_layer_changed()
+
+    def _layers_removed(self, event: Any) -> None:
+        if event.value is self._layer:
+            self._layer = None
+        self._sync_regions()
+
+    def regions_layer(self) -> Any:
+        """The chosen Shapes layer of regions, or None."""
+        name = self.regions_combo.currentText()
+        layer = self.viewer.layers[name] if name in self.viewer.layers else None
+        return layer if layer is not None and layer._type_string == "shapes" else None
+
+    def _regions_layer_changed(self, *_: Any) -> None:
+        layer = self.regions_layer()
+        if layer is not None:
+            layer.events.data.disconnect(self._schedule_recount)
+            layer.events.data.connect(self._schedule_recount)
+        self._schedule_recount()
+
+    def regions(self) -> tuple[list[str], list[list[np.ndarray]]]:
+        """Names and polygons (micrometres) of the areas in the regions layer."""
+        shapes, slide = self.regions_layer(), self.slide_layer()
+        if shapes is None or slide is None:
+            return [], []
+        mpp = np.asarray(self.mpp)
+        features = getattr(shapes, "features", None)
+        names, polygons = [], []
+        for index, ring, _problem in shape_rings_px(shapes, slide):
+            if ring is None:
+                continue
+            named = features is not None and "name" in features and str(features["name"][index]) != "nan"
+            names.append(str(features["name"][index]) if named else f"region {index + 1}")
+            polygons.append([ring * mpp])
+        return names, polygons
+
+    # ------------------------------------------------------------------ detection
+    def detection_params(self) -> Any:
+        """The detector parameters set in the panel."""
+        from napari_pathology.nuclei.detect import NucleusParams
+
+        return NucleusParams(**{name: spin.value() for name, spin in self.param_spins.items()})
+
+    def view_box_um(self) -> tuple[float, float, float, float]:
+        """The part of the slide on screen, ``(x, y, width, height)`` in micrometres."""
+        slide = self.slide_layer()
+        mpp = self.mpp
+        centre = np.asarray(self.viewer.camera.center)[-2:]
+        height, width = self.viewer.canvas.size
+        half = np.array([height, width]) / max(self.viewer.camera.zoom, 1e-9) / 2
+        y0, x0 = centre - half + np.array([mpp[1], mpp[0]]) / 2
+        y1, x1 = centre + half + np.array([mpp[1], mpp[0]]) / 2
+        slide_w = float(slide.metadata["width"]) * mpp[0]
+        slide_h = float(slide.metadata["height"]) * mpp[1]
+        x0, y0 = max(x0, 0.0), max(y0, 0.0)
+        x1, y1 = min(x1, slide_w), min(y1, slide_h)
+        return (x0, y0, max(0.0, x1 - x0), max(0.0, y1 - y0))
+
+    def detect(self) -> None:
+        """Start detection in a worker (Detect button)."""
+        from napari.utils.notifications import show_error
+
+        slide = self.slide_layer()
+        if slide is None:
+            show_error("Open a slide first (File > Open).")
+            return
+        if slide.metadata.get("mpp_missing"):
+            show_error(f"{slide.name} has no um/px: set it in the Slide panel first.")
+            return
+        where = str(self.where_combo.currentData())
+        box, polygons, tissue = None, None, None
+        if where == "view":
+            box = self.view_box_um()
+            if box[2] <= 0 or box[3] <= 0:
+                show_error("The view does not show the slide: pan to the tissue first.")
+                return
+        elif where == "regions":
+            _names, polygons = self.regions()
+            if not polygons:
+                show_error("Draw a rectangle or polygon in a Shapes layer and pick it under Regions.")
+                return
+            rings = np.concatenate([p[0] for p in polygons])
+            lo, hi = rings.min(0), rings.max(0)
+            box = (float(lo[0]), float(lo[1]), float(hi[0] - lo[0]), float(hi[1] - lo[1]))
+        else:
+            from napari_pathology._widgets.tissue_panel import find_tissue_layer, tissue_mask_from_layer
+
+            tissue_layer = find_tissue_layer(self.viewer, slide.metadata.get("path"))
+            tissue = tissue_mask_from_layer(tissue_layer) if tissue_layer is not None else None
+        try:
+            params = self.detection_params()
+        except ValueError as exc:
+            show_error(str(exc))
+            return
+        self._cancel = threading.Event()
+        job = detection_job(dict(slide.metadata), where, box, params, tissue, self._cancel)
+        self._job_kind = "detect"
+        self._start_worker(job, lambda points: self._on_detected(points, where, box, polygons))
+        self.status.setText("detecting nuclei...")
+
+    def _start_worker(self, job: Generator[Progress, None, Any], on_done: Any) -> None:
+        from napari.qt.threading import create_worker
+
+        self.worker = create_worker(_passthrough, job, _start_thread=False)
+        self.worker.yielded.connect(self._on_progress)
+        self.worker.returned.connect(on_done)
+        self.worker.errored.connect(self._on_error)
+        self.worker.finished.connect(self._on_finished)
+        self.worker.aborted.connect(job.close)
+        self.detect_button.setEnabled(False)
+        self.classify_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        self.progress.setRange(0, 0)
+        self.worker.start()
+
+    def cancel(self) -> None:
+        """Stop the running job: a detection keeps the nuclei found so far, a classification stops."""
+        if self._cancel.is_set() or self.worker is None:
+            return
+        self._cancel.set()
+        if self.detect_button.isEnabled() is False and self._job_kind == "classify":
+            self.worker.quit()
+        self.status.setText("cancelling...")
+        self.cancel_button.setEnabled(False)
+
+    def _on_progress(self, event: Progress) -> None:
+        if event.total:
+            self.progress.setRange(0, event.total)
+            self.progress.setValue(event.done)
+        if event.message:
+            self.status.setText(event.message)
+
+    def _on_error(self, error: BaseException) -> None:
+        from napari.utils.notifications import show_error
+
+        self.status.setText(f"failed: {error}")
+        show_error(str(error))
+
+    def _on_finished(self) -> None:
+        self.detect_button.setEnabled(True)
+        self.classify_button.setEnabled(True)
+        self.cancel_button.setEnabled(False)
+        if self.progress.maximum() == 0:
+            self.progress.setRange(0, 1)
+
+    def _on_detected(
+        self,
+        found: NucleusPoints,
+        where: str,
+        box: tuple[float, float, float, float] | None,
+        polygons: list[list[np.ndarray]] | None,
+    ) -> None:
+        from napari_pathology.geometry import points_in_polygons
+
+        if where == "tissue":
+            self.show_predictions(found)
+            self.status.setText(f"{len(found)} nuclei over the tissue (predictions; classify to get purity).")
+            return
+        if polygons:
+            found = found.subset(points_in_polygons(found.xy_um(), polygons) >= 0)
+        layer = self.nuclei_layer(create=True)
+        merged, replaced = merge_detections(points_from_layer(layer, self.mpp), found, box, polygons)
+        replace_points(layer, merged, self.mpp)
+        self.viewer.layers.selection.active = layer
+        self.status.setText(
+            f"{len(found)} nuclei detected ({replaced} unlabeled detections replaced; labels kept). "
+            "Select nuclei and press t / n / o / u."
+        )
+        self.recount()
+        self._autosave_timer.start()
+
+    def show_predictions(self, points: NucleusPoints) -> None:
+        """Show whole-slide predictions (replacing earlier ones) as density plus in-view points."""
+        slide = self.slide_layer()
+        self._drop_overlay()
+        self.predictions = points
+        name = f"{slide.name} predicted nuclei"
+        self._overlay = PredictionOverlay(self.viewer, slide, points, name, max_points=self.max_points_shown)
+        self.recount()
+
+    def _drop_overlay(self) -> None:
+        if self._overlay is None:
+            return
+        self._overlay.disconnect()
+        for layer in (self._overlay.points_layer, self._overlay.density_layer):
+            if layer in self.viewer.layers:
+                self.viewer.layers.remove(layer)
+        self._overlay = None
+
+    # ------------------------------------------------------------------ labelling and counts
+    def label_selected(self, label: str) -> int:
+        """Give the selected nuclei ``label``; returns how many changed."""
+        layer = self._layer if self._layer is not None else self.nuclei_layer()
+        if layer is None or not layer.selected_data:
+            self.status.setText("Select nuclei first (select tool, or click them).")
+            return 0
+        changed = set_labels(layer, layer.selected_data, label, self.mpp)
+        self.recount()
+        self._autosave_timer.start()
+        return changed
+
+    def _on_layer_edited(self, event: Any = None) -> None:
+        action = getattr(event, "action", None)
+        if str(action).endswith("added") or str(action) == "added":
+            self._mark_manual(getattr(event, "data_indices", ()))
+        self._schedule_recount()
+        self._autosave_timer.start()
+
+    def _mark_manual(self, indices: Any) -> None:
+        layer = self._layer
+        index = [i for i in indices if 0 <= i < len(layer.features)] if indices else []
+        if index and "source" in layer.features:
+            column = layer.features["source"].to_numpy(dtype=object).copy()
+            column[index] = "manual"
+            layer.features["source"] = column
+
+    def _schedule_recount(self, *_: Any) -> None:
+        self._recount_timer.start()
+
+    def current_points(self) -> NucleusPoints:
+        """The editable nuclei as a table (empty when there is no layer)."""
+        layer = self._layer if self._layer is not None else self.nuclei_layer()
+        return points_from_layer(layer, self.mpp) if layer is not None else NucleusPoints.empty()
+
+    def recount(self) -> None:
+        """Refresh counts, ground-truth purity and the per-region table."""
+        from napari_pathology.nuclei.points import region_summaries
+
+        points = self.current_points()
+        counts = points.counts()
+        purity = points.purity()
+        labelled = counts["tumour"] + counts["normal"]
+        text = (
+            f"{counts['total']} nuclei: {counts['tumour']} tumour, {counts['normal']} normal, "
+            f"{counts['other']} other, {counts['unlabeled']} unlabeled. "
+            f"Purity {_fmt(purity)}" + (f" ({counts['tumour']}/{labelled})" if labelled else "")
+        )
+        predicted = points.predicted_purity()
+        if predicted is not None:
+            text += f"; predicted {predicted:.2f}"
+        if self.predictions is not None:
+            slide_pred = self.predictions.predicted_purity()
+            text += f". Slide: {len(self.predictions)} predicted nuclei" + (
+                f", predicted purity {slide_pred:.2f}" if slide_pred is not None else ""
+            )
+        self.counts_label.setText(text)
+        names, polygons = self.regions()
+        summaries = region_summaries(points, polygons, names) if polygons else []
+        self.region_table.setRowCount(len(summaries))
+        for row, summary in enumerate(summaries):
+            values = (
+                summary.name, str(summary.n), str(summary.counts["tumour"]), str(summary.counts["normal"]),
+                _fmt(summary.purity), _fmt(summary.predicted_purity), _fmt(summary.difference),
+            )  # fmt: skip
+            for column, value in enumerate(values):
+                self.region_table.setItem(row, column, QTableWidgetItem(value))
+        self.summaries = summaries
+
+    def _sync_colour_combo(self) -> None:
+        if self._layer is not None:
+            index = self.colour_combo.findData(self._layer.metadata.get("colour_by", "label"))
+            self.colour_combo.blockSignals(True)
+            self.colour_combo.setCurrentIndex(max(index, 0))
+            self.colour_combo.blockSignals(False)
+
+    def _colour_changed(self, *_: Any) -> None:
+        layer = self._layer if self._layer is not None else self.nuclei_layer()
+        if layer is not None:
+            layer.metadata["colour_by"] = str(self.colour_combo.currentData())
+            repaint(layer, self.mpp)
+
+    # ------------------------------------------------------------------ autosave, import, export
+    def autosave(self) -> None:
+        """Write the nuclei to the sidecar file in a background thread (atomic replace)."""
+        from napari_pathology.nuclei.points import save_atomic
+
+        if self.autosave_path is None or (self._layer is None and self.nuclei_layer() is None):
+            return
+        path, points = self.autosave_path, self.current_points()
+
+        def done(_: Any) -> None:
+            self.autosave_label.setText(
+                f"Autosaved {len(points)} nuclei to {path} at {time.strftime('%H:%M:%S')}"
+            )
+
+        run_in_thread(save_atomic, points, path, on_done=done)
+
+    def export_annotations(self, path: str | Path) -> Path:
+        """Write the nuclei as GeoJSON (QuPath; level-0 pixels) or CSV, by the file's suffix."""
+        from napari_pathology.nuclei.points import write_csv, write_geojson
+
+        path = Path(path)
+        points = self.current_points()
+        if path.suffix.lower() in (".geojson", ".json"):
+            write_geojson(points, path, self.mpp[0])
+        else:
+            write_csv(points, path.with_suffix(".csv") if not path.suffix else path)
+        self.status.setText(f"Saved {len(points)} nuclei to {path}")
+        return path
+
+    def import_annotations(self, path: str | Path) -> int:
+        """Add nuclei from a GeoJSON (QuPath) or CSV file to the nuclei layer; returns how many."""
+        from napari_pathology.nuclei.points import read_csv, read_geojson
+
+        path = Path(path)
+        if self.slide_layer() is None:
+            raise ValueError("Open the slide the annotations belong to first.")
+        if path.suffix.lower() in (".geojson", ".json"):
+            found = read_geojson(path, self.mpp[0])
+        else:
+            found = read_csv(path)
+        layer = self.nuclei_layer(create=True)
+        merged = NucleusPoints.concat(points_from_layer(layer, self.mpp), found)
+        replace_points(layer, merged, self.mpp)
+        self.recount()
+        self._autosave_timer.start()
+        self.status.setText(f"Imported {len(found)} nuclei from {path.name}")
+        return len(found)
+
+    def _choose_import(self) -> None:
+        from napari.utils.notifications import show_error
+
+        path, _ = QFileDialog.getOpenFileName(self, "Import nuclei", "", _ANNOTATION_FILTER)
+        if path:
+            try:
+                self.import_annotations(path)
+            except (OSError, ValueError) as exc:
+                show_error(str(exc))
+
+    def _choose_export(self, file_filter: str, suffix: str) -> None:
+        from napari.utils.notifications import show_error
+
+        slide = self.slide_layer()
+        start = (
+            str(Path(slide.metadata.get("path", "nuclei")).with_suffix(".nuclei" + suffix)) if slide else ""
+        )
+        path, _ = QFileDialog.getSaveFileName(self, "Export nuclei", start, file_filter)
+        if path:
+            try:
+                self.export_annotations(path if Path(path).suffix else path + suffix)
+            except (OSError, ValueError) as exc:
+                show_error(str(exc))
+
+    # ------------------------------------------------------------------ classifier
+    @property
+    def model_source(self) -> str:
+        """Registry name or checkpoint path of the chosen purity classifier."""
+        return str(self.model_combo.currentData() or "")
+
+    def select_model(self, source: str | Path, label: str | None = None) -> None:
+        """Choose a purity classifier by registry name or checkpoint path."""
+        select_or_add(self.model_combo, str(source), label or f"{Path(source).name} (checkpoint)")
+
+    def _choose_checkpoint(self) -> None:
+        path = choose_checkpoint(self, "Load a nucleus purity checkpoint")
+        if path:
+            self.select_model(path)
+
+    def classify(self) -> None:
+        """Tumour probability for every nucleus (labelled layer and predictions), in a worker."""
+        from napari.utils.notifications import show_error
+
+        slide = self.slide_layer()
+        if slide is None:
+            show_error("Open a slide first (File > Open).")
+            return
+        points = self.current_points()
+        if not len(points) and self.predictions is None:
+            show_error("No nuclei to classify: Detect first.")
+            return
+        if not self.model_source:
+            show_error("Choose a nucleus purity model (or Load... a checkpoint).")
+            return
+        sets = [points.xy_um()] + ([self.predictions.xy_um()] if self.predictions is not None else [])
+        job = classification_job(
+            dict(slide.metadata), self.model_source, str(self.device_combo.currentData()), sets
+        )
+        self._cancel = threading.Event()
+        self._job_kind = "classify"
+        self._start_worker(job, self._on_classified)
+        self.status.setText("classifying nuclei...")
+
+    def _on_classified(self, probabilities: list[np.ndarray]) -> None:
+        layer = self._layer if self._layer is not None else self.nuclei_layer()
+        if layer is not None and len(probabilities[0]) == len(layer.data):
+            layer.features["probability"] = np.asarray(probabilities[0], np.float64)
+            layer.metadata["colour_by"] = "probability"
+            self._sync_colour_combo()
+            repaint(layer, self.mpp)
+        if len(probabilities) > 1 and self.predictions is not None:
+            self.show_predictions(self.predictions.with_probabilities(probabilities[1]))
+        self.recount()
+        self._autosave_timer.start()
+        self.status.setText("classified: points coloured by tumour probability (blue normal, red tumour).")
+
+    # ------------------------------------------------------------------ training
+    def training_data(self) -> Any:
+        """The labelled tumour/normal nuclei as training data (regions from the regions layer)."""
+        from napari_pathology.geometry import points_in_polygons
+        from napari_pathology.training.nucleus_purity import LabelledNuclei
+
+        slide = self.slide_layer()
+        if slide is None:
+            raise ValueError("Open a slide first (File > Open).")
+        points = self.current_points()
+        keep = np.isin(points.label, [LABELS.index("tumour"), LABELS.index("normal")])
+        labelled = points.subset(keep)
+        _names, polygons = self.regions()
+        regions = points_in_polygons(labelled.xy_um(), polygons) if polygons else None
+        meta = slide.metadata
+        return LabelledNuclei(
+            slide_path=meta["path"],
+            xy_um=labelled.xy_um(),
+            is_tumour=labelled.label == LABELS.index("tumour"),
+            region_ids=regions,
+            mpp=float(meta["mpp_x"]) if meta.get("mpp_source") == "user" else None,
+        )
+
+    def train_from_labels(self) -> Any:
+        """Train a purity classifier from the labelled nuclei in the background; returns the job."""
+        from napari.utils.notifications import show_error
+
+        from napari_pathology._widgets.train_panel import default_models_dir
+        from napari_pathology.training import TrainingError
+        from napari_pathology.training.common import model_name_for
+        from napari_pathology.training.nucleus_purity import NucleusPurityTraining, train_nucleus_purity
+        from napari_pathology.training.queue import training_queue
+
+        try:
+            data = self.training_data()
+        except (TrainingError, ValueError) as exc:
+            show_error(str(exc))
+            return None
+        name = model_name_for(f"nucleus-purity-{Path(data.slide_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+        out = default_models_dir() / f"{name}.pt"
+        settings = NucleusPurityTraining(
+            device=str(self.device_combo.currentData()), epochs=self.epochs_spin.value()
+        )
+        start = self.model_source if self.model_source and Path(self.model_source).suffix else None
+        relay = _TrainingRelay(self)
+
+        def factory(stop: threading.Event) -> Any:
+            return train_nucleus_purity([data], out, settings, start=start, stop=stop)
+
+        self._train_job = training_queue().submit(
+            factory, settings.device, name=name, on_event=relay.event, on_state=relay.state
+        )
+        self._train_out = out
+        self.train_button.setEnabled(False)
+        self.train_stop_button.setEnabled(True)
+        self.train_status.setText(f"training {name} on {settings.device}...")
+        return self._train_job
+
+    def stop_training(self) -> None:
+        """Stop the running training job after its current step (it saves a checkpoint)."""
+        if self._train_job is not None:
+            self._train_job.stop()
+            self.train_status.setText("stopping after this step...")
+
+    def _on_train_event(self, event: Any) -> None:
+        metrics = ", ".join(f"{k} {v:.3f}" for k, v in event.metrics.items() if isinstance(v, float))
+        step = f"step {event.step}/{event.total_steps}" if event.total_steps else ""
+        self.train_status.setText(" - ".join(x for x in (step, event.message, metrics) if x))
+
+    def _on_train_state(self, job: Any) -> None:
+        if not job.done:
+            return
+        self.train_button.setEnabled(True)
+        self.train_stop_button.setEnabled(False)
+        best = Path(self._train_out)
+        if job.error is None and best.exists():
+            self.select_model(str(best), f"{best.stem} (trained here)")
+            self.train_status.setText(
+                f"{job.state.value}: {best.name} is now the classifier; Classify to apply it."
+            )
+        else:
+            self.train_status.setText(f"{job.state.value}: {job.error or 'no checkpoint written'}")
+
+
+class _TrainingRelay(QObject):
+    """Carry training callbacks from the queue's thread to the panel on the Qt thread."""
+
+    event_signal = Signal(object)
+    state_signal = Signal(object)
+
+    def __init__(self, panel: NucleiPanel) -> None:
+        super().__init__()
+        self.event_signal.connect(panel._on_train_event)
+        self.state_signal.connect(panel._on_train_state)
+
+    def event(self, job: Any, event: Any) -> None:
+        """Queue callback: one training event."""
+        self._emit(self.event_signal, event)
+
+    def state(self, job: Any) -> None:
+        """Queue callback: the job's state changed."""
+        self._emit(self.state_signal, job)
+
+    @staticmethod
+    def _emit(signal: Any, value: Any) -> None:
+        try:
+            signal.emit(value)
+        except RuntimeError:  # the panel is gone
+            pass
+
+
+def merge_detections(
+    existing: NucleusPoints,
+    found: NucleusPoints,
+    box: tuple[float, float, float, float] | None,
+    polygons: list[list[np.ndarray]] | None,
+    duplicate_um: float = 3.0,
+) -> tuple[NucleusPoints, int]:
+    """Put fresh detections into a layer's nuclei without losing any labelling work.
+
+    Unlabeled detected nuclei inside the searched area are replaced; labelled,
+    manual and imported nuclei are kept, and a fresh detection within
+    ``duplicate_um`` of a kept nucleus is dropped.
+
+    Returns
+    -------
+    merged : NucleusPoints
+    replaced : int
+        How many old unlabeled detections were replaced.
+    """
+    from scipy.spatial import cKDTree
+
+    from napari_pathology.geometry import points_in_polygons
+    from napari_pathology.nuclei.points import SOURCES
+
+    xy = existing.xy_um()
+    if polygons:
+        inside = points_in_polygons(xy, polygons) >= 0
+    elif box is not None:
+        x, y, w, h = box
+        inside = (xy[:, 0] >= x) & (xy[:, 0] < x + w) & (xy[:, 1] >= y) & (xy[:, 1] < y + h)
+    else:
+        inside = np.ones(len(existing), bool)
+    stale = (
+        inside
+        & (existing.label == LABELS.index("unlabeled"))
+        & (existing.source == SOURCES.index("detected"))
+    )
+    kept = existing.subset(~stale)
+    if len(kept) and len(found):
+        distance, _ = cKDTree(kept.xy_um()).query(found.xy_um(), k=1)
+        found = found.subset(distance > duplicate_um)
+    return NucleusPoints.concat(kept, found), int(stale.sum())
+
+
+def _writable(folder: Path) -> bool:
+    import os
+
+    return folder.is_dir() and os.access(folder, os.W_OK)
