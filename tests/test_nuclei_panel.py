@@ -215,3 +215,33 @@ def test_classify_with_shipped_model_and_whole_tissue_overlay(
     shown = len(overlay.points_layer.data)
     assert 0 < shown <= panel.max_points_shown
     assert layer in viewer.layers and len(layer.data) == len(probability)  # ground truth untouched
+
+
+def test_train_from_my_labels_hands_the_model_over(make_napari_viewer, qtbot, synthetic_slide, private_slide):
+    from napari_pathology.models import load_checkpoint
+
+    viewer, slide_layer, panel = open_panel(make_napari_viewer, private_slide)
+    add_regions(viewer, slide_layer, synthetic_slide)
+    layer = detect_in_regions(panel, qtbot)
+    label_from_truth(panel, layer, synthetic_slide)
+    panel.epochs_spin.setValue(2)
+    panel.device_combo.setCurrentIndex(panel.device_combo.findData("cpu"))
+    job = panel.train_from_labels()
+    assert job is not None, panel.train_status.text()
+    assert not panel.train_button.isEnabled()
+    qtbot.waitUntil(lambda: job.done and panel.train_button.isEnabled(), timeout=WAIT_MS)
+    assert job.error is None, job.error
+    assert panel.model_source.endswith(".pt") and "trained here" in panel.model_combo.currentText()
+    model = load_checkpoint(panel.model_source)
+    assert model.spec.family == "nucleus-purity"
+    assert "classifier" in panel.train_status.text()
+
+
+def test_train_refuses_unlabelled_nuclei(make_napari_viewer, qtbot, synthetic_slide, private_slide, monkeypatch):
+    errors = []
+    monkeypatch.setattr("napari.utils.notifications.show_error", errors.append)
+    viewer, slide_layer, panel = open_panel(make_napari_viewer, private_slide)
+    add_regions(viewer, slide_layer, synthetic_slide, labels=("normal",))
+    detect_in_regions(panel, qtbot)
+    assert panel.train_from_labels() is None
+    assert errors and "tumour" in errors[-1].lower()

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from napari.layers import Points, Shapes
 from qtpy.QtCore import QObject, QTimer, Signal
 from qtpy.QtWidgets import (
     QComboBox,
@@ -322,7 +323,7 @@ class NucleiPanel(QWidget):
             return None
         path = slide.metadata.get("path")
         for layer in reversed(list(self.viewer.layers)):
-            if layer._type_string == "points" and _same_path(layer.metadata.get(NUCLEI_MARKER), path):
+            if isinstance(layer, Points) and _same_path(layer.metadata.get(NUCLEI_MARKER), path):
                 self._adopt(layer)
                 return layer
         if not create:
@@ -387,7 +388,7 @@ class NucleiPanel(QWidget):
 
     def _sync_regions(self, *_: Any) -> None:
         current = self.regions_combo.currentText()
-        names = [layer.name for layer in self.viewer.layers if layer._type_string == "shapes"]
+        names = [layer.name for layer in self.viewer.layers if isinstance(layer, Shapes)]
         self.regions_combo.blockSignals(True)
         self.regions_combo.clear()
         self.regions_combo.addItem("(none)")
@@ -408,7 +409,7 @@ class NucleiPanel(QWidget):
         """The chosen Shapes layer of regions, or None."""
         name = self.regions_combo.currentText()
         layer = self.viewer.layers[name] if name in self.viewer.layers else None
-        return layer if layer is not None and layer._type_string == "shapes" else None
+        return layer if isinstance(layer, Shapes) else None
 
     def _regions_layer_changed(self, *_: Any) -> None:
         layer = self.regions_layer()
@@ -796,12 +797,19 @@ class NucleiPanel(QWidget):
     def training_data(self) -> Any:
         """The labelled tumour/normal nuclei as training data (regions from the regions layer)."""
         from napari_pathology.geometry import points_in_polygons
-        from napari_pathology.training.nucleus_purity import LabelledNuclei
+        from napari_pathology.training.nucleus_purity import LabelledNuclei, NucleusPurityTraining
 
         slide = self.slide_layer()
         if slide is None:
             raise ValueError("Open a slide first (File > Open).")
         points = self.current_points()
+        counts = points.counts()
+        needed = NucleusPurityTraining().min_per_class
+        if min(counts["tumour"], counts["normal"]) < needed:
+            raise ValueError(
+                f"Label at least {needed} tumour (t) and {needed} normal (n) nuclei first; "
+                f"there are {counts['tumour']} tumour and {counts['normal']} normal."
+            )
         keep = np.isin(points.label, [LABELS.index("tumour"), LABELS.index("normal")])
         labelled = points.subset(keep)
         _names, polygons = self.regions()
