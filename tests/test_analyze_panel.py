@@ -111,3 +111,36 @@ def test_untrained_models_are_marked(panel_on_slide) -> None:
     assert not any(t.startswith("metastasis (") and "untrained" in t for t in texts)
     panel.select_model("metastasis-small-10x")
     assert "Untrained" in panel.model_info.text()
+
+
+def test_nucleus_purity_model_runs_through_the_engine(
+    panel_on_slide, qtbot, synthetic_slide, tmp_path
+) -> None:
+    import csv
+
+    viewer, panel, _slide_layer = panel_on_slide
+    panel.select_model("nucleus-purity")
+    panel.run_button.click()
+    qtbot.waitUntil(lambda: panel.run_button.isEnabled(), timeout=180_000)
+    overlay = panel._nuclei_overlay
+    assert overlay is not None, panel.status.text()
+    assert overlay.density_layer in viewer.layers and overlay.points_layer in viewer.layers
+    from scipy.spatial import cKDTree
+
+    from napari_pathology.nuclei.points import read_csv
+
+    [summary_file] = tmp_path.rglob("result.json")
+    summary = json.loads(summary_file.read_text())
+    nuclei = read_csv(summary_file.with_name("nuclei.csv"))
+    assert summary["n_nuclei"] == len(nuclei) > 1000 and not summary["partial"]
+    assert np.isfinite(nuclei.probability).all()
+    # The purity the classifier should see: true kinds of the nuclei the detector found.
+    with open(synthetic_slide.nuclei_csv, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    xy_true = np.array([[float(r["x_um"]), float(r["y_um"])] for r in rows])
+    tumour_true = np.array([r["kind"] == "tumour" for r in rows])
+    distance, nearest = cKDTree(xy_true).query(nuclei.xy_um())
+    matched = distance < 3.0
+    true_purity = tumour_true[nearest[matched]].mean()
+    assert summary["predicted_purity"] == pytest.approx(true_purity, abs=0.1)
+    assert "Predicted purity" in panel.score_label.text()

@@ -12,11 +12,11 @@ import pytest
 import napari_pathology.models  # noqa: F401  isort: skip
 from qtpy.QtCore import Qt
 from scipy.spatial import cKDTree
-from test_train_panel import add_regions
 
 from napari_pathology._widgets.nuclei_layers import points_from_layer
 from napari_pathology._widgets.nuclei_panel import NucleiPanel, merge_detections
 from napari_pathology.nuclei.points import LABELS, NucleusPoints, load_sidecar, read_geojson
+from test_train_panel import add_regions
 
 PLUGIN = "napari-pathology"
 WAIT_MS = 120_000
@@ -71,7 +71,9 @@ def label_from_truth(panel, layer, synthetic_slide) -> np.ndarray:
     return is_tumour
 
 
-def test_detect_label_keys_purity_and_autosave_restore(make_napari_viewer, qtbot, synthetic_slide, private_slide):
+def test_detect_label_keys_purity_and_autosave_restore(
+    make_napari_viewer, qtbot, synthetic_slide, private_slide
+):
     viewer, slide_layer, panel = open_panel(make_napari_viewer, private_slide)
     add_regions(viewer, slide_layer, synthetic_slide)
     layer = detect_in_regions(panel, qtbot)
@@ -88,7 +90,9 @@ def test_detect_label_keys_purity_and_autosave_restore(make_napari_viewer, qtbot
     xy_true, tumour_true = truth_nuclei(synthetic_slide)
     inside_true = points_in_polygons(xy_true, polygons) >= 0
     scores = detection_scores(points.xy_um(), xy_true[inside_true], radius_um=3.0)
-    assert scores["f1"] >= 0.0, scores  # TEMP
+    # Precise, but the default detector misses many pale vesicular tumour nuclei of the
+    # synthetic H&E (recall ~0.45 here; see benchmarks/nuclei_detection.py for real tiles).
+    assert scores["precision"] >= 0.8 and scores["recall"] >= 0.3, scores
 
     # Key presses on the canvas label the selected nuclei.
     viewer.layers.selection.active = layer
@@ -124,14 +128,16 @@ def test_detect_label_keys_purity_and_autosave_restore(make_napari_viewer, qtbot
     assert saved.counts()["tumour"] == int(is_tumour.sum())
     viewer.close()
 
-    viewer2, _slide_layer2, panel2 = open_panel(make_napari_viewer, private_slide)
+    _viewer2, _slide_layer2, panel2 = open_panel(make_napari_viewer, private_slide)
     restored = panel2.nuclei_layer()
     assert restored is not None and len(restored.data) == len(points)
     assert panel2.current_points().counts() == saved.counts()
     assert "Restored" in panel2.status.text()
 
 
-def test_export_import_and_redetect_keeps_labels(make_napari_viewer, qtbot, synthetic_slide, private_slide, tmp_path):
+def test_export_import_and_redetect_keeps_labels(
+    make_napari_viewer, qtbot, synthetic_slide, private_slide, tmp_path
+):
     viewer, slide_layer, panel = open_panel(make_napari_viewer, private_slide)
     add_regions(viewer, slide_layer, synthetic_slide, labels=("normal",))
     layer = detect_in_regions(panel, qtbot)
@@ -237,7 +243,9 @@ def test_train_from_my_labels_hands_the_model_over(make_napari_viewer, qtbot, sy
     assert "classifier" in panel.train_status.text()
 
 
-def test_train_refuses_unlabelled_nuclei(make_napari_viewer, qtbot, synthetic_slide, private_slide, monkeypatch):
+def test_train_refuses_unlabelled_nuclei(
+    make_napari_viewer, qtbot, synthetic_slide, private_slide, monkeypatch
+):
     errors = []
     monkeypatch.setattr("napari.utils.notifications.show_error", errors.append)
     viewer, slide_layer, panel = open_panel(make_napari_viewer, private_slide)

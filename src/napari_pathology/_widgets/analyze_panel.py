@@ -89,6 +89,10 @@ def analysis_job(
 
             raise NoTissueError(f"No tissue found in {slide.name}; draw or import a tissue mask.")
     out_dir = result_folder(out_root, slide, model.spec.name)
+    if model.spec.output == "nuclei":  # a nucleus purity classifier: detect, then classify every nucleus
+        from napari_pathology.analysis.nuclei import run_nucleus_analysis
+
+        return (yield from run_nucleus_analysis(slide, model, tissue, settings, out_dir, cancel))
     return (
         yield from run_analysis(
             slide, model, tissue=tissue, settings=settings, out_dir=out_dir, cancel=cancel
@@ -177,6 +181,7 @@ class AnalyzePanel(QWidget):
         self.worker: Any = None
         self._cancel = threading.Event()
         self._heatmap_layer: Any = None
+        self._nuclei_overlay: Any = None
         self._last_paint = 0.0
         self._model_changed()
 
@@ -332,6 +337,11 @@ class AnalyzePanel(QWidget):
         )  # fmt: skip
 
     def _on_result(self, result: AnalysisResult) -> None:
+        from napari_pathology.analysis.nuclei import NucleusAnalysisResult
+
+        if isinstance(result, NucleusAnalysisResult):
+            self._show_nuclei(result)
+            return
         geometry = overlay_geometry(result.cell_um, result.first_centre_um, _mpp_of(self._slide_layer))
         layer = self._heatmap_layer
         if layer is not None and layer in self.viewer.layers and layer.data.shape == result.heatmap.shape:
@@ -350,6 +360,22 @@ class AnalyzePanel(QWidget):
         )
         self.progress.setRange(0, max(1, result.tiles_total))
         self.progress.setValue(result.tiles_done)
+
+    def _show_nuclei(self, result: Any) -> None:
+        """Predicted nuclei as a purity map plus in-view points; the slide score is the predicted purity."""
+        from napari_pathology._widgets.nuclei_layers import PredictionOverlay
+
+        if self._nuclei_overlay is not None:
+            self._nuclei_overlay.disconnect()
+            for layer in (self._nuclei_overlay.points_layer, self._nuclei_overlay.density_layer):
+                if layer in self.viewer.layers:
+                    self.viewer.layers.remove(layer)
+        name = f"{self._slide_layer.name} {self._model_name()}"
+        self._nuclei_overlay = PredictionOverlay(self.viewer, self._slide_layer, result.nuclei, name)
+        state = "partial (cancelled)" if result.partial else "complete"
+        purity = "-" if result.predicted_purity is None else f"{result.predicted_purity:.3f}"
+        self.score_label.setText(f"Predicted purity (mean tumour probability): {purity}")
+        self.status.setText(f"{state}: {len(result.nuclei)} nuclei classified. Saved in {result.out_dir}")
 
     def _show_detections(self, result: AnalysisResult) -> None:
         name = self._layer_name("detections")
