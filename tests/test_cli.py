@@ -151,3 +151,34 @@ def test_train_with_a_bad_table_is_one_line(tmp_path, capsys) -> None:
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "does not exist" in err[0]
+
+
+def test_nuclei_writes_csv_and_geojson_for_a_roi(tmp_path, capsys, synthetic_slide) -> None:
+    import numpy as np
+    from skimage.io import imsave
+
+    out, geojson = tmp_path / "out" / "points.csv", tmp_path / "points.geojson"
+    args = ["nuclei", str(synthetic_slide.slide_path), "--out", str(out), "--roi", "600,600,200,150"]
+    assert main([*args, "--geojson", str(geojson), "--chunk-px", "256", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    rows = out.read_text().splitlines()
+    assert rows[0] == "x_um,y_um,area_um2,hematoxylin,eccentricity" and len(rows) > 50
+    xy = [tuple(map(float, r.split(",")[:2])) for r in rows[1:]]
+    assert all(600 <= x < 800 and 600 <= y < 750 for x, y in xy)
+    assert f"{len(rows) - 1} nuclei in x=600 y=600 w=200 h=150 um" in printed and str(out) in printed
+    features = json.loads(geojson.read_text())["features"]
+    assert len(features) == len(rows) - 1  # level-0 px at 0.5 um/px
+    assert features[0]["geometry"]["coordinates"] == pytest.approx([xy[0][0] / 0.5, xy[0][1] / 0.5])
+    # the same region in level-0 pixels
+    assert main(["nuclei", str(synthetic_slide.slide_path), "--out", str(tmp_path / "px.csv"),
+                 "--roi", "1200,1200,400,300px", "--chunk-px", "256", "--quiet"]) == 0  # fmt: skip
+    assert (tmp_path / "px.csv").read_text().count("\n") == len(rows)
+    assert main([*args[:4], "--roi", "1,2,3", "--quiet"]) == 2
+    assert "--roi must be x,y,w,h" in capsys.readouterr().err
+    png = tmp_path / "tile.png"
+    imsave(png, np.full((64, 64, 3), 230, np.uint8), check_contrast=False)
+    assert main(["nuclei", str(png), "--out", str(tmp_path / "tile.csv"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--mpp" in err and len(err.strip().splitlines()) == 1
+    assert main(["nuclei", str(png), "--out", str(tmp_path / "tile.csv"), "--mpp", "0.5", "--quiet"]) == 0
+    assert "0 nuclei in the whole slide of tile.png" in capsys.readouterr().out

@@ -1,7 +1,7 @@
 """The ``napari-pathology`` command.
 
-Sub-commands: ``demo``, ``info``, ``synth``, ``tissue``, ``models``, ``run``, ``train``,
-``evaluate``. Errors a user can fix (a broken
+Sub-commands: ``demo``, ``info``, ``synth``, ``tissue``, ``nuclei``, ``models``, ``run``,
+``train``, ``evaluate``. Errors a user can fix (a broken
 file, a missing um/px) end the command with one clear line on stderr and a
 non-zero exit status, never a traceback.
 """
@@ -231,6 +231,57 @@ def _cmd_tissue(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- nuclei
+
+
+def parse_roi(text: str, mpp: tuple[float, float]) -> tuple[float, float, float, float]:
+    """``--roi x,y,w,h`` in micrometres, or in level-0 pixels with a ``px`` suffix, as um."""
+    raw = text.strip().lower()
+    in_px = raw.endswith("px")
+    raw = raw.removesuffix("px").removesuffix("um").strip()
+    try:
+        values = [float(v) for v in raw.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 4:
+        raise CommandError(f"--roi must be x,y,w,h in um (or in level-0 pixels ending in px), got {text!r}")
+    if in_px:
+        values = [values[0] * mpp[0], values[1] * mpp[1], values[2] * mpp[0], values[3] * mpp[1]]
+    return values[0], values[1], values[2], values[3]
+
+
+def _cmd_nuclei(args: argparse.Namespace) -> int:
+    from napari_pathology.nuclei import NucleusPoints, write_geojson
+    from napari_pathology.nuclei.run import detect_in_slide
+    from napari_pathology.slide import open_slide
+    from napari_pathology.tissue import TissueParams, detect_tissue
+
+    slide = open_slide(args.slide, mpp=args.mpp)
+    slide.validate()
+    mpp = slide.require_mpp()
+    roi = parse_roi(args.roi, mpp) if args.roi else None
+    use_tissue = args.tissue if args.tissue is not None else (roi is None and slide.level_count > 1)
+    tissue = None
+    if use_tissue:
+        tissue = run_with_progress(detect_tissue(slide, TissueParams()), "tissue mask", args.quiet)
+        if tissue.is_empty:
+            raise CommandError(f"no tissue found in {slide.name}; use --no-tissue to search everywhere")
+    job = detect_in_slide(slide, region_um=roi, tissue=tissue, chunk_px=args.chunk_px)
+    table = run_with_progress(job, f"nuclei in {slide.name}", args.quiet)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(args.out)
+    where = "x={:g} y={:g} w={:g} h={:g} um".format(*roi) if roi else "the whole slide"
+    where += " (tissue only)" if tissue is not None else ""
+    print(f"{len(table)} nuclei in {where} of {slide.name}")
+    print(f"csv: {args.out}")
+    if args.geojson:
+        args.geojson.parent.mkdir(parents=True, exist_ok=True)
+        # detections: QuPath stays fluid with 10^5+ of them (annotations are for hand-made labels)
+        write_geojson(NucleusPoints.from_table(table), args.geojson, mpp, object_type="detection")
+        print(f"geojson: {args.geojson}")
+    return 0
+
+
 # --------------------------------------------------------------------------- models and run
 
 
@@ -390,6 +441,38 @@ def build_parser() -> argparse.ArgumentParser:
     tissue.add_argument("--mpp", type=float, default=None, help="um/px for slides that lack it")
     tissue.add_argument("--quiet", action="store_true", help="no progress bar")
     tissue.set_defaults(func=_cmd_tissue)
+
+    nuclei = sub.add_parser("nuclei", help="detect nuclei at full resolution; CSV of centroids in um")
+    nuclei.add_argument("slide", type=Path, help="whole-slide image or plain image (PNG, JPEG, TIFF)")
+    nuclei.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="CSV: x_um,y_um,area_um2,hematoxylin,eccentricity (um from the top-left)",
+    )
+    nuclei.add_argument(
+        "--roi",
+        default=None,
+        help="region x,y,w,h in um from the slide's top-left corner (level 0); "
+        "end with px for level-0 pixels, e.g. 0,0,2048,2048px",
+    )
+    nuclei.add_argument("--mpp", type=float, default=None, help="um/px for images that lack it")
+    nuclei.add_argument(
+        "--geojson",
+        type=Path,
+        default=None,
+        help="also write QuPath GeoJSON detections (points in level-0 px; File > Import objects)",
+    )
+    nuclei.add_argument(
+        "--tissue",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="skip chunks without tissue (default: on for a whole multi-level slide, "
+        "off with --roi or for a single-level image)",
+    )
+    nuclei.add_argument("--chunk-px", type=int, default=1024, help="chunk side in level-0 px")
+    nuclei.add_argument("--quiet", action="store_true", help="no progress bar")
+    nuclei.set_defaults(func=_cmd_nuclei)
 
     models = sub.add_parser("models", help="list registered models, one per line, name first")
     models.set_defaults(func=_cmd_models)

@@ -30,6 +30,7 @@ __all__ = [
     "field_to_polygons",
     "geojson_to_polygons",
     "mask_to_polygons",
+    "points_in_polygons",
     "polygon_area",
     "polygon_bounds",
     "polygons_to_geojson",
@@ -91,6 +92,55 @@ def polygon_bounds(polygon: Polygon) -> tuple[float, float, float, float]:
         float(outer[:, 0].max()),
         float(outer[:, 1].max()),
     )
+
+
+def points_in_polygons(xy: np.ndarray, polygons: Sequence[Polygon]) -> np.ndarray:
+    """Index of the first polygon that contains each point, holes honoured.
+
+    Parameters
+    ----------
+    xy : ndarray
+        ``(N, 2)`` array of ``(x, y)`` points, in the polygons' units.
+    polygons : sequence of polygon
+        Polygons ``[outer, hole, ...]`` (see the module docstring).
+
+    Returns
+    -------
+    ndarray
+        ``(N,)`` int64: the index into ``polygons`` of the first polygon whose
+        outer ring contains the point and none of whose holes does, or -1.
+        Points exactly on a ring may fall either way.
+
+    Examples
+    --------
+    >>> square = [np.array([[0, 0], [10, 0], [10, 10], [0, 10]], float)]
+    >>> points_in_polygons(np.array([[5.0, 5.0], [20.0, 5.0]]), [square]).tolist()
+    [0, -1]
+
+    """
+    pts = np.asarray(xy, dtype=np.float64)
+    if pts.size == 0:
+        return np.full(0, -1, np.int64)
+    if pts.ndim != 2 or pts.shape[1] != 2:
+        raise ValueError(f"xy must be an (N, 2) array of x, y points, got shape {pts.shape}")
+    out = np.full(len(pts), -1, np.int64)
+    for index, polygon in enumerate(polygons):
+        if not len(polygon) or len(polygon[0]) < 3:
+            continue
+        outer = np.asarray(polygon[0], dtype=np.float64)
+        lo, hi = outer.min(axis=0), outer.max(axis=0)
+        todo = out < 0
+        todo &= (pts[:, 0] >= lo[0]) & (pts[:, 0] <= hi[0]) & (pts[:, 1] >= lo[1]) & (pts[:, 1] <= hi[1])
+        candidates = np.flatnonzero(todo)
+        if not len(candidates):
+            continue
+        inside = points_in_poly(pts[candidates], outer)
+        for hole in polygon[1:]:
+            hole = np.asarray(hole, dtype=np.float64)
+            if len(hole) >= 3 and inside.any():
+                inside[inside] = ~points_in_poly(pts[candidates[inside]], hole)
+        out[candidates[inside]] = index
+    return out
 
 
 def _open_ring(contour: np.ndarray) -> np.ndarray:

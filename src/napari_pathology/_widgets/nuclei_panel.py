@@ -361,15 +361,11 @@ class NucleiPanel(QWidget):
         self.recount()
 
     def _sidecar_for(self, slide: Any) -> Path | None:
-        from napari_pathology.demo import cache_dir
+        """Beside the slide, or in the user data folder when the slide's folder is read-only."""
         from napari_pathology.nuclei.points import sidecar_path
 
         path = slide.metadata.get("path")
-        return (
-            sidecar_path(path, out_dir=None)
-            if path and _writable(Path(path).parent)
-            else (sidecar_path(path, out_dir=cache_dir() / "annotations") if path else None)
-        )
+        return sidecar_path(path) if path else None
 
     def _restore(self, slide: Any) -> None:
         from napari.utils.notifications import show_error
@@ -953,9 +949,3 @@ def merge_detections(
         distance, _ = cKDTree(kept.xy_um()).query(found.xy_um(), k=1)
         found = found.subset(distance > duplicate_um)
     return NucleusPoints.concat(kept, found), int(stale.sum())
-
-
-def _writable(folder: Path) -> bool:
-    import os
-
-    return folder.is_dir() and os.access(folder, os.W_OK)

@@ -1,4 +1,4 @@
-"""Nucleus detection (no Qt, no napari)."""
+"""Nuclei: detection, labelled points with purity, CSV / GeoJSON files (no Qt, no napari)."""
 
 from .detect import (
     DETECTORS,
@@ -9,13 +9,55 @@ from .detect import (
     detection_scores,
     match_points,
 )
+from .points import (
+    LABEL_COLOURS,
+    LABELS,
+    QUPATH_CLASSES,
+    SOURCES,
+    NucleusFileError,
+    NucleusPoints,
+    RegionSummary,
+    from_geojson,
+    load_sidecar,
+    parse_label,
+    read_csv,
+    read_geojson,
+    region_summaries,
+    save_atomic,
+    sidecar_path,
+    to_geojson,
+    write_csv,
+    write_geojson,
+)
+from .run import count_chunks, detect_in_slide, plan_chunks
 
 __all__ = [
     "DETECTORS",
+    "LABELS",
+    "LABEL_COLOURS",
+    "QUPATH_CLASSES",
+    "SOURCES",
     "NucleusDetector",
+    "NucleusFileError",
     "NucleusParams",
+    "NucleusPoints",
     "NucleusTable",
+    "RegionSummary",
+    "count_chunks",
+    "detect_in_slide",
     "detect_nuclei",
     "detection_scores",
+    "from_geojson",
+    "load_sidecar",
     "match_points",
+    "parse_label",
+    "plan_chunks",
+    "read_csv",
+    "read_geojson",
+    "region_summaries",
+    "save_atomic",
+    "sidecar_path",
+    "to_geojson",
+    "write_csv",
+    "write_geojson",
 ]
