@@ -182,3 +182,39 @@ def test_nuclei_writes_csv_and_geojson_for_a_roi(tmp_path, capsys, synthetic_sli
     assert "--mpp" in err and len(err.strip().splitlines()) == 1
     assert main(["nuclei", str(png), "--out", str(tmp_path / "tile.csv"), "--mpp", "0.5", "--quiet"]) == 0
     assert "0 nuclei in the whole slide of tile.png" in capsys.readouterr().out
+
+
+def test_train_nucleus_purity_from_a_slide_table_then_run_it(tmp_path, capsys, synthetic_slide) -> None:
+    import csv as csv_module
+    import shutil
+
+    from napari_pathology.models import load_checkpoint
+
+    slide = tmp_path / "slide.tif"
+    shutil.copy(synthetic_slide.slide_path, slide)
+    table = tmp_path / "slides.csv"
+    with open(table, "w", newline="") as fh:
+        writer = csv_module.writer(fh)
+        writer.writerow(["slide", "nuclei"])
+        writer.writerow(["slide.tif", str(synthetic_slide.nuclei_csv)])  # labelled nuclei (truth)
+    out = tmp_path / "purity.pt"
+    assert main(["train", "nucleus-purity", "--data", str(table), "--out", str(out), "--epochs", "1",
+                 "--quiet"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "best checkpoint" in printed and "auc" in printed
+    assert load_checkpoint(out).spec.family == "nucleus-purity"
+
+    assert main(["run", str(slide), "--model", str(out), "--out", str(tmp_path / "res"), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "predicted purity" in printed
+    [summary] = (tmp_path / "res").rglob("result.json")
+    assert 0.0 < json.loads(summary.read_text())["predicted_purity"] < 1.0
+
+
+def test_train_nucleus_purity_without_labels_is_a_clear_error(tmp_path, capsys, synthetic_slide) -> None:
+    import shutil
+
+    slide = tmp_path / "slide.tif"
+    shutil.copy(synthetic_slide.slide_path, slide)
+    assert main(["train", "nucleus-purity", "--data", str(slide), "--out", str(tmp_path / "x.pt")]) == 2
+    assert "no nucleus labels" in capsys.readouterr().err

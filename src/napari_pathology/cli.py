@@ -325,7 +325,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         nms_radius=args.nms_radius,
     )  # fmt: skip
     out = result_folder(args.out, slide, model.spec.name)
-    job = run_analysis(slide, model, tissue=tissue, settings=settings, out_dir=out, reuse=not args.recompute)
+    if model.spec.output == "nuclei":  # nucleus purity: detect every nucleus, classify each
+        from napari_pathology.analysis.nuclei import run_nucleus_analysis
+
+        job = run_nucleus_analysis(slide, model, tissue, settings, out)
+    else:
+        reuse = not args.recompute
+        job = run_analysis(slide, model, tissue=tissue, settings=settings, out_dir=out, reuse=reuse)
     try:
         result = run_with_progress(job, f"{model.spec.name} on {slide.name}", args.quiet)
     except KeyboardInterrupt:
@@ -355,6 +361,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 seed=args.seed, resume=args.resume,
             )  # fmt: skip
             generator = train_metastasis(job)
+        elif args.family == "nucleus-purity":
+            from napari_pathology.training.nucleus_data import read_nucleus_training_data
+            from napari_pathology.training.nucleus_purity import NucleusPurityTraining, train_nucleus_purity
+
+            chosen = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr}
+            settings = NucleusPurityTraining(
+                validation_fraction=args.val_fraction, device=args.device, seed=args.seed, resume=args.resume,
+                **{k: v for k, v in chosen.items() if v is not None},
+            )  # fmt: skip
+            data = read_nucleus_training_data(args.data)
+            generator = train_nucleus_purity(data, args.out, settings, start=args.start)
         else:
             from napari_pathology.training.tumor_normal import TumorNormalTraining, train_tumor_normal
 
@@ -496,14 +513,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_cmd_run)
 
     train = sub.add_parser("train", help="train or fine-tune a model; best and last checkpoints")
-    train.add_argument("family", choices=["metastasis", "tumor-normal"])
+    train.add_argument("family", choices=["metastasis", "tumor-normal", "nucleus-purity"])
     train.add_argument("--data", type=Path, required=True,
-                       help="slide table CSV (slide, label, annotations) or a folder of slides")  # fmt: skip
+                       help="slide table CSV (slide, label, annotations) or a folder of slides; "
+                            "nucleus-purity: a slide (labels from its Nuclei-panel autosave) or a CSV "
+                            "with columns slide[,nuclei][,mpp]")  # fmt: skip
     train.add_argument("--out", type=Path, required=True, help="best checkpoint (.pt)")
     train.add_argument("--start", default=None, help="registry name or checkpoint to start from")
     train.add_argument("--trunk-from", default=None, help="tumor-normal: take the frozen trunk of this model")
     train.add_argument("--steps", type=int, default=None, help="metastasis: optimiser steps (default 2000)")
-    train.add_argument("--epochs", type=int, default=None, help="tumor-normal: epochs (default 20)")
+    train.add_argument("--epochs", type=int, default=None,
+                       help="tumor-normal (default 20) and nucleus-purity (default 30): epochs")  # fmt: skip
     train.add_argument("--batch-size", type=int, default=None)
     train.add_argument("--lr", type=float, default=None, help="learning rate (default: the paper's)")
     train.add_argument("--val-fraction", type=float, default=0.2, help="share of slides held out")

@@ -56,6 +56,12 @@ class NucleusAnalysisResult:
     partial: bool
     out_dir: Path | None
 
+    def summary(self) -> str:
+        """One line for logs and the CLI."""
+        state = "PARTIAL (cancelled)" if self.partial else "complete"
+        purity = "-" if self.predicted_purity is None else f"{self.predicted_purity:.3f}"
+        return f"{self.spec.get('name')}: {state}, {len(self.nuclei)} nuclei, predicted purity {purity}"
+
     @property
     def slide_score(self) -> float:
         """The predicted purity (NaN when nothing was classified)."""
@@ -79,8 +85,8 @@ def run_nucleus_analysis(
         An opened slide with um/px.
     model : PathologyModel
         A ``nucleus-purity`` model.
-    tissue : TissueMask
-        Where to look; chunks without tissue are skipped.
+    tissue : TissueMask or None
+        Where to look (chunks without tissue are skipped); None searches the whole slide.
     settings : RunSettings, optional
         Device and batch size (others are ignored here).
     out_dir : path-like, optional
@@ -105,7 +111,7 @@ def run_nucleus_analysis(
     settings = settings or RunSettings()
     cancel = cancel or threading.Event()
     slide.require_mpp()
-    if tissue is None or tissue.is_empty:
+    if tissue is not None and tissue.is_empty:
         raise NoTissueError(f"No tissue found in {slide.name}; draw or import a tissue mask.")
     if model.spec.family != "nucleus-purity":
         raise ValueError(
