@@ -46,9 +46,14 @@ def um_from_world(yx_world: np.ndarray, mpp: tuple[float, float]) -> np.ndarray:
     return np.column_stack([yx[:, 1] + mpp[0] / 2, yx[:, 0] + mpp[1] / 2])
 
 
+#: Fill opacity of nucleus markers: the nucleus stays visible under its label colour.
+FILL_ALPHA = 0.45
+
+
 def label_rgba(codes: np.ndarray) -> np.ndarray:
-    """``(N, 4)`` RGBA in [0, 1] for label codes (indices into ``LABELS``)."""
+    """``(N, 4)`` RGBA in [0, 1] for label codes (indices into ``LABELS``), half transparent."""
     table = np.array([(*LABEL_COLOURS[name], 255) for name in LABELS], np.float32) / 255.0
+    table[:, 3] = FILL_ALPHA
     return table[np.asarray(codes, dtype=np.int64)]
 
 
@@ -58,16 +63,20 @@ def probability_rgba(probability: np.ndarray) -> np.ndarray:
     normal = np.array(LABEL_COLOURS["normal"], np.float32) / 255.0
     tumour = np.array(LABEL_COLOURS["tumour"], np.float32) / 255.0
     rgb = normal + np.nan_to_num(p) * (tumour - normal)
-    rgba = np.column_stack([rgb, np.ones(len(p), np.float32)])
-    rgba[~np.isfinite(p[:, 0])] = UNCLASSIFIED_RGBA
+    rgba = np.column_stack([rgb, np.full(len(p), FILL_ALPHA, np.float32)])
+    rgba[~np.isfinite(p[:, 0])] = (*UNCLASSIFIED_RGBA[:3], FILL_ALPHA)
     return rgba
 
 
 def point_sizes(area_um2: np.ndarray) -> np.ndarray:
-    """Drawn diameters in micrometres: the equivalent circle of each area, clipped to 4-16 um."""
+    """Drawn diameters in micrometres: the equivalent circle of each area, clipped to 4-10 um.
+
+    Clumps the detector could not split have large areas; the clip keeps their
+    markers nucleus-sized so they do not hide their neighbours.
+    """
     area = np.asarray(area_um2, dtype=np.float64)
     diameter = np.where(np.isfinite(area), 2 * np.sqrt(np.maximum(area, 0) / np.pi), DEFAULT_DIAMETER_UM)
-    return np.clip(diameter, 4.0, 16.0)
+    return np.clip(diameter, 4.0, 10.0)
 
 
 def points_features(points: NucleusPoints) -> Any:

@@ -23,17 +23,21 @@ from qtpy.QtWidgets import (
     QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
+    QFrame,
     QGroupBox,
     QHBoxLayout,
+    QHeaderView,
     QLabel,
     QProgressBar,
     QPushButton,
+    QScrollArea,
     QSpinBox,
     QTableWidget,
     QTableWidgetItem,
     QVBoxLayout,
     QWidget,
 )
+from superqt import QCollapsible
 
 from napari_pathology._layers import slide_from_metadata
 from napari_pathology._widgets._common import (
@@ -69,7 +73,7 @@ LABEL_KEYS = {"t": "tumour", "n": "normal", "o": "other", "u": "unlabeled"}
 RECOUNT_MS = 120
 AUTOSAVE_MS = 1000
 _ANNOTATION_FILTER = "Nuclei (*.geojson *.json *.csv);;All files (*)"
-_REGION_COLUMNS = ("Region", "Nuclei", "Tumour", "Normal", "Purity", "Predicted", "Difference")
+_REGION_COLUMNS = ("Region", "Nuclei", "Tumour", "Normal", "Purity", "Predicted", "Diff.")
 
 
 def _same_path(a: Any, b: Any) -> bool:
@@ -148,12 +152,20 @@ class NucleiPanel(QWidget):
         self.max_points_shown = 8000
         self._recount_timer = self._timer(RECOUNT_MS, self.recount)
         self._autosave_timer = self._timer(AUTOSAVE_MS, self.autosave)
-        layout = QVBoxLayout(self)
+        content = QWidget()
+        layout = QVBoxLayout(content)
         layout.addWidget(self._build_detect_box())
         layout.addWidget(self._build_label_box())
         layout.addWidget(self._build_classify_box())
         layout.addWidget(self._build_files_box())
         layout.addStretch(1)
+        scroll = QScrollArea()  # a short dock scrolls instead of squashing the rows
+        scroll.setWidgetResizable(True)
+        scroll.setFrameShape(QFrame.Shape.NoFrame)
+        scroll.setWidget(content)
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        outer.addWidget(scroll)
         napari_viewer.layers.events.inserted.connect(self._sync_regions)
         napari_viewer.layers.events.removed.connect(self._layers_removed)
         self._sync_regions()
@@ -193,13 +205,18 @@ class NucleiPanel(QWidget):
         form.addRow("Slide", self.slide_combo)
         form.addRow("Where", self.where_combo)
         form.addRow("Regions", self.regions_combo)
+        settings = QWidget()
+        settings_form = QFormLayout(settings)
+        settings_form.setContentsMargins(0, 0, 0, 0)
         for name, (label, low, high, step) in specs.items():
             spin = QDoubleSpinBox()
             spin.setRange(low, high)
             spin.setSingleStep(step)
             spin.setValue(getattr(defaults, name))
             self.param_spins[name] = spin
-            form.addRow(label, spin)
+            settings_form.addRow(label, spin)
+        self.settings_section = QCollapsible("Detector settings (um)")
+        self.settings_section.addWidget(settings)
         self.detect_button = QPushButton("Detect")
         self.detect_button.clicked.connect(self.detect)
         self.cancel_button = QPushButton("Cancel")
@@ -213,6 +230,7 @@ class NucleiPanel(QWidget):
         buttons.addWidget(self.cancel_button)
         inner = QVBoxLayout(box)
         inner.addLayout(form)
+        inner.addWidget(self.settings_section)
         inner.addLayout(buttons)
         inner.addWidget(self.progress)
         inner.addWidget(self.status)
@@ -233,7 +251,13 @@ class NucleiPanel(QWidget):
         self.region_table = QTableWidget(0, len(_REGION_COLUMNS))
         self.region_table.setHorizontalHeaderLabels(_REGION_COLUMNS)
         self.region_table.verticalHeader().setVisible(False)
-        self.region_table.setMaximumHeight(150)
+        self.region_table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
+        self.region_table.horizontalHeader().setMinimumSectionSize(30)
+        self.region_table.setMaximumHeight(110)
+        self.region_table.setToolTip(
+            "Per region of the Regions layer: ground-truth purity = tumour / (tumour + normal); "
+            "predicted = mean tumour probability of its nuclei; difference = predicted - truth."
+        )
         inner = QVBoxLayout(box)
         inner.addLayout(buttons)
         inner.addWidget(self.counts_label)
