@@ -379,7 +379,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 data=args.data, out=args.out, start=args.start or "tumor-normal-inception-v3",
                 trunk_from=args.trunk_from, epochs=args.epochs or 20, batch_size=args.batch_size or 512,
                 lr=args.lr or 1e-4, val_fraction=args.val_fraction, device=args.device, seed=args.seed,
-                resume=args.resume,
+                resume=args.resume, normal_weight=args.normal_weight,
             )  # fmt: skip
             generator = train_tumor_normal(job)
         result = run_training(generator, f"train {args.family}", args.quiet)
@@ -524,6 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--steps", type=int, default=None, help="metastasis: optimiser steps (default 2000)")
     train.add_argument("--epochs", type=int, default=None,
                        help="tumor-normal (default 20) and nucleus-purity (default 30): epochs")  # fmt: skip
+    train.add_argument("--normal-weight", type=float, default=1.0,
+                       help="tumor-normal: normal tiles per tumour-slide tile (default 1)")  # fmt: skip
     train.add_argument("--batch-size", type=int, default=None)
     train.add_argument("--lr", type=float, default=None, help="learning rate (default: the paper's)")
     train.add_argument("--val-fraction", type=float, default=0.2, help="share of slides held out")

@@ -6,6 +6,15 @@ ReLU, dropout 0.2, softmax) trains on them with Adam in batches of 512,
 the majority class undersampled afresh each epoch. Validation is by slide:
 each held-out slide's **TPF** (tumour-predicted fraction of its tiles) and
 the slide AUC of TPF, plus tile accuracy against slide labels.
+
+Slide labels are noisy in one direction only: every tile of a normal slide
+is normal, but most tiles of a tumour slide are normal too (a metastasis
+covers a few to a few tens of percent of a node). With classes balanced,
+normal-looking tiles then sit near a 50/50 posterior and artefacts tip them
+over to tumour. ``normal_weight`` (> 1) draws that many normal tiles per
+tumour tile into every epoch, the sampling form of a class weight in the
+loss, so that argmax calls tumour only where a tile looks unlike normal
+tissue; 1 (the default) is the paper's balanced sampling.
 """
 
 from __future__ import annotations
@@ -71,6 +80,9 @@ class TumorNormalTraining:
         Adam learning rate.
     val_fraction : float
         Share of slides held out, per label.
+    normal_weight : float
+        Normal tiles drawn per tile of each other class in every epoch (1:
+        balanced, as in the paper; > 1 offsets the noise of tumour slide labels).
     min_tissue_fraction : float
         Minimum tissue per tile.
     device : str
@@ -91,6 +103,7 @@ class TumorNormalTraining:
     batch_size: int = 512
     lr: float = 1e-4
     val_fraction: float = 0.2
+    normal_weight: float = 1.0
     min_tissue_fraction: float = 0.5
     device: str = "cpu"
     amp: bool = True
@@ -166,6 +179,7 @@ def train_tumor_normal(
     generator = seed_everything(job.seed)
     entries = read_slide_table(job.data)
     classes = slide_classes(entries)
+    weights = _class_weights(classes, job.normal_weight)
     model, _pretrained, init = _build_model(job, classes)
     train, val = split_by_slide(entries, job.val_fraction, job.seed)
     cache = job.cache_dir or Path(job.out).parent / "features"
@@ -182,16 +196,16 @@ def train_tumor_normal(
     if len(np.unique(y_train)) < 2:
         raise TrainingError("the training slides have tissue tiles of one class only")
     per_class = np.bincount(y_train, minlength=len(classes))
-    steps_per_epoch = max(
-        1, math.ceil(per_class[per_class > 0].min() * (per_class > 0).sum() / job.batch_size)
-    )
+    per_epoch = _epoch_counts(per_class, weights)
+    steps_per_epoch = max(1, math.ceil(per_epoch.sum() / job.batch_size))
     total = job.epochs * steps_per_epoch
     yield TrainEvent("log", 0, total, message=(
         f"{len(y_train)} training tiles "
-        f"({', '.join(f'{c} {n}' for c, n in zip(classes, per_class, strict=True))}); "
-        f"majority undersampled: {steps_per_epoch} steps per epoch"
+        f"({', '.join(f'{c} {n}' for c, n in zip(classes, per_class, strict=True))}); per epoch "
+        f"{', '.join(f'{c} {n}' for c, n, k in zip(classes, per_epoch, per_class, strict=True) if k)} "
+        f"(normal weight {job.normal_weight:g}): {steps_per_epoch} steps per epoch"
     ))  # fmt: skip
-    batches = _balanced_batches(x_train, y_train, job.batch_size, generator)
+    batches = _balanced_batches(x_train, y_train, job.batch_size, generator, weights)
     validate = _tpf_validation(val, data, classes, spec.positive_index) if val else None
     optimizer = torch.optim.Adam(model.net.head.parameters(), lr=job.lr)
     provenance = {
@@ -243,16 +257,51 @@ def _stack(entries: list[SlideEntry], data: dict, classes: tuple[str, ...]) -> t
     return np.concatenate(xs), np.concatenate(ys)
 
 
+def _class_weights(classes: tuple[str, ...], normal_weight: float) -> np.ndarray:
+    """Per-class sampling weights: ``normal_weight`` for ``normal``, 1 for the others."""
+    if not (np.isfinite(normal_weight) and normal_weight > 0):
+        raise TrainingError(f"normal_weight must be a positive number (1 = balanced), got {normal_weight!r}")
+    if normal_weight != 1 and "normal" not in classes:
+        raise TrainingError(
+            f"normal_weight {normal_weight:g} needs a 'normal' class; the classes are {', '.join(classes)}"
+        )
+    return np.array([normal_weight if c == "normal" else 1.0 for c in classes])
+
+
+def _epoch_counts(per_class: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Tiles of each class per epoch: proportional to ``weights``, as many as the classes allow.
+
+    With equal weights every class keeps as many tiles as the rarest one has
+    (the majority undersampled); classes without tiles get none.
+    """
+    present = per_class > 0
+    unit = (per_class[present] / weights[present]).min()
+    counts = np.zeros_like(per_class)
+    counts[present] = np.minimum(per_class[present], np.maximum(1, np.round(unit * weights[present])))
+    return counts.astype(np.int64)
+
+
 def _balanced_batches(
-    x: np.ndarray, y: np.ndarray, batch_size: int, generator: torch.Generator
+    x: np.ndarray,
+    y: np.ndarray,
+    batch_size: int,
+    generator: torch.Generator,
+    weights: np.ndarray | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless batches; each epoch keeps as many tiles of every class as the rarest class has."""
+    """Endless batches; each epoch draws tiles of every class in proportion to ``weights`` (default equal).
+
+    Tiles are drawn without replacement, afresh each epoch, as many as the
+    scarcest class (relative to its weight) allows.
+    """
     rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
-    by_class = [np.flatnonzero(y == k) for k in np.unique(y)]
-    n = min(len(idx) for idx in by_class)
+    n_classes = int(y.max()) + 1 if len(y) else 0
+    weights = np.ones(n_classes) if weights is None else np.asarray(weights, float)
+    per_class = np.bincount(y, minlength=len(weights))
+    counts = _epoch_counts(per_class, weights)
+    by_class = [(np.flatnonzero(y == k), int(counts[k])) for k in range(len(weights)) if counts[k] > 0]
     features, labels = torch.from_numpy(x), torch.from_numpy(y)
     while True:
-        epoch = rng.permutation(np.concatenate([rng.choice(idx, n, replace=False) for idx in by_class]))
+        epoch = rng.permutation(np.concatenate([rng.choice(idx, n, replace=False) for idx, n in by_class]))
         for start in range(0, len(epoch), batch_size):
             take = torch.from_numpy(epoch[start : start + batch_size])
             yield features[take], labels[take]
