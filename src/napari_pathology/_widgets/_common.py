@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -171,3 +171,16 @@ def shape_rings_px(shapes_layer: Any, slide_layer: Any) -> list[tuple[int, np.nd
             continue
         out.append((index, pixels[:, ::-1], ""))  # (row, col) -> (x, y)
     return out
+
+
+def passthrough(job: Generator[Any, None, Any]) -> Generator[Any, None, Any]:
+    """Let napari's generator worker drive an already-built job (``create_worker(passthrough, job)``)."""
+    return (yield from job)
+
+
+def show_failure(status: Any, error: BaseException) -> None:
+    """Say a worker's error in a panel's status label and as a napari notification."""
+    from napari.utils.notifications import show_error
+
+    status.setText(f"failed: {error}")
+    show_error(str(error))

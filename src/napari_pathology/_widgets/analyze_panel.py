@@ -30,7 +30,9 @@ from napari_pathology._widgets._common import (
     choose_checkpoint,
     choose_folder_into,
     device_combo,
+    passthrough,
     select_or_add,
+    show_failure,
 )
 from napari_pathology.progress import Progress
 
@@ -262,7 +264,7 @@ class AnalyzePanel(QWidget):
             dict(layer.metadata), self.model_source, self.settings(), tissue,
             Path(self.out_edit.text()), self._cancel,
         )  # fmt: skip
-        self.worker = create_worker(_passthrough, job, _start_thread=False)
+        self.worker = create_worker(passthrough, job, _start_thread=False)
         self.worker.yielded.connect(self._on_progress)
         self.worker.returned.connect(self._on_result)
         self.worker.errored.connect(self._on_error)
@@ -366,10 +368,7 @@ class AnalyzePanel(QWidget):
         from napari_pathology._widgets.nuclei_layers import PredictionOverlay
 
         if self._nuclei_overlay is not None:
-            self._nuclei_overlay.disconnect()
-            for layer in (self._nuclei_overlay.points_layer, self._nuclei_overlay.density_layer):
-                if layer in self.viewer.layers:
-                    self.viewer.layers.remove(layer)
+            self._nuclei_overlay.remove()
         name = f"{self._slide_layer.name} {self._model_name()}"
         self._nuclei_overlay = PredictionOverlay(self.viewer, self._slide_layer, result.nuclei, name)
         state = "partial (cancelled)" if result.partial else "complete"
@@ -393,21 +392,13 @@ class AnalyzePanel(QWidget):
         layer.face_contrast_limits = (0.5, 1.0)
 
     def _on_error(self, error: BaseException) -> None:
-        from napari.utils.notifications import show_error
-
-        self.status.setText(f"failed: {error}")
-        show_error(str(error))
+        show_failure(self.status, error)
 
     def _on_finished(self) -> None:
         self.run_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
         if self.progress.maximum() == 0:
             self.progress.setRange(0, 1)
-
-
-def _passthrough(job: Generator[Progress, None, Any]) -> Generator[Progress, None, Any]:
-    """Let napari's generator worker drive an already-built job."""
-    return (yield from job)
 
 
 def _mpp_of(layer: Any) -> tuple[float, float] | None:

@@ -312,6 +312,13 @@ class PredictionOverlay:
             layer.size = point_sizes(subset.area_um2)
             layer.face_color = probability_rgba(subset.probability)
 
+    def remove(self) -> None:
+        """Take both layers out of the viewer and stop following the camera."""
+        self.disconnect()
+        for layer in (self.points_layer, self.density_layer):
+            if layer in self.viewer.layers:
+                self.viewer.layers.remove(layer)
+
     def disconnect(self) -> None:
         """Stop following the camera (the layers were removed)."""
         self._timer.stop()

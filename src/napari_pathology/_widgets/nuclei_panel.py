@@ -44,9 +44,11 @@ from napari_pathology._widgets._common import (
     SlideLayerCombo,
     choose_checkpoint,
     device_combo,
+    passthrough,
     run_in_thread,
     select_or_add,
     shape_rings_px,
+    show_failure,
 )
 from napari_pathology._widgets.nuclei_layers import (
     NUCLEI_MARKER,
@@ -125,10 +127,6 @@ def classification_job(
     for xy in sets:
         out.append((yield from classify_nuclei(slide, xy, model, device=device)) if len(xy) else np.zeros(0))
     return out
-
-
-def _passthrough(job: Generator[Progress, None, Any]) -> Generator[Progress, None, Any]:
-    return (yield from job)
 
 
 class NucleiPanel(QWidget):
@@ -521,7 +519,7 @@ class NucleiPanel(QWidget):
     def _start_worker(self, job: Generator[Progress, None, Any], on_done: Any) -> None:
         from napari.qt.threading import create_worker
 
-        self.worker = create_worker(_passthrough, job, _start_thread=False)
+        self.worker = create_worker(passthrough, job, _start_thread=False)
         self.worker.yielded.connect(self._on_progress)
         self.worker.returned.connect(on_done)
         self.worker.errored.connect(self._on_error)
@@ -551,10 +549,7 @@ class NucleiPanel(QWidget):
             self.status.setText(event.message)
 
     def _on_error(self, error: BaseException) -> None:
-        from napari.utils.notifications import show_error
-
-        self.status.setText(f"failed: {error}")
-        show_error(str(error))
+        show_failure(self.status, error)
 
     def _on_finished(self) -> None:
         self.detect_button.setEnabled(True)
@@ -599,13 +594,9 @@ class NucleiPanel(QWidget):
         self.recount()
 
     def _drop_overlay(self) -> None:
-        if self._overlay is None:
-            return
-        self._overlay.disconnect()
-        for layer in (self._overlay.points_layer, self._overlay.density_layer):
-            if layer in self.viewer.layers:
-                self.viewer.layers.remove(layer)
-        self._overlay = None
+        if self._overlay is not None:
+            self._overlay.remove()
+            self._overlay = None
 
     # ------------------------------------------------------------------ labelling and counts
     def label_selected(self, label: str) -> int:
