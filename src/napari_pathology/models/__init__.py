@@ -29,7 +29,7 @@ from napari_pathology.models.registry import (
 )
 
 # Built-in families: imported for their registration side effect.
-from napari_pathology.models import baseline, metastasis, tumor_normal  # noqa: F401  isort: skip
+from napari_pathology.models import baseline, metastasis, nucleus_purity, tumor_normal  # noqa: F401  isort: skip
 from napari_pathology.models.pretrained import register_shipped_weights  # isort: skip
 
 register_shipped_weights()

@@ -1,8 +1,9 @@
 """Weights that ship with the package, registered under short names.
 
 ``metastasis`` and ``tumor-normal`` are small demo models trained on
-synthetic slides by ``scripts/train_demo_models.py`` (*synthetic demo, not
-for diagnostic use*): they exist so that **Run** on the demo slide shows the
+synthetic slides by ``scripts/train_demo_models.py``, and ``nucleus-purity``
+by ``scripts/train_nucleus_demo.py`` (*synthetic demo, not for diagnostic
+use*): they exist so that **Run** on the demo slide shows the
 planted tumour right after install. Their checkpoints carry the data,
 hyper-parameters and metrics they were trained with.
 """
@@ -26,6 +27,7 @@ WEIGHTS_DIR = Path(__file__).with_name("weights")
 SHIPPED_WEIGHTS = {
     "metastasis": "metastasis-demo.pt",
     "tumor-normal": "tumor-normal-demo.pt",
+    "nucleus-purity": "nucleus-purity-demo.pt",
 }
 
 

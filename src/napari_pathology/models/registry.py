@@ -66,7 +66,7 @@ __all__ = [
 
 CHECKPOINT_FORMAT = "napari-pathology-checkpoint"
 CHECKPOINT_VERSION = 1
-OUTPUTS = ("heatmap", "points", "slide")
+OUTPUTS = ("heatmap", "points", "slide", "nuclei")
 AGGREGATORS = ("max", "mean", "fraction", "attention")
 #: File endings treated as checkpoint paths by :func:`resolve_model`.
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
@@ -137,7 +137,7 @@ class ModelSpec:
     normalization : str
         One of :data:`napari_pathology.tiles.NORMALIZATIONS`.
     output : str
-        ``"heatmap"``, ``"points"`` or ``"slide"``.
+        ``"heatmap"``, ``"points"``, ``"slide"`` or ``"nuclei"`` (one probability per given nucleus).
     aggregator : str
         Slide score from tiles: ``"max"``, ``"mean"``, ``"fraction"`` or ``"attention"``.
     positive_class : str, optional
