@@ -141,3 +141,13 @@ def test_slide_without_mpp_is_refused() -> None:
     slide = Slide(InMemoryBackend([np.zeros((256, 256, 3), np.uint8)]))
     with pytest.raises(Exception, match="um/px"):
         run(slide, dark_model())
+
+
+def test_engine_refuses_a_nucleus_classifier(synthetic_slide) -> None:
+    from napari_pathology.analysis import run_analysis
+    from napari_pathology.models import resolve_model
+    from napari_pathology.slide import open_slide
+
+    model = resolve_model("nucleus-purity")
+    with open_slide(synthetic_slide.slide_path) as slide, pytest.raises(ValueError, match="not tiles"):
+        next(run_analysis(slide, model))

@@ -197,6 +197,11 @@ def run_analysis(
 
     settings = settings or RunSettings()
     spec = model.spec
+    if spec.output == "nuclei":
+        raise ValueError(
+            f"{spec.name} classifies nuclei, not tiles: run it with "
+            "napari_pathology.analysis.nuclei.run_nucleus_analysis (what Run and the CLI do)"
+        )
     spec_dict = spec.to_dict()
     slide.require_mpp()
     stride = settings.stride or spec.stride or spec.centre_size or spec.input_size

@@ -3,10 +3,17 @@
 from napari_pathology.training.events import TrainEvent, TrainingError, TrainResult
 from napari_pathology.training.loop import LoopSettings, checkpoint_paths, fit, resume_state
 from napari_pathology.training.metastasis import MetastasisTraining, train_metastasis
+from napari_pathology.training.nucleus_purity import (
+    LabelledNuclei,
+    NucleusPurityTraining,
+    train_nucleus_purity,
+)
 
 __all__ = [
+    "LabelledNuclei",
     "LoopSettings",
     "MetastasisTraining",
+    "NucleusPurityTraining",
     "TrainEvent",
     "TrainResult",
     "TrainingError",
@@ -14,4 +21,5 @@ __all__ = [
     "fit",
     "resume_state",
     "train_metastasis",
+    "train_nucleus_purity",
 ]
