@@ -90,9 +90,9 @@ def test_detect_label_keys_purity_and_autosave_restore(
     xy_true, tumour_true = truth_nuclei(synthetic_slide)
     inside_true = points_in_polygons(xy_true, polygons) >= 0
     scores = detection_scores(points.xy_um(), xy_true[inside_true], radius_um=3.0)
-    # Precise, but the default detector misses many pale vesicular tumour nuclei of the
-    # synthetic H&E (recall ~0.45 here; see benchmarks/nuclei_detection.py for real tiles).
-    assert scores["precision"] >= 0.8 and scores["recall"] >= 0.3, scores
+    # These regions are a tumour nest and dense normal tissue, where synthetic nuclei overlap:
+    # about 0.63 precision and 0.54 recall at 3 um (see benchmarks/nuclei_detection.py).
+    assert scores["precision"] >= 0.55 and scores["recall"] >= 0.45, scores
 
     # Key presses on the canvas label the selected nuclei.
     viewer.layers.selection.active = layer

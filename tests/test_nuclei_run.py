@@ -159,3 +159,25 @@ def test_no_duplicates_at_chunk_borders_on_the_synthetic_slide(synthetic_slide) 
     assert len(table) > 100
     nearest = cKDTree(table.xy_um()).query(table.xy_um(), 2)[0][:, 1]
     assert nearest.min() >= 3.0  # the merge radius: no nucleus is counted twice
+
+
+def test_one_shared_threshold_makes_chunking_irrelevant_on_the_synthetic_slide(synthetic_slide) -> None:
+    from napari_pathology.nuclei.run import estimate_run_threshold
+    from napari_pathology.slide import open_slide
+
+    slide = open_slide(synthetic_slide.slide_path)
+    roi = (400.0, 400.0, 384.0, 384.0)  # tumour, epithelium and lymphocytes
+    events: dict[int, list[Progress]] = {256: [], 768: []}
+    tables = {c: run_to_completion(detect_in_slide(slide, region_um=roi, chunk_px=c), events[c].append)
+              for c in events}  # fmt: skip
+    threshold = estimate_run_threshold(slide, roi)
+    assert threshold is not None and 0.01 < threshold < 0.2
+    for c in events:  # the first event reports the one threshold every chunk used
+        assert f"threshold {threshold:.3f} OD" in events[c][0].message
+    one, many = len(tables[768]), len(tables[256])
+    assert one > 500 and abs(many - one) <= 0.03 * one, (one, many)  # measured: within ~1.5%
+    # an absolute threshold in the params is used as is: a higher one finds fewer nuclei
+    strict = run_to_completion(
+        detect_in_slide(slide, region_um=roi, chunk_px=768, params=NucleusParams(threshold=2 * threshold))
+    )
+    assert len(strict) < 0.9 * one
