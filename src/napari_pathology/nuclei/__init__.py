@@ -7,7 +7,9 @@ from .detect import (
     NucleusTable,
     detect_nuclei,
     detection_scores,
+    estimate_threshold,
     match_points,
+    smoothed_hematoxylin,
 )
 from .points import (
     LABEL_COLOURS,
@@ -29,7 +31,7 @@ from .points import (
     write_csv,
     write_geojson,
 )
-from .run import count_chunks, detect_in_slide, plan_chunks
+from .run import count_chunks, detect_in_slide, estimate_run_threshold, plan_chunks, sample_boxes
 
 __all__ = [
     "DETECTORS",
@@ -47,6 +49,8 @@ __all__ = [
     "detect_in_slide",
     "detect_nuclei",
     "detection_scores",
+    "estimate_run_threshold",
+    "estimate_threshold",
     "from_geojson",
     "load_sidecar",
     "match_points",
@@ -55,8 +59,10 @@ __all__ = [
     "read_csv",
     "read_geojson",
     "region_summaries",
+    "sample_boxes",
     "save_atomic",
     "sidecar_path",
+    "smoothed_hematoxylin",
     "to_geojson",
     "write_csv",
     "write_geojson",
