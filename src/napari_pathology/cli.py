@@ -206,7 +206,43 @@ def _demo_models(slide, path: Path, args: argparse.Namespace) -> None:
             )
             line += f"; {hits}/{len(result.detections)} detections inside the planted tumour"
         print(line)
+    _demo_nuclei(slide, path, polygons)
     print(f"results:       {(args.cache_dir or cache_dir()) / 'results'}")
+
+
+def _demo_nuclei(slide, path: Path, polygons: list, side_um: float = 300.0) -> None:
+    """Detect and classify the nuclei of a box on the tumour's edge; compare purity with the truth."""
+    import numpy as np
+
+    from napari_pathology.models import ModelError, resolve_model
+    from napari_pathology.nuclei import NucleusPoints, read_csv, region_summaries
+    from napari_pathology.nuclei.classify import classify_nuclei
+    from napari_pathology.nuclei.run import detect_in_slide
+    from napari_pathology.slide.synthetic import truth_paths
+
+    if not polygons:
+        return
+    try:
+        model = resolve_model("nucleus-purity")
+    except ModelError as error:
+        print(f"nuclei:        purity model not available ({error})")
+        return
+    ring = np.asarray(polygons[0][0])
+    x, y = ring[np.argmin(ring[:, 0])] - side_um / 2  # the tumour's leftmost point: tumour and normal
+    width, height = (d * m for d, m in zip(slide.dimensions, slide.require_mpp(), strict=True))
+    x, y = float(np.clip(x, 0, max(0.0, width - side_um))), float(np.clip(y, 0, max(0.0, height - side_um)))
+    box = (x, y, min(side_um, width), min(side_um, height))
+    table = run_with_progress(detect_in_slide(slide, region_um=box), "nuclei")
+    found = NucleusPoints.from_table(table)
+    probability = run_with_progress(classify_nuclei(slide, found.xy_um(), model), "purity")
+    found = found.with_probabilities(probability)
+    corners = np.array([[x, y], [x + box[2], y], [x + box[2], y + box[3]], [x, y + box[3]]])
+    [truth] = region_summaries(read_csv(truth_paths(path)["nuclei_csv"]), [[corners]])
+    print(
+        f"nuclei:        {len(found)} found in a {box[2]:.0f} um box on the tumour's edge; predicted purity "
+        f"{found.predicted_purity() or 0:.2f} (nucleus-purity), true {truth.purity or 0:.2f} "
+        f"({truth.counts['tumour']}/{truth.n} rendered nuclei are tumour)"
+    )
 
 
 # --------------------------------------------------------------------------- tissue
