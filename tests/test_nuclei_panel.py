@@ -253,3 +253,19 @@ def test_train_refuses_unlabelled_nuclei(
     detect_in_regions(panel, qtbot)
     assert panel.train_from_labels() is None
     assert errors and "tumour" in errors[-1].lower()
+
+
+def test_cancel_whole_tissue_detection_keeps_what_was_found(make_napari_viewer, qtbot, private_slide):
+    _viewer, _slide_layer, panel = open_panel(make_napari_viewer, private_slide)
+    panel.where_combo.setCurrentIndex(panel.where_combo.findData("tissue"))
+    panel.detect_button.click()
+    def some_found() -> bool:  # a chunk event: "N nuclei in k/K chunks"
+        text = panel.status.text()
+        return "nuclei in" in text and not text.startswith("0 ")
+
+    qtbot.waitUntil(some_found, timeout=WAIT_MS)
+    panel.cancel()
+    qtbot.waitUntil(lambda: panel.detect_button.isEnabled(), timeout=WAIT_MS)
+    assert "cancelled" in panel.status.text()
+    assert panel.predictions is not None and 0 < len(panel.predictions)
+    assert panel.progress.value() < panel.progress.maximum()

@@ -567,9 +567,12 @@ class NucleiPanel(QWidget):
     ) -> None:
         from napari_pathology.geometry import points_in_polygons
 
+        partial = " (cancelled: the chunks done so far)" if self._cancel.is_set() else ""
         if where == "tissue":
             self.show_predictions(found)
-            self.status.setText(f"{len(found)} nuclei over the tissue (predictions; classify to get purity).")
+            self.status.setText(
+                f"{len(found)} nuclei over the tissue{partial} (predictions; Classify gives their purity)."
+            )
             return
         if polygons:
             found = found.subset(points_in_polygons(found.xy_um(), polygons) >= 0)
@@ -578,7 +581,7 @@ class NucleiPanel(QWidget):
         replace_points(layer, merged, self.mpp)
         self.viewer.layers.selection.active = layer
         self.status.setText(
-            f"{len(found)} nuclei detected ({replaced} unlabeled detections replaced; labels kept). "
+            f"{len(found)} nuclei detected{partial} ({replaced} unlabeled detections replaced; labels kept). "
             "Select nuclei and press t / n / o / u."
         )
         self.recount()
