@@ -259,6 +259,7 @@ def test_cancel_whole_tissue_detection_keeps_what_was_found(make_napari_viewer, 
     _viewer, _slide_layer, panel = open_panel(make_napari_viewer, private_slide)
     panel.where_combo.setCurrentIndex(panel.where_combo.findData("tissue"))
     panel.detect_button.click()
+
     def some_found() -> bool:  # a chunk event: "N nuclei in k/K chunks"
         text = panel.status.text()
         return "nuclei in" in text and not text.startswith("0 ")
