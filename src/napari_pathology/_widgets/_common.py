@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Generator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -184,3 +185,13 @@ def show_failure(status: Any, error: BaseException) -> None:
 
     status.setText(f"failed: {error}")
     show_error(str(error))
+
+
+def same_path(a: str | None, b: str | None) -> bool:
+    """Whether two paths name the same file (both None counts as the same)."""
+    if a is None or b is None:
+        return a is None and b is None
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return str(a) == str(b)

@@ -75,21 +75,14 @@ def analysis_job(
     cancel: threading.Event,
 ) -> Generator[Progress, None, AnalysisResult]:
     """Everything a Run does, off the Qt thread: load model, find tissue, run the engine."""
-    from napari_pathology.analysis import result_folder, run_analysis
+    from napari_pathology.analysis import result_folder, run_analysis, tissue_or_detect
     from napari_pathology.models import resolve_model
-    from napari_pathology.tissue import TissueParams, detect_tissue
 
     slide = slide_from_metadata(metadata)
     slide.require_mpp()
     yield Progress(0, 0, f"loading {Path(model_source).name}...")
     model = resolve_model(model_source)
-    if tissue is None:
-        yield Progress(0, 0, "finding tissue...")
-        tissue = yield from detect_tissue(slide, TissueParams())
-        if tissue.is_empty:
-            from napari_pathology.analysis import NoTissueError
-
-            raise NoTissueError(f"No tissue found in {slide.name}; draw or import a tissue mask.")
+    tissue = yield from tissue_or_detect(slide, tissue)
     out_dir = result_folder(out_root, slide, model.spec.name)
     if model.spec.output == "nuclei":  # a nucleus purity classifier: detect, then classify every nucleus
         from napari_pathology.analysis.nuclei import run_nucleus_analysis

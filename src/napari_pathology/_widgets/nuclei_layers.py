@@ -50,6 +50,16 @@ def um_from_world(yx_world: np.ndarray, mpp: tuple[float, float]) -> np.ndarray:
 FILL_ALPHA = 0.45
 
 
+def view_box_um(
+    viewer: napari.Viewer, mpp: tuple[float, float], pad: float = 1.0
+) -> tuple[float, float, float, float]:
+    """The physical box ``(x, y, width, height)`` the canvas shows, in micrometres, scaled by ``pad``."""
+    centre = np.asarray(viewer.camera.center, dtype=np.float64)[-2:]
+    half = np.asarray(viewer.canvas.size, dtype=np.float64) / max(viewer.camera.zoom, 1e-9) / 2 * pad
+    y0, x0 = centre - half + np.array([mpp[1], mpp[0]]) / 2  # canvas size is (height, width)
+    return (float(x0), float(y0), float(2 * half[1]), float(2 * half[0]))
+
+
 def label_rgba(codes: np.ndarray) -> np.ndarray:
     """``(N, 4)`` RGBA in [0, 1] for label codes (indices into ``LABELS``), half transparent."""
     table = np.array([(*LABEL_COLOURS[name], 255) for name in LABELS], np.float32) / 255.0
@@ -180,7 +190,7 @@ def repaint(layer: Any, mpp: tuple[float, float]) -> None:
         )
 
 
-def set_labels(layer: Any, indices: Any, label: str, mpp: tuple[float, float]) -> int:
+def set_labels(layer: Any, indices: Any, label: str) -> int:
     """Label points ``indices`` of a nuclei layer; returns how many changed."""
     if label not in LABELS:
         raise ValueError(f"unknown label {label!r}; use one of {', '.join(LABELS)}")
@@ -191,8 +201,8 @@ def set_labels(layer: Any, indices: Any, label: str, mpp: tuple[float, float]) -
     changed = int(np.count_nonzero(column[index] != label))
     column[index] = label
     layer.features["label"] = column
-    colours = np.asarray(layer.face_color).copy()
     if layer.metadata.get("colour_by", "label") == "label":
+        colours = np.asarray(layer.face_color).copy()
         colours[index] = label_rgba(np.full(len(index), LABELS.index(label)))
         layer.face_color = colours
     layer.refresh()
@@ -283,11 +293,8 @@ class PredictionOverlay:
         self._timer.start()
 
     def visible_box_um(self) -> tuple[float, float, float, float]:
-        """The physical box ``(x, y, width, height)`` on screen, padded by a fifth on each side."""
-        centre = np.asarray(self.viewer.camera.center)[-2:]
-        half = max(self.viewer.canvas.size) / max(self.viewer.camera.zoom, 1e-9) / 2 * 1.2
-        y0, x0 = centre - half
-        return (x0 + self.mpp[0] / 2, y0 + self.mpp[1] / 2, 2 * half, 2 * half)
+        """The physical box ``(x, y, width, height)`` on screen, padded by a tenth on each side."""
+        return view_box_um(self.viewer, self.mpp, pad=1.2)
 
     def update(self) -> None:
         """Show the points in view, or none when there are too many to stay fluid."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Generator
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +47,7 @@ from napari_pathology._widgets._common import (
     device_combo,
     passthrough,
     run_in_thread,
+    same_path,
     select_or_add,
     shape_rings_px,
     show_failure,
@@ -59,6 +61,7 @@ from napari_pathology._widgets.nuclei_layers import (
     replace_points,
     set_labels,
     slide_mpp_xy,
+    view_box_um,
 )
 from napari_pathology.nuclei.points import LABELS, NucleusPoints
 from napari_pathology.progress import Progress
@@ -66,7 +69,6 @@ from napari_pathology.progress import Progress
 if TYPE_CHECKING:
     import napari
 
-PURITY_FAMILY = "nucleus-purity"
 #: Where the detector looks: combo text and key.
 REGION_CHOICES = (("Current view", "view"), ("Drawn regions", "regions"), ("Whole tissue", "tissue"))
 #: Keys that label the selected nuclei.
@@ -76,10 +78,6 @@ RECOUNT_MS = 120
 AUTOSAVE_MS = 1000
 _ANNOTATION_FILTER = "Nuclei (*.geojson *.json *.csv);;All files (*)"
 _REGION_COLUMNS = ("Region", "Nuclei", "Tumour", "Normal", "Purity", "Predicted", "Diff.")
-
-
-def _same_path(a: Any, b: Any) -> bool:
-    return a is not None and b is not None and str(Path(a).resolve()) == str(Path(b).resolve())
 
 
 def _fmt(value: float | None) -> str:
@@ -95,16 +93,13 @@ def detection_job(
     cancel: threading.Event | None = None,
 ) -> Generator[Progress, None, NucleusPoints]:
     """Detect nuclei in a box (or over the tissue), off the Qt thread."""
+    from napari_pathology.analysis import tissue_or_detect
     from napari_pathology.nuclei.run import detect_in_slide
-    from napari_pathology.tissue import TissueParams, detect_tissue
 
     slide = slide_from_metadata(metadata)
     slide.require_mpp()
-    if region == "tissue" and tissue is None:
-        yield Progress(0, 0, "finding tissue...")
-        tissue = yield from detect_tissue(slide, TissueParams())
-        if tissue.is_empty:
-            raise ValueError(f"No tissue found in {slide.name}: draw a region or fix the tissue mask.")
+    if region == "tissue":
+        tissue = yield from tissue_or_detect(slide, tissue)
     table = yield from detect_in_slide(slide, region_um=box_um, tissue=tissue, params=params, cancel=cancel)
     return NucleusPoints.from_table(table, source="detected")
 
@@ -114,15 +109,12 @@ def classification_job(
 ) -> Generator[Progress, None, list[np.ndarray]]:
     """Tumour probabilities for each array of nucleus centroids, off the Qt thread."""
     from napari_pathology.models import resolve_model
-    from napari_pathology.nuclei.classify import classify_nuclei
+    from napari_pathology.nuclei.classify import classify_nuclei, require_purity_model
 
     slide = slide_from_metadata(metadata)
     yield Progress(0, 0, f"loading {Path(model_source).name}...")
     model = resolve_model(model_source)
-    if model.spec.family != PURITY_FAMILY:
-        raise ValueError(
-            f"{model.spec.name} is a {model.spec.family!r} model, not a nucleus purity classifier"
-        )
+    require_purity_model(model)
     out = []
     for xy in sets:
         out.append((yield from classify_nuclei(slide, xy, model, device=device)) if len(xy) else np.zeros(0))
@@ -264,6 +256,7 @@ class NucleiPanel(QWidget):
 
     def _build_classify_box(self) -> QGroupBox:
         from napari_pathology.models import list_models
+        from napari_pathology.models.nucleus_purity import FAMILY as PURITY_FAMILY
         from napari_pathology.training.nucleus_purity import NucleusPurityTraining
 
         box = QGroupBox("Purity classifier")
@@ -345,7 +338,8 @@ class NucleiPanel(QWidget):
             return None
         path = slide.metadata.get("path")
         for layer in reversed(list(self.viewer.layers)):
-            if isinstance(layer, Points) and _same_path(layer.metadata.get(NUCLEI_MARKER), path):
+            marker = layer.metadata.get(NUCLEI_MARKER)
+            if isinstance(layer, Points) and marker is not None and same_path(marker, path):
                 self._adopt(layer)
                 return layer
         if not create:
@@ -461,17 +455,12 @@ class NucleiPanel(QWidget):
 
     def view_box_um(self) -> tuple[float, float, float, float]:
         """The part of the slide on screen, ``(x, y, width, height)`` in micrometres."""
-        slide = self.slide_layer()
+        meta = self.slide_layer().metadata
         mpp = self.mpp
-        centre = np.asarray(self.viewer.camera.center)[-2:]
-        height, width = self.viewer.canvas.size
-        half = np.array([height, width]) / max(self.viewer.camera.zoom, 1e-9) / 2
-        y0, x0 = centre - half + np.array([mpp[1], mpp[0]]) / 2
-        y1, x1 = centre + half + np.array([mpp[1], mpp[0]]) / 2
-        slide_w = float(slide.metadata["width"]) * mpp[0]
-        slide_h = float(slide.metadata["height"]) * mpp[1]
+        x0, y0, w, h = view_box_um(self.viewer, mpp)
+        x1 = min(x0 + w, float(meta["width"]) * mpp[0])
+        y1 = min(y0 + h, float(meta["height"]) * mpp[1])
         x0, y0 = max(x0, 0.0), max(y0, 0.0)
-        x1, y1 = min(x1, slide_w), min(y1, slide_h)
         return (x0, y0, max(0.0, x1 - x0), max(0.0, y1 - y0))
 
     def detect(self) -> None:
@@ -536,7 +525,7 @@ class NucleiPanel(QWidget):
         if self._cancel.is_set() or self.worker is None:
             return
         self._cancel.set()
-        if self.detect_button.isEnabled() is False and self._job_kind == "classify":
+        if self._job_kind == "classify":  # classification has no cancel flag: stop between batches
             self.worker.quit()
         self.status.setText("cancelling...")
         self.cancel_button.setEnabled(False)
@@ -608,7 +597,7 @@ class NucleiPanel(QWidget):
         if layer is None or not layer.selected_data:
             self.status.setText("Select nuclei first (select tool, or click them).")
             return 0
-        changed = set_labels(layer, layer.selected_data, label, self.mpp)
+        changed = set_labels(layer, layer.selected_data, label)
         self.recount()
         self._autosave_timer.start()
         return changed
@@ -811,7 +800,8 @@ class NucleiPanel(QWidget):
     def training_data(self) -> Any:
         """The labelled tumour/normal nuclei as training data (regions from the regions layer)."""
         from napari_pathology.geometry import points_in_polygons
-        from napari_pathology.training.nucleus_purity import LabelledNuclei, NucleusPurityTraining
+        from napari_pathology.training.nucleus_data import labelled_nuclei
+        from napari_pathology.training.nucleus_purity import NucleusPurityTraining
 
         slide = self.slide_layer()
         if slide is None:
@@ -824,18 +814,13 @@ class NucleiPanel(QWidget):
                 f"Label at least {needed} tumour (t) and {needed} normal (n) nuclei first; "
                 f"there are {counts['tumour']} tumour and {counts['normal']} normal."
             )
-        keep = np.isin(points.label, [LABELS.index("tumour"), LABELS.index("normal")])
-        labelled = points.subset(keep)
-        _names, polygons = self.regions()
-        regions = points_in_polygons(labelled.xy_um(), polygons) if polygons else None
         meta = slide.metadata
-        return LabelledNuclei(
-            slide_path=meta["path"],
-            xy_um=labelled.xy_um(),
-            is_tumour=labelled.label == LABELS.index("tumour"),
-            region_ids=regions,
-            mpp=float(meta["mpp_x"]) if meta.get("mpp_source") == "user" else None,
-        )
+        mpp = float(meta["mpp_x"]) if meta.get("mpp_source") == "user" else None
+        data = labelled_nuclei(points, meta["path"], mpp)
+        _names, polygons = self.regions()
+        if polygons:
+            data = replace(data, region_ids=points_in_polygons(data.xy_um, polygons))
+        return data
 
     def train_from_labels(self) -> Any:
         """Train a purity classifier from the labelled nuclei in the background; returns the job."""

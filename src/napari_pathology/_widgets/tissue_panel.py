@@ -32,7 +32,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_pathology._layers import overlay_geometry, slide_from_metadata
-from napari_pathology._widgets._common import SlideLayerCombo, run_in_thread
+from napari_pathology._widgets._common import SlideLayerCombo, run_in_thread, same_path
 from napari_pathology.tissue import (
     TissueMask,
     TissueParams,
@@ -69,15 +69,6 @@ AREA_UPDATE_MS = 150
 # --------------------------------------------------------------------------- layer <-> mask
 
 
-def _same_path(a: str | None, b: str | None) -> bool:
-    if a is None or b is None:
-        return a is None and b is None
-    try:
-        return Path(a).resolve() == Path(b).resolve()
-    except OSError:
-        return str(a) == str(b)
-
-
 def is_tissue_layer(layer: Any) -> bool:
     """Whether a layer is a tissue labels layer made by this plugin."""
     return getattr(layer, "_type_string", None) == "labels" and bool(
@@ -91,7 +82,7 @@ def find_tissue_layer(viewer: napari.Viewer, slide_path: str | None) -> napari.l
     When several exist, the most recently added (top-most) one wins.
     """
     for layer in reversed(list(viewer.layers)):
-        if is_tissue_layer(layer) and _same_path(layer.metadata.get("slide_path"), slide_path):
+        if is_tissue_layer(layer) and same_path(layer.metadata.get("slide_path"), slide_path):
             return layer
     return None
 

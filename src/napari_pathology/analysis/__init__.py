@@ -7,6 +7,7 @@ from napari_pathology.analysis.engine import (
     aggregate,
     result_folder,
     run_analysis,
+    tissue_or_detect,
 )
 from napari_pathology.analysis.nms import non_maximum_suppression
 from napari_pathology.analysis.result import AnalysisResult, load_result, save_result
@@ -22,4 +23,5 @@ __all__ = [
     "result_folder",
     "run_analysis",
     "save_result",
+    "tissue_or_detect",
 ]

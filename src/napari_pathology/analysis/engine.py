@@ -35,6 +35,25 @@ class NoTissueError(ValueError):
     """The slide has no tile with enough tissue to analyse."""
 
 
+def tissue_or_detect(slide: Slide, tissue: Any = None) -> Generator[Progress, None, Any]:
+    """The given tissue mask, or one found with the default parameters (a generator).
+
+    Raises
+    ------
+    NoTissueError
+        When no tissue is given and none is found.
+    """
+    from napari_pathology.tissue import TissueParams, detect_tissue
+
+    if tissue is not None:
+        return tissue
+    yield Progress(0, 0, "finding tissue...")
+    tissue = yield from detect_tissue(slide, TissueParams())
+    if tissue.is_empty:
+        raise NoTissueError(f"No tissue found in {slide.name}; draw or import a tissue mask.")
+    return tissue
+
+
 @dataclass(frozen=True)
 class RunSettings:
     """How to run a model over a slide.

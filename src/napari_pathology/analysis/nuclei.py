@@ -106,6 +106,7 @@ def run_nucleus_analysis(
     NoTissueError
         When the tissue mask is empty.
     """
+    from napari_pathology.nuclei.classify import require_purity_model
     from napari_pathology.nuclei.run import detect_in_slide
 
     settings = settings or RunSettings()
@@ -113,10 +114,7 @@ def run_nucleus_analysis(
     slide.require_mpp()
     if tissue is not None and tissue.is_empty:
         raise NoTissueError(f"No tissue found in {slide.name}; draw or import a tissue mask.")
-    if model.spec.family != "nucleus-purity":
-        raise ValueError(
-            f"{model.spec.name} is a {model.spec.family!r} model, not a nucleus purity classifier"
-        )
+    require_purity_model(model)  # before the long detection
     detection = detect_in_slide(slide, tissue=tissue, params=detector_params, cancel=cancel)
     return _run(slide, model, detection, settings, out_dir, cancel)
 

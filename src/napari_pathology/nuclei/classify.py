@@ -295,7 +295,8 @@ def nucleus_patches_from_image(
 # --------------------------------------------------------------------------- classification
 
 
-def _check_model(model: Any) -> Any:
+def require_purity_model(model: Any) -> Any:
+    """The spec of ``model``; :class:`NucleusClassifyError` unless it is a ``nucleus-purity`` model."""
     from napari_pathology.models.nucleus_purity import FAMILY
 
     spec = getattr(model, "spec", None)
@@ -359,7 +360,7 @@ def classify_nuclei(
     from napari_pathology.devices import is_out_of_memory, resolve_device
     from napari_pathology.tiles import to_tensor, tta_mean
 
-    spec = _check_model(model)
+    spec = require_purity_model(model)
     xy = _check_points(xy_um)
     if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
         raise NucleusClassifyError(f"batch_size must be a positive integer, got {batch_size!r}")
