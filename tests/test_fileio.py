@@ -65,7 +65,7 @@ def test_readonly_folder_is_one_line(tmp_path):
     folder.mkdir()
     folder.chmod(0o500)
     try:
-        with pytest.raises(OutputError, match="cannot write to .*ro: permission denied"):
+        with pytest.raises(OutputError, match=r"cannot write to .*ro: permission denied"):
             ensure_writable_dir(folder)
     finally:
         folder.chmod(0o700)

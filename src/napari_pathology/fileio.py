@@ -59,6 +59,9 @@ _FS_CAUSES = {
 class OutputError(OSError):
     """Writing an output failed or cannot succeed; the message is one line naming the place."""
 
+    def __str__(self) -> str:
+        return str(self.strerror)
+
 
 def _umask() -> int:
     with _UMASK_LOCK:
