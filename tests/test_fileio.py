@@ -15,6 +15,7 @@ from napari_pathology.fileio import (
     ensure_writable_dir,
     keep_aside,
     output_error,
+    read_json_file,
     require_finite,
     require_regular_file,
     safe_name,
@@ -120,3 +121,25 @@ def test_require_finite_range():
     assert require_finite("2.5", "x", minimum=0) == 2.5
     with pytest.raises(ValueError, match=r"x must be in \(0, inf\)"):
         require_finite(0, "x", minimum=0, inclusive=False)
+
+
+def test_read_json_file_refuses_hostile_documents(tmp_path):
+    deep = tmp_path / "deep.geojson"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match="nested too deeply"):
+        read_json_file(deep, "annotations")
+    latin = tmp_path / "latin.json"
+    latin.write_bytes(b'{"name": "caf\xe9"}')
+    with pytest.raises(ValueError, match="not UTF-8"):
+        read_json_file(latin)
+    nan = tmp_path / "nan.json"
+    nan.write_text('{"x": NaN}')
+    with pytest.raises(ValueError, match="NaN"):
+        read_json_file(nan)
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"x": ')
+    with pytest.raises(ValueError, match=r"broken\.json is not valid JSON"):
+        read_json_file(broken)
+    good = tmp_path / "good.json"
+    good.write_text('{"x": [1, 2]}')
+    assert read_json_file(good) == {"x": [1, 2]}

@@ -40,6 +40,8 @@ __all__ = [
     "ensure_writable_dir",
     "keep_aside",
     "output_error",
+    "read_json_file",
+    "read_text_file",
     "require_finite",
     "require_regular_file",
     "safe_name",
@@ -343,3 +345,54 @@ def require_finite(value: Any, name: str, *, minimum: float | None = None, maxim
         brackets = "[]" if inclusive else "()"
         raise ValueError(f"{name} must be in {brackets[0]}{low}, {high}{brackets[1]}, got {value!r}")
     return number
+
+
+#: Largest JSON / text input read whole (annotations, tables, result files).
+MAX_TEXT_BYTES = 512 * 1024 * 1024
+
+
+def read_text_file(path: str | os.PathLike[str], what: str = "file", max_bytes: int = MAX_TEXT_BYTES) -> str:
+    """The UTF-8 text of a regular file, refused with a message naming it when it is not one.
+
+    Raises
+    ------
+    FileNotFoundError
+        When nothing is there.
+    ValueError
+        Not a regular file, larger than ``max_bytes``, or not UTF-8 text.
+
+    """
+    path = require_regular_file(path, what)
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise ValueError(
+            f"{what} {path} is {size / 2**20:.0f} MiB; more than the {max_bytes / 2**20:.0f} MiB read"
+        )
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{what} {path} is not UTF-8 text (byte {error.start}); save it as UTF-8") from None
+    except OSError as error:
+        raise ValueError(f"cannot read {what} {path}: {error.strerror or error}") from error
+
+
+def read_json_file(path: str | os.PathLike[str], what: str = "JSON file") -> Any:
+    """Parse a JSON file; any failure is a ValueError that names the file and the cause.
+
+    Too deeply nested documents (``RecursionError`` in the parser), bad UTF-8,
+    syntax errors, NaN/Infinity constants and non-regular files are all
+    refused with one line.
+    """
+    import json
+
+    text = read_text_file(path, what)
+
+    def refuse_constant(name: str) -> Any:
+        raise ValueError(f"{what} {path} holds {name}, which is not valid JSON")
+
+    try:
+        return json.loads(text, parse_constant=refuse_constant)
+    except RecursionError:
+        raise ValueError(f"{what} {path} is nested too deeply to be read") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{what} {path} is not valid JSON: {error.msg} at line {error.lineno}") from None
