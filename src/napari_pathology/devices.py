@@ -34,7 +34,19 @@ def available_devices() -> list[DeviceInfo]:
                 free = None
             memory = f" ({free / 2**30:.1f} GiB free)" if free is not None else ""
             devices.append(DeviceInfo(f"cuda:{index}", f"cuda:{index} - {name}{memory}", free))
+    if _mps_available():
+        devices.append(DeviceInfo("mps", "mps - Apple GPU"))
     return devices
+
+
+def _mps_available() -> bool:
+    import torch
+
+    backend = getattr(torch.backends, "mps", None)
+    try:
+        return bool(backend is not None and backend.is_available())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def default_device() -> str:
@@ -45,29 +57,40 @@ def default_device() -> str:
 
 
 def resolve_device(device: str | None):
-    """Turn ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"`` or None into a ``torch.device``.
+    """Turn ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"``, ``"auto"`` or None into a ``torch.device``.
+
+    Every other string is refused, and so is a device this machine or this
+    build of torch does not have (a GPU index past the last one, ``mps``
+    without Apple's backend).
 
     Raises
     ------
     ValueError
-        For a GPU that is not visible, with the devices that are.
+        One line naming the device and listing the devices that exist here.
     """
     import torch
 
-    if device in (None, "", "auto"):
+    text = "" if device is None else str(device).strip().lower()
+    if text in ("", "auto"):
         return torch.device(default_device())
-    try:
-        chosen = torch.device(device)
-    except RuntimeError as exc:
-        raise ValueError(f"unknown device {device!r}: use cpu or cuda:N") from exc
-    if chosen.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        index = chosen.index or 0
-        if index >= count:
-            visible = ", ".join(d.id for d in available_devices())
-            raise ValueError(f"device {device} is not visible here (available: {visible})")
-        return torch.device("cuda", index)
-    return chosen
+    kind, _, index_text = text.partition(":")
+    if kind not in ("cpu", "cuda", "mps") or (index_text and not index_text.isdigit()):
+        raise ValueError(f"unknown device {device!r}: use auto, cpu or cuda:N (available: {_visible()})")
+    index = int(index_text) if index_text else None
+    if kind == "cpu":
+        return torch.device("cpu")
+    if kind == "mps":
+        if not _mps_available():
+            raise ValueError(f"device {device!r} is not in this build of torch (available: {_visible()})")
+        return torch.device("mps")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if (index or 0) >= count:
+        raise ValueError(f"device {device!r} is not visible here (available: {_visible()})")
+    return torch.device("cuda", index or 0)
+
+
+def _visible() -> str:
+    return ", ".join(d.id for d in available_devices())
 
 
 def is_out_of_memory(error: BaseException) -> bool:
