@@ -9,12 +9,15 @@ non-zero exit status, never a traceback.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import os
 import sys
 from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
+from napari_pathology.fileio import OutputError, ensure_writable_dir, require_finite
 from napari_pathology.progress import Progress, run_to_completion
 
 T = TypeVar("T")
@@ -25,6 +28,132 @@ EXIT_USER_ERROR = 2
 
 class CommandError(Exception):
     """An error to report to the user as one line, without a traceback."""
+
+
+# --------------------------------------------------------------------------- option types
+# Every numeric option is parsed by one of these ``type=`` factories, so a bad
+# value (0 where 1 is the least, NaN, 1e9 px, an implausible um/px) is refused
+# in one line by the parser, before anything is read or computed.
+
+
+def int_option(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse ``type`` for a whole number in ``[minimum, maximum]``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(str(text).strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            high = "" if maximum is None else f" and at most {maximum}"
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}{high}, got {text!r}")
+        return value
+
+    parse.__name__ = "whole number"
+    return parse
+
+
+def finite_float(
+    minimum: float | None = None,
+    maximum: float | None = None,
+    *,
+    exclusive_minimum: bool = False,
+    exclusive_maximum: bool = False,
+    unit: str = "",
+) -> Callable[[str], float]:
+    """An argparse ``type`` for a finite number in a range (ends open when asked).
+
+    Built on :func:`napari_pathology.fileio.require_finite`; NaN and
+    infinities are refused.
+    """
+    low = "-inf" if minimum is None else f"{minimum:g}"
+    high = "inf" if maximum is None else f"{maximum:g}"
+    interval = f"{'(' if exclusive_minimum else '['}{low}, {high}{')' if exclusive_maximum else ']'}"
+    suffix = f" {unit}" if unit else ""
+
+    def parse(text: str) -> float:
+        try:
+            value = require_finite(text, "value", minimum=minimum, maximum=maximum)
+        except ValueError as error:
+            if "finite" in str(error) or "must be a number" in str(error):
+                raise argparse.ArgumentTypeError(str(error).removeprefix("value ")) from None
+            value = None
+        if (
+            value is None
+            or (exclusive_minimum and minimum is not None and value <= minimum)
+            or (exclusive_maximum and maximum is not None and value >= maximum)
+        ):
+            raise argparse.ArgumentTypeError(f"must be in {interval}{suffix}, got {text!r}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+#: Whole number of at least 1 (counts, sizes, steps).
+positive_int = int_option(1)
+#: Whole number of at least 0.
+non_negative_int = int_option(0)
+#: Random seeds: what numpy and torch both accept.
+seed_int = int_option(0, 2**32 - 1)
+#: A share in [0, 1].
+fraction = finite_float(0.0, 1.0)
+#: A finite number above 0.
+positive_float = finite_float(0.0, exclusive_minimum=True)
+
+
+def mpp_option(text: str) -> float:
+    """An argparse ``type`` for um/px: finite and plausible for a microscope slide.
+
+    The range is the one slides' own metadata must fall in
+    (:data:`napari_pathology.slide.backends.PLAUSIBLE_MPP`).
+    """
+    from napari_pathology.slide.backends import PLAUSIBLE_MPP
+
+    low, high = PLAUSIBLE_MPP
+    return finite_float(low, high, unit="um/px, the plausible range for a slide")(text)
+
+
+def device_option(text: str) -> str:
+    """An argparse ``type`` for ``--device``: refused at once when no such device is here.
+
+    ``cpu`` and ``auto`` pass without importing torch; anything else is
+    checked by :func:`napari_pathology.devices.resolve_device`.
+    """
+    if str(text).strip().lower() in ("cpu", "auto"):
+        return str(text).strip().lower()
+    from napari_pathology.devices import resolve_device
+
+    try:
+        resolve_device(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return str(text).strip().lower()
+
+
+#: Option ranges, one per kind of option.
+SLIDE_SIZE = int_option(256, 100_000)  # synthetic slide side, px
+SYNTH_MPP = finite_float(0.05, 10.0, unit="um/px")  # what generate_synthetic_slide renders
+MASK_MPP = finite_float(0.1, 1000.0, unit="um/px")
+CHUNK_PX = int_option(64, 8192)
+BATCH_SIZE = int_option(1, 4096)
+STRIDE = int_option(1, 4096)  # px at the model's um/px; a tile is at most a few hundred
+NMS_RADIUS = finite_float(0.0, 1000.0, exclusive_minimum=True, unit="heatmap cells")
+TRAIN_STEPS = int_option(1, 10_000_000)
+EPOCHS = int_option(1, 100_000)
+TRAIN_BATCH_SIZE = int_option(1, 65_536)
+LEARNING_RATE = finite_float(0.0, 10.0, exclusive_minimum=True)
+VAL_FRACTION = finite_float(0.0, 1.0, exclusive_maximum=True)
+NORMAL_WEIGHT = finite_float(0.0, 1000.0, exclusive_minimum=True)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line on stderr and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print ``prog: error: message`` in one line and exit with status 2."""
+        text = " ".join(str(message).split())
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {text} (see {self.prog} --help)\n")
 
 
 def run_with_progress(job: Generator[Progress, None, T], description: str, quiet: bool = False) -> T:
@@ -125,7 +254,9 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix.lower() not in {".tif", ".tiff"}:
         raise CommandError(f"output must end in .tif or .tiff, got {out.name}")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.is_dir():
+        raise CommandError(f"output {out} is a folder; give a .tif file name")
+    ensure_writable_dir(out.parent)  # before minutes of rendering
     job = generate_synthetic_slide(
         out,
         size=args.size,
@@ -149,10 +280,11 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from napari_pathology.demo import ensure_demo_slide
+    from napari_pathology.demo import cache_dir, ensure_demo_slide
     from napari_pathology.slide import open_slide
     from napari_pathology.slide.synthetic import load_truth
 
+    ensure_writable_dir(args.cache_dir or cache_dir())
     path = run_with_progress(
         ensure_demo_slide(args.size, args.seed, folder=args.cache_dir),
         "making the demo slide (once)",
@@ -257,6 +389,7 @@ def _tissue_params(args: argparse.Namespace):
 def _cmd_tissue(args: argparse.Namespace) -> int:
     from napari_pathology.tissue import write_tissue_outputs
 
+    ensure_writable_dir(args.out)  # before reading the slide
     paths = run_with_progress(
         write_tissue_outputs(args.slide, args.out, _tissue_params(args), mpp=args.mpp),
         "tissue mask",
@@ -270,19 +403,44 @@ def _cmd_tissue(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- nuclei
 
 
-def parse_roi(text: str, mpp: tuple[float, float]) -> tuple[float, float, float, float]:
-    """``--roi x,y,w,h`` in micrometres, or in level-0 pixels with a ``px`` suffix, as um."""
+def parse_roi(
+    text: str, mpp: tuple[float, float], extent_um: tuple[float, float] | None = None
+) -> tuple[float, float, float, float]:
+    """``--roi x,y,w,h`` in micrometres, or in level-0 pixels with a ``px`` suffix, as um.
+
+    Parameters
+    ----------
+    text : str
+        The option's value.
+    mpp : tuple of float
+        Level-0 um/px ``(x, y)``, for the ``px`` form.
+    extent_um : tuple of float, optional
+        The slide's ``(width, height)`` in um; a region entirely outside it is refused.
+
+    Raises
+    ------
+    CommandError
+        Not four finite numbers, a negative corner, an empty region, or off the slide.
+    """
     raw = text.strip().lower()
     in_px = raw.endswith("px")
     raw = raw.removesuffix("px").removesuffix("um").strip()
+    usage = "--roi must be x,y,w,h in um (or in level-0 pixels ending in px)"
     try:
-        values = [float(v) for v in raw.split(",")]
+        values = [require_finite(v, "--roi") for v in raw.split(",")]
     except ValueError:
         values = []
     if len(values) != 4:
-        raise CommandError(f"--roi must be x,y,w,h in um (or in level-0 pixels ending in px), got {text!r}")
+        raise CommandError(f"{usage}, four finite numbers; got {text!r}")
+    if values[0] < 0 or values[1] < 0 or values[2] <= 0 or values[3] <= 0:
+        raise CommandError(f"{usage}, with x, y >= 0 and w, h > 0; got {text!r}")
     if in_px:
         values = [values[0] * mpp[0], values[1] * mpp[1], values[2] * mpp[0], values[3] * mpp[1]]
+    if extent_um is not None and (values[0] >= extent_um[0] or values[1] >= extent_um[1]):
+        raise CommandError(
+            f"--roi {text!r} starts outside the slide ({extent_um[0]:g} x {extent_um[1]:g} um); "
+            "give x,y inside it"
+        )
     return values[0], values[1], values[2], values[3]
 
 
@@ -292,10 +450,16 @@ def _cmd_nuclei(args: argparse.Namespace) -> int:
     from napari_pathology.slide import open_slide
     from napari_pathology.tissue import TissueParams, detect_tissue
 
+    for option, target in (("--out", args.out), ("--geojson", args.geojson)):
+        if target is not None and Path(target).is_dir():
+            raise CommandError(f"{option} {target} is a folder; give a file name")
+        if target is not None:
+            ensure_writable_dir(Path(target).parent)  # before reading the slide
     slide = open_slide(args.slide, mpp=args.mpp)
     slide.validate()
     mpp = slide.require_mpp()
-    roi = parse_roi(args.roi, mpp) if args.roi else None
+    extent = (slide.dimensions[0] * mpp[0], slide.dimensions[1] * mpp[1])
+    roi = parse_roi(args.roi, mpp, extent) if args.roi else None
     use_tissue = args.tissue if args.tissue is not None else (roi is None and slide.level_count > 1)
     tissue = None
     if use_tissue:
@@ -454,7 +618,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for ``napari-pathology``."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="napari-pathology",
         description="Interactive digital pathology: slides, tissue, tumour models, annotation.",
     )
@@ -462,24 +626,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="open napari on a synthetic demo slide (made once, cached)")
     demo.add_argument("--headless", action="store_true", help="print a summary instead of a GUI")
-    demo.add_argument("--size", type=int, default=None, help="slide side in pixels")
-    demo.add_argument("--seed", type=int, default=None, help="random seed of the demo slide")
+    demo.add_argument("--size", type=SLIDE_SIZE, default=None, help="slide side in pixels")
+    demo.add_argument("--seed", type=seed_int, default=None, help="random seed of the demo slide")
     demo.add_argument("--cache-dir", type=Path, default=None, help="where demo slides are kept")
     demo.set_defaults(func=_cmd_demo)
 
     info = sub.add_parser("info", help="print a slide's facts")
     info.add_argument("slide", type=Path)
     info.add_argument("--json", action="store_true", help="print JSON")
-    info.add_argument("--mpp", type=float, default=None, help="um/px to use instead of the file's")
+    info.add_argument("--mpp", type=mpp_option, default=None, help="um/px to use instead of the file's")
     info.set_defaults(func=_cmd_info)
 
     synth = sub.add_parser("synth", help="write a synthetic H&E slide with ground truth")
     synth.add_argument("out", type=Path, help="output .tif path")
-    synth.add_argument("--size", type=int, default=20_000, help="side in pixels (default 20000)")
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--size", type=SLIDE_SIZE, default=20_000, help="side in pixels (default 20000)")
+    synth.add_argument("--seed", type=seed_int, default=0)
     synth.add_argument("--negative", action="store_true", help="no tumour (a normal slide)")
     synth.add_argument("--micro", action="store_true", help="one small lesion (micro-metastasis)")
-    synth.add_argument("--mpp", type=float, default=0.5, help="um/px at level 0 (default 0.5)")
+    synth.add_argument("--mpp", type=SYNTH_MPP, default=0.5, help="um/px at level 0 (default 0.5)")
     synth.add_argument("--pen-mark", action="store_true", help="add a pen-ink stroke")
     synth.add_argument("--blurred-patch", action="store_true", help="add an out-of-focus patch")
     synth.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -489,9 +653,9 @@ def build_parser() -> argparse.ArgumentParser:
     tissue.add_argument("slide", type=Path)
     tissue.add_argument("--out", type=Path, required=True, help="output folder")
     tissue.add_argument("--method", choices=["saturation", "otsu", "gray"], default="saturation")
-    tissue.add_argument("--mask-mpp", type=float, default=8.0, help="um/px of the mask (default 8)")
+    tissue.add_argument("--mask-mpp", type=MASK_MPP, default=8.0, help="um/px of the mask (default 8)")
     tissue.add_argument("--exclude-pen", action="store_true", help="remove green/blue/red pen ink")
-    tissue.add_argument("--mpp", type=float, default=None, help="um/px for slides that lack it")
+    tissue.add_argument("--mpp", type=mpp_option, default=None, help="um/px for slides that lack it")
     tissue.add_argument("--quiet", action="store_true", help="no progress bar")
     tissue.set_defaults(func=_cmd_tissue)
 
@@ -509,7 +673,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="region x,y,w,h in um from the slide's top-left corner (level 0); "
         "end with px for level-0 pixels, e.g. 0,0,2048,2048px",
     )
-    nuclei.add_argument("--mpp", type=float, default=None, help="um/px for images that lack it")
+    nuclei.add_argument("--mpp", type=mpp_option, default=None, help="um/px for images that lack it")
     nuclei.add_argument(
         "--geojson",
         type=Path,
@@ -523,7 +687,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip chunks without tissue (default: on for a whole multi-level slide, "
         "off with --roi or for a single-level image)",
     )
-    nuclei.add_argument("--chunk-px", type=int, default=1024, help="chunk side in level-0 px")
+    nuclei.add_argument("--chunk-px", type=CHUNK_PX, default=1024, help="chunk side in level-0 px")
     nuclei.add_argument("--quiet", action="store_true", help="no progress bar")
     nuclei.set_defaults(func=_cmd_nuclei)
 
@@ -534,16 +698,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("slide", type=Path)
     run.add_argument("--model", required=True, help="registered model name or checkpoint path")
     run.add_argument("--out", type=Path, required=True, help="results go to OUT/<slide>/<model>/")
-    run.add_argument("--device", default="cpu", help="cpu, cuda:N or auto (default cpu)")
-    run.add_argument("--batch-size", type=int, default=32)
-    run.add_argument("--stride", type=int, default=None, help="px at the model's um/px")
+    run.add_argument("--device", type=device_option, default="cpu", help="cpu, cuda:N or auto (default cpu)")
+    run.add_argument("--batch-size", type=BATCH_SIZE, default=32)
+    run.add_argument("--stride", type=STRIDE, default=None, help="px at the model's um/px")
     run.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                      help="average the 8 orientations (default: the model's choice)")  # fmt: skip
     run.add_argument("--tissue", default="auto", help="auto (detect), none, or a saved tissue mask")
-    run.add_argument("--min-tissue", type=float, default=0.25, help="min tissue fraction per tile")
-    run.add_argument("--nms-threshold", type=float, default=0.5)
-    run.add_argument("--nms-radius", type=float, default=5.0, help="in heatmap cells")
-    run.add_argument("--mpp", type=float, default=None, help="um/px for slides that lack it")
+    run.add_argument("--min-tissue", type=fraction, default=0.25, help="min tissue fraction per tile")
+    run.add_argument("--nms-threshold", type=fraction, default=0.5, help="min score of a detection (0-1)")
+    run.add_argument("--nms-radius", type=NMS_RADIUS, default=5.0, help="in heatmap cells")
+    run.add_argument("--mpp", type=mpp_option, default=None, help="um/px for slides that lack it")
     run.add_argument("--recompute", action="store_true", help="ignore a saved result")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.set_defaults(func=_cmd_run)
@@ -557,17 +721,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=Path, required=True, help="best checkpoint (.pt)")
     train.add_argument("--start", default=None, help="registry name or checkpoint to start from")
     train.add_argument("--trunk-from", default=None, help="tumor-normal: take the frozen trunk of this model")
-    train.add_argument("--steps", type=int, default=None, help="metastasis: optimiser steps (default 2000)")
-    train.add_argument("--epochs", type=int, default=None,
+    train.add_argument("--steps", type=TRAIN_STEPS, default=None,
+                       help="metastasis: optimiser steps (default 2000)")  # fmt: skip
+    train.add_argument("--epochs", type=EPOCHS, default=None,
                        help="tumor-normal (default 20) and nucleus-purity (default 30): epochs")  # fmt: skip
-    train.add_argument("--normal-weight", type=float, default=1.0,
+    train.add_argument("--normal-weight", type=NORMAL_WEIGHT, default=1.0,
                        help="tumor-normal: normal tiles per tumour-slide tile (default 1)")  # fmt: skip
-    train.add_argument("--batch-size", type=int, default=None)
-    train.add_argument("--lr", type=float, default=None, help="learning rate (default: the paper's)")
-    train.add_argument("--val-fraction", type=float, default=0.2, help="share of slides held out")
-    train.add_argument("--eval-every", type=int, default=100, help="metastasis: steps between validations")
-    train.add_argument("--device", default="cpu", help="cpu, cuda:N or auto (default cpu)")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--batch-size", type=TRAIN_BATCH_SIZE, default=None)
+    train.add_argument("--lr", type=LEARNING_RATE, default=None, help="learning rate (default: the paper's)")
+    train.add_argument("--val-fraction", type=VAL_FRACTION, default=0.2, help="share of slides held out")
+    train.add_argument("--eval-every", type=positive_int, default=100,
+                       help="metastasis: steps between validations")  # fmt: skip
+    train.add_argument("--device", type=device_option, default="cpu", help="cpu, cuda:N or auto (default cpu)")  # noqa: E501
+    train.add_argument("--seed", type=seed_int, default=0)
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint of --out")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=_cmd_train)
@@ -576,8 +742,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", required=True, help="registered model name or checkpoint path")
     evaluate.add_argument("--data", type=Path, required=True, help="slide table CSV or folder of slides")
     evaluate.add_argument("--out", type=Path, required=True, help="results and evaluation JSON/CSV")
-    evaluate.add_argument("--device", default="cpu")
-    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--device", type=device_option, default="cpu", help="cpu, cuda:N or auto")
+    evaluate.add_argument("--batch-size", type=BATCH_SIZE, default=32)
     evaluate.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                           help="average the 8 orientations (default: the model's choice)")  # fmt: skip
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -585,25 +751,89 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``napari-pathology`` console script."""
-    from napari_pathology.demo import DEMO_SEED, DEMO_SIZE
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """Exception classes that mean "fix your input or your disk": reported in one line, exit 2.
+
+    Bad values and files (ValueError, which covers UnicodeDecodeError, JSON
+    errors and every ``*Error`` of this package but SlideOpenError), slides
+    that cannot be opened, file-system errors (missing, unreadable, full or
+    read-only), too deeply nested input (RecursionError), malformed CSV,
+    too little memory, and images past Pillow's size limit.
+    """
     from napari_pathology.slide import SlideOpenError
 
+    types: list[type[BaseException]] = [
+        CommandError, SlideOpenError, ValueError, OSError, RecursionError, MemoryError, csv.Error,
+    ]  # fmt: skip
+    try:
+        from PIL.Image import DecompressionBombError
+
+        types.append(DecompressionBombError)
+    except ImportError:  # pragma: no cover - Pillow is a dependency
+        pass
+    return tuple(types)
+
+
+def one_line(error: BaseException) -> str:
+    """The message of a user-fixable error as one line (file named where the error knows it)."""
+    named = isinstance(error, OSError) and not isinstance(error, OutputError) and error.filename
+    if named and error.strerror:
+        text = f"{error.filename}: {error.strerror}"
+    elif isinstance(error, RecursionError):
+        text = "the input is nested too deeply to be read"
+    elif isinstance(error, MemoryError):
+        detail = f" ({error})" if str(error) else ""
+        text = f"not enough memory{detail}; try a smaller region, batch size or a coarser resolution"
+    else:
+        text = str(error) or type(error).__name__
+    return " ".join(text.split())
+
+
+def _silence_stdout() -> None:
+    """After a broken pipe: point stdout at devnull so the exit flush does not fail again.
+
+    The way the Python documentation prescribes (``signal`` docs, "Note on SIGPIPE").
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (e.g. captured in tests)
+        pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``napari-pathology`` console script.
+
+    Returns the exit status: 0 on success, 2 for an error in the user's input
+    (one line on stderr: bad option, bad or unreadable file, output folder not
+    writable), 130 when interrupted, 1 when stdout was closed early (``| head``).
+    """
+    from napari_pathology.demo import DEMO_SEED, DEMO_SIZE
+
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help, or an option refused in one line by OneLineParser
+        return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else EXIT_USER_ERROR)
     if getattr(args, "command", None) == "demo":
         args.size = args.size or DEMO_SIZE
         args.seed = DEMO_SEED if args.seed is None else args.seed
     handler: Callable[[argparse.Namespace], int] = args.func
     try:
-        return handler(args)
-    except (SlideOpenError, CommandError, FileNotFoundError, ValueError, MemoryError) as exc:
-        print(f"napari-pathology: error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        status = handler(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return status
+    except BrokenPipeError:
+        _silence_stdout()
+        return 1
     except KeyboardInterrupt:
         print("napari-pathology: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if not isinstance(exc, user_error_types()):
+            raise
+        print(f"napari-pathology: error: {one_line(exc)}", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":
