@@ -317,14 +317,15 @@ def test_autosave_survives_a_crash_mid_write(tmp_path: Path, monkeypatch) -> Non
     _assert_same(load_sidecar(path), first)
     bigger = NucleusPoints.concat(first, first, first)
 
-    def crash_half_way(points: NucleusPoints, fh) -> None:
-        buffer = __import__("io").StringIO()
-        write_csv(points, buffer)
+    buffer = __import__("io").StringIO()
+    write_csv(bigger, buffer)
+
+    def crash_half_way(fh, points: NucleusPoints, comment=None) -> None:
         fh.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
         raise OSError("disk full (simulated)")
 
     with monkeypatch.context() as m:
-        m.setattr(points_module, "write_csv", crash_half_way)
+        m.setattr(points_module, "_write_rows", crash_half_way)
         with pytest.raises(OSError, match="simulated"):
             save_atomic(bigger, path)
     assert path.read_bytes() == before

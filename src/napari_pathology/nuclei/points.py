@@ -19,18 +19,19 @@ No Qt, no napari: numpy and the standard library only.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
-import uuid
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 
+from napari_pathology.fileio import atomic_write, keep_aside, read_json_file, read_text_file
 from napari_pathology.geometry import Polygon, points_in_polygons, polygon_area
 
 if TYPE_CHECKING:
@@ -71,8 +72,74 @@ _SYNONYMS: dict[str, int] = {
 }
 
 
+#: Largest coordinate accepted anywhere, in micrometres (10 m: far beyond any slide; catches 1e12).
+MAX_COORDINATE_UM = 1e7
+
+
 class NucleusFileError(ValueError):
     """A nucleus annotation file that cannot be read (the message names the file and the fix)."""
+
+
+def check_centroids(
+    x_um: np.ndarray,
+    y_um: np.ndarray,
+    extent_um: tuple[float, float] | None = None,
+    where: Callable[[int], str] = lambda i: f"row {i + 1}",
+) -> None:
+    """Refuse non-finite, negative, absurd or (given the slide's extent) out-of-slide centroids.
+
+    Parameters
+    ----------
+    x_um, y_um : ndarray
+        Centroids in slide micrometres (origin at the slide's top-left corner).
+    extent_um : (width_um, height_um), optional
+        The slide's size; centroids beyond it are refused.
+    where : callable
+        Names entry ``i`` in the message (``"row 7"``, ``"feature 3"``).
+
+    Raises
+    ------
+    ValueError
+        Naming the first bad entry, its values and the likely cause.
+
+    """
+    x = np.asarray(x_um, np.float64).reshape(-1)
+    y = np.asarray(y_um, np.float64).reshape(-1)
+    finite = np.isfinite(x) & np.isfinite(y)
+    if not finite.all():
+        i = int(np.flatnonzero(~finite)[0])
+        raise ValueError(
+            f"{where(i)}: centroid ({x[i]!r}, {y[i]!r}) is not a pair of finite numbers; "
+            "every nucleus needs a finite x and y"
+        )
+    limit_x, limit_y = (MAX_COORDINATE_UM, MAX_COORDINATE_UM) if extent_um is None else extent_um
+    slack_x, slack_y = 1e-9 * (1 + abs(limit_x)), 1e-9 * (1 + abs(limit_y))  # float rounding at the edge
+    outside = (x < -slack_x) | (y < -slack_y) | (x > limit_x + slack_x) | (y > limit_y + slack_y)
+    if outside.any():
+        i = int(np.flatnonzero(outside)[0])
+        size = (
+            f"the slide ({limit_x:.1f} x {limit_y:.1f} um)"
+            if extent_um is not None
+            else f"any slide (0 to {MAX_COORDINATE_UM:g} um)"
+        )
+        raise ValueError(
+            f"{where(i)}: centroid ({x[i]:.6g}, {y[i]:.6g}) um lies outside {size}; "
+            f"{int(outside.sum())} of {len(x)} nuclei do: wrong slide, or pixels read as micrometres?"
+        )
+
+
+def _check_measurements(probability: np.ndarray, area: np.ndarray, where: Callable[[int], str]) -> None:
+    """Probabilities in [0, 1] and areas >= 0 (finite), or NaN for unknown."""
+    p = np.asarray(probability, np.float64)
+    bad = ~np.isnan(p) & ~((p >= 0) & (p <= 1))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"{where(i)}: probability {p[i]!r} is not in [0, 1] (leave it empty when unknown)")
+    a = np.asarray(area, np.float64)
+    bad = ~np.isnan(a) & ~(np.isfinite(a) & (a >= 0))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"{where(i)}: area {a[i]!r} um^2 is not a finite number >= 0 (leave it empty)")
 
 
 def parse_label(text: str | int) -> int:
@@ -160,7 +227,8 @@ class NucleusPoints:
     Attributes
     ----------
     x_um, y_um : ndarray
-        ``(N,)`` float64 centroids (level-0 frame, origin at the top-left corner).
+        ``(N,)`` float64 centroids (level-0 frame, origin at the top-left corner); always
+        finite (a table cannot hold, so no writer can write, an empty or NaN centroid).
     label : ndarray
         ``(N,)`` int8 codes into :data:`LABELS` (names are accepted and parsed).
     probability : ndarray
@@ -208,6 +276,12 @@ class NucleusPoints:
             if len(arr) != n:
                 raise ValueError(f"column {name!r} has {len(arr)} rows but x_um has {n}; give equal lengths")
             object.__setattr__(self, name, arr)
+        if n and not (np.isfinite(self.x_um).all() and np.isfinite(self.y_um).all()):
+            bad = int(np.flatnonzero(~(np.isfinite(self.x_um) & np.isfinite(self.y_um)))[0])
+            raise ValueError(
+                f"nucleus {bad}: centroid ({self.x_um[bad]!r}, {self.y_um[bad]!r}) is not finite; "
+                "every nucleus needs a finite x and y"
+            )
         if n and (self.label.min() < 0 or self.label.max() >= len(LABELS)):
             raise ValueError(f"label codes must be 0-{len(LABELS) - 1} ({', '.join(LABELS)})")
         if n and (self.source.min() < 0 or self.source.max() >= len(SOURCES)):
@@ -404,21 +478,28 @@ def write_csv(points: NucleusPoints, path: str | os.PathLike[str] | TextIO) -> N
     points : NucleusPoints
         The nuclei.
     path : path-like or text file
-        Destination file (created or replaced) or an open text stream.
+        Destination file, replaced atomically (:func:`napari_pathology.fileio.atomic_write`:
+        a full disk leaves the old file, never a torn one), or an open text stream.
+
+    Raises
+    ------
+    OutputError
+        When the file system refuses the write (one line naming the folder).
 
     """
+    if hasattr(path, "write"):
+        _write_rows(path, points)  # type: ignore[arg-type]
+        return
+    atomic_write(path, lambda fh: _write_rows(fh, points), text=True)
+
+
+def _write_rows(fh: TextIO, points: NucleusPoints, comment: str | None = None) -> None:
     columns = [
         _format(points.x_um), _format(points.y_um), points.label_names().tolist(),
         _format(points.probability), _format(points.area_um2), points.source_names().tolist(),
     ]  # fmt: skip
-    if hasattr(path, "write"):
-        _write_rows(path, columns)  # type: ignore[arg-type]
-        return
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        _write_rows(fh, columns)
-
-
-def _write_rows(fh: TextIO, columns: list[list[str]]) -> None:
+    if comment is not None:
+        fh.write(comment + "\n")
     writer = csv.writer(fh, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     writer.writerows(zip(*columns, strict=True))
@@ -431,7 +512,7 @@ def _column(header: list[str], aliases: Iterable[str]) -> int | None:
     return None
 
 
-def _floats(columns: _Columns, col: int | None, n: int, name: str) -> np.ndarray:
+def _floats(columns: _Columns, col: int | None, n: int, name: str, lines: Sequence[int]) -> np.ndarray:
     if col is None:
         return np.full(n, np.nan)
     text = np.array(columns[col], dtype=object).reshape(n)
@@ -443,7 +524,7 @@ def _floats(columns: _Columns, col: int | None, n: int, name: str) -> np.ndarray
         bad = [i for i, t in enumerate(text) if not _is_float(t)]
         if not bad:
             return text.astype(np.float64)
-        raise ValueError(f"column {name!r} row {bad[0] + 2} is {text[bad[0]]!r}, not a number") from None
+        raise ValueError(f"row {lines[bad[0]]}: column {name!r} is {text[bad[0]]!r}, not a number") from None
 
 
 def _is_float(text: str) -> bool:
@@ -454,8 +535,12 @@ def _is_float(text: str) -> bool:
     return True
 
 
-def read_csv(path: str | os.PathLike[str] | TextIO, mpp: float | None = None) -> NucleusPoints:
-    """Read nuclei from a CSV file, tolerantly.
+def read_csv(
+    path: str | os.PathLike[str] | TextIO,
+    mpp: float | None = None,
+    extent_um: tuple[float, float] | None = None,
+) -> NucleusPoints:
+    """Read nuclei from a CSV file, tolerantly in form and strictly in content.
 
     Columns are matched by name (case-insensitive, any order, extra columns
     ignored). Only the centroid is required: ``x_um,y_um`` (also QuPath's
@@ -463,21 +548,25 @@ def read_csv(path: str | os.PathLike[str] | TextIO, mpp: float | None = None) ->
     when ``mpp`` is given (QuPath's frame: level-0 pixels from the image's
     top-left corner, so ``x_um = x * mpp``). Understood as well:
 
-    - this module's own CSV (:func:`write_csv`): exact round trip;
+    - this module's own CSV (:func:`write_csv`, :func:`save_atomic`): exact round trip;
     - the detector's CSV (``NucleusTable.to_csv``): unlabeled, source ``detected``, area kept;
     - a synthetic slide's ``*.nuclei.csv`` (``x_um,y_um,label,radius_um,kind``): its
       ``label`` column is used; without one, ``kind`` "tumour" is tumour and every
       other kind (epithelial, lymphocyte, fibroblast, histiocyte) is normal.
 
     Labels go through :func:`parse_label`; a missing ``source`` column means
-    ``detected`` for a detector CSV and ``imported`` otherwise.
+    ``detected`` for a detector CSV and ``imported`` otherwise. Every centroid
+    must be finite and on the slide (``extent_um``, when given), probabilities in
+    [0, 1] and areas >= 0; the first bad row is named.
 
     Parameters
     ----------
     path : path-like or text file
-        The CSV.
+        The CSV (a regular, UTF-8 file).
     mpp : float, optional
         Micrometres per level-0 pixel, needed only for pixel columns.
+    extent_um : (width_um, height_um), optional
+        The slide's size in micrometres; centroids outside it are refused.
 
     Returns
     -------
@@ -486,43 +575,60 @@ def read_csv(path: str | os.PathLike[str] | TextIO, mpp: float | None = None) ->
     Raises
     ------
     NucleusFileError
-        For a file without centroid columns, a cell that is not a number or an unknown label.
+        Naming the file and the row: no centroid columns, a cell that is not a
+        number, a non-finite or out-of-slide centroid, an unknown label, or a
+        file that is not UTF-8 text.
 
     """
     where = str(getattr(path, "name", None) or path)
     try:
-        return _points_from_rows(_read_rows(path), mpp)
+        return _points_from_rows(*_read_rows(path), mpp, extent_um)
     except NucleusFileError:
         raise
-    except ValueError as exc:
+    except (ValueError, FileNotFoundError) as exc:
         raise NucleusFileError(f"{where}: {exc}") from exc
 
 
-def _read_rows(path: str | os.PathLike[str] | TextIO) -> list[list[str]]:
+#: First line of an autosave: says what the numbers are and the slide they belong to.
+AUTOSAVE_COMMENT = "# napari-pathology nuclei"
+
+
+def _read_rows(path: str | os.PathLike[str] | TextIO) -> tuple[list[list[str]], list[int]]:
+    """Non-blank CSV rows and the file line of each; leading autosave comment lines skipped."""
+    if hasattr(path, "read"):
+        text = path.read()  # type: ignore[union-attr]
+    else:
+        text = read_text_file(path, "nucleus CSV")
+    rows: list[list[str]] = []
+    lines: list[int] = []
+    reader = csv.reader(io.StringIO(text))
+    start = 1
     try:
-        if hasattr(path, "read"):
-            rows = list(csv.reader(path))  # type: ignore[arg-type]
-        else:
-            with open(path, newline="", encoding="utf-8-sig") as fh:
-                rows = list(csv.reader(fh))
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"not a text CSV file ({exc.reason})") from exc
+        for row in reader:
+            if (len(row) > 1 or (row and row[0].strip())) and not (
+                not rows and row and row[0].startswith(AUTOSAVE_COMMENT)
+            ):
+                rows.append(row)
+                lines.append(start)
+            start = reader.line_num + 1
     except csv.Error as exc:
-        raise ValueError(f"not a readable CSV file ({exc})") from exc
-    return [row for row in rows if len(row) > 1 or (row and row[0].strip())]
+        raise ValueError(f"row {reader.line_num}: not a readable CSV file ({exc})") from exc
+    return rows, lines
 
 
-def _points_from_rows(rows: list[list[str]], mpp: float | None) -> NucleusPoints:
+def _points_from_rows(
+    rows: list[list[str]], lines: list[int], mpp: float | None, extent_um: tuple[float, float] | None = None
+) -> NucleusPoints:
     """Parse CSV rows (header first); ValueError with the row and column at fault."""
     if not rows:
         raise ValueError("empty file; expected a header with x_um,y_um")
     header = [" ".join(cell.strip().lower().split()) for cell in rows[0]]
-    body = rows[1:]
+    body, body_lines = rows[1:], lines[1:]
     n = len(body)
     if body and min(map(len, body)) < len(header):
         short = next(i for i, row in enumerate(body) if len(row) < len(header))
         raise ValueError(
-            f"row {short + 2} has {len(body[short])} fields but the header has {len(header)} "
+            f"row {body_lines[short]} has {len(body[short])} fields but the header has {len(header)} "
             "(a truncated or hand-edited file?)"
         )
     columns = _Columns(body)
@@ -538,32 +644,36 @@ def _points_from_rows(rows: list[list[str]], mpp: float | None) -> NucleusPoints
         if mpp is None or not (math.isfinite(mpp) and mpp > 0):
             raise ValueError("centroids are in pixels (x,y); give the slide's um/px (mpp) to convert them")
         scale = float(mpp)
-    x = _floats(columns, cx, n, header[cx]) * scale
-    y = _floats(columns, cy, n, header[cy]) * scale
-    if not (np.isfinite(x).all() and np.isfinite(y).all()):
-        bad = int(np.flatnonzero(~(np.isfinite(x) & np.isfinite(y)))[0])
-        raise ValueError(f"row {bad + 2} has no centroid; every row needs x and y")
+
+    def where(i: int) -> str:
+        return f"row {body_lines[i]}"
+
+    x = _floats(columns, cx, n, header[cx], body_lines)
+    y = _floats(columns, cy, n, header[cy], body_lines)
+    empty = np.isnan(x) | np.isnan(y)
+    if empty.any():
+        raise ValueError(f"{where(int(np.flatnonzero(empty)[0]))} has no centroid; every row needs x and y")
+    with np.errstate(over="ignore"):
+        x, y = x * scale, y * scale
+    check_centroids(x, y, extent_um, where)
     label = np.zeros(n, np.int8)
     col_label, col_kind = _column(header, ("label", "class", "classification")), _column(header, ("kind",))
     if col_label is not None:
-        label[:] = _codes(columns[col_label], parse_label)
+        label[:] = _codes(columns[col_label], parse_label, where)
     elif col_kind is not None:
         kinds = np.char.lower(np.char.strip(np.asarray(columns[col_kind], dtype=str)))
         label[:] = np.where(kinds == "tumour", TUMOUR, NORMAL)
     col_source = _column(header, ("source",))
     if col_source is not None:
-        source = _codes(columns[col_source], _parse_source)
+        source = _codes(columns[col_source], _parse_source, where)
     else:
         default = "detected" if "hematoxylin" in header else "imported"
         source = np.full(n, SOURCES.index(default), np.int8)
-    return NucleusPoints(
-        x,
-        y,
-        label=label,
-        probability=_floats(columns, _column(header, ("probability",)), n, "probability"),
-        area_um2=_floats(columns, _column(header, ("area_um2", "area µm^2", "area um^2")), n, "area_um2"),
-        source=source,
-    )
+    probability = _floats(columns, _column(header, ("probability",)), n, "probability", body_lines)
+    area_col = _column(header, ("area_um2", "area µm^2", "area um^2"))
+    area = _floats(columns, area_col, n, "area_um2", body_lines)
+    _check_measurements(probability, area, where)
+    return NucleusPoints(x, y, label=label, probability=probability, area_um2=area, source=source)
 
 
 class _Columns:
@@ -579,10 +689,18 @@ class _Columns:
         return self.cache[col]
 
 
-def _codes(names: Sequence[str], parse: Any) -> np.ndarray:
-    """Parse each distinct name once (fast for 10^6 rows of a few names)."""
+def _codes(names: Sequence[str], parse: Any, where: Callable[[int], str] | None = None) -> np.ndarray:
+    """Parse each distinct name once (fast for 10^6 rows of a few names); an error names its first row."""
     unique, inverse = np.unique(np.asarray(names, dtype=str), return_inverse=True)
-    table = np.array([parse(str(name)) for name in unique], np.int8)
+    codes = []
+    for k, name in enumerate(unique):
+        try:
+            codes.append(parse(str(name)))
+        except ValueError as exc:
+            if where is None:
+                raise
+            raise ValueError(f"{where(int(np.flatnonzero(inverse == k)[0]))}: {exc}") from None
+    table = np.array(codes, np.int8)
     return table[inverse].astype(np.int8) if len(unique) else np.zeros(0, np.int8)
 
 
@@ -666,11 +784,17 @@ def _features(obj: Any) -> list[Any]:
         raise ValueError(f"GeoJSON must be an object or a list of features, got {type(obj).__name__}")
     kind = obj.get("type")
     if kind == "FeatureCollection":
-        return list(obj.get("features") or [])
+        features = obj.get("features") or []
+        if not isinstance(features, list):
+            raise ValueError(f"GeoJSON 'features' must be a list, got {type(features).__name__}")
+        return features
     if kind == "Feature":
         return [obj]
     if kind == "GeometryCollection":
-        return [{"type": "Feature", "geometry": g, "properties": {}} for g in obj.get("geometries") or []]
+        geometries = obj.get("geometries") or []
+        if not isinstance(geometries, list):
+            raise ValueError(f"GeoJSON 'geometries' must be a list, got {type(geometries).__name__}")
+        return [{"type": "Feature", "geometry": g, "properties": {}} for g in geometries]
     if kind in ("Point", "MultiPoint", "Polygon", "MultiPolygon", "LineString", "MultiLineString"):
         return [{"type": "Feature", "geometry": obj, "properties": {}}]
     raise ValueError(f"not GeoJSON: expected a FeatureCollection, a Feature or a geometry, got type {kind!r}")
@@ -685,6 +809,8 @@ def _measurement(measurements: Any, name: str) -> float:
         )
     else:
         value = None
+    if isinstance(value, bool):
+        return math.nan
     try:
         return float(value) if value is not None else math.nan
     except (TypeError, ValueError):
@@ -705,7 +831,18 @@ def _feature_label(properties: dict[str, Any], unknown: dict[str, int]) -> int:
         return OTHER
 
 
-def from_geojson(obj: dict[str, Any] | list[Any], mpp: float | Sequence[float]) -> NucleusPoints:
+def _coordinate(value: Any) -> float:
+    """A JSON number as float; anything else (text, null, true) is refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"coordinate {value!r} is not a number")
+    return float(value)
+
+
+def from_geojson(
+    obj: dict[str, Any] | list[Any],
+    mpp: float | Sequence[float],
+    extent_um: tuple[float, float] | None = None,
+) -> NucleusPoints:
     """Nuclei from GeoJSON points in level-0 pixels (QuPath's export, or :func:`to_geojson`'s).
 
     Reads ``Point`` and ``MultiPoint`` features (every point of a MultiPoint gets
@@ -715,7 +852,9 @@ def from_geojson(obj: dict[str, Any] | list[Any], mpp: float | Sequence[float]) 
     (case-insensitive, through :func:`parse_label`: Tumor, Normal, Stroma,
     Immune cells, Other...); an unknown class becomes ``other`` with a warning.
     Non-point features (polygons, lines) are skipped with a warning, and a file
-    with only such features is refused.
+    with only such features is refused. Coordinates must be finite numbers on
+    the slide (``extent_um``, when given); the first bad feature is named
+    (``feature 3`` is the third in the file).
 
     Parameters
     ----------
@@ -723,6 +862,8 @@ def from_geojson(obj: dict[str, Any] | list[Any], mpp: float | Sequence[float]) 
         Parsed GeoJSON.
     mpp : float or (float, float)
         Level-0 micrometres per pixel of the slide.
+    extent_um : (width_um, height_um), optional
+        The slide's size in micrometres; points outside it are refused.
 
     Returns
     -------
@@ -732,43 +873,56 @@ def from_geojson(obj: dict[str, Any] | list[Any], mpp: float | Sequence[float]) 
     Raises
     ------
     ValueError
-        For something that is not GeoJSON or has no point features but other geometry.
+        For something that is not GeoJSON, has no point features but other
+        geometry, or holds a bad point (naming the feature).
 
     """
     mx, my = _mpp_pair(mpp)
     xs: list[float] = []
     ys: list[float] = []
+    owner: list[int] = []  # feature number (1-based) of each point
     labels: list[int] = []
     probs: list[float] = []
     areas: list[float] = []
     sources: list[int] = []
     skipped: dict[str, int] = {}
     unknown: dict[str, int] = {}
-    for feature in _features(obj):
+    for number, feature in enumerate(_features(obj), start=1):
         if not isinstance(feature, dict):
-            raise ValueError(f"GeoJSON feature must be an object, got {type(feature).__name__}")
+            raise ValueError(f"feature {number}: must be an object, got {type(feature).__name__}")
         geometry = feature.get("geometry") if feature.get("type") == "Feature" else feature
         kind = geometry.get("type") if isinstance(geometry, dict) else None
         if kind == "Point":
             coords = [geometry.get("coordinates")]
         elif kind == "MultiPoint":
-            coords = list(geometry.get("coordinates") or [])
+            coords = geometry.get("coordinates")
+            if not isinstance(coords, list):
+                raise ValueError(f"feature {number}: MultiPoint coordinates must be a list of [x, y]")
         else:
             skipped[str(kind)] = skipped.get(str(kind), 0) + 1
             continue
         properties = feature.get("properties") or {}
+        if not isinstance(properties, dict):
+            raise ValueError(
+                f"feature {number}: properties must be an object, got {type(properties).__name__}"
+            )
         try:
             label = _feature_label(properties, unknown)
             source = _parse_source(properties.get("source", "imported"))
         except ValueError as exc:
-            raise ValueError(f"GeoJSON feature {len(xs) + sum(skipped.values())}: {exc}") from exc
+            raise ValueError(f"feature {number}: {exc}") from exc
         measurements = properties.get("measurements")
         prob, area = _measurement(measurements, "probability"), _measurement(measurements, "area_um2")
         for c in coords:
             if not isinstance(c, (list, tuple)) or len(c) < 2:
-                raise ValueError(f"GeoJSON point coordinates must be [x, y], got {c!r}")
-            xs.append(float(c[0]) * mx)
-            ys.append(float(c[1]) * my)
+                raise ValueError(f"feature {number}: point coordinates must be [x, y], got {c!r}")
+            try:
+                x, y = _coordinate(c[0]), _coordinate(c[1])
+            except ValueError as exc:
+                raise ValueError(f"feature {number}: {exc}") from None
+            xs.append(x * mx)
+            ys.append(y * my)
+            owner.append(number)
             labels.append(label)
             probs.append(prob)
             areas.append(area)
@@ -783,12 +937,19 @@ def from_geojson(obj: dict[str, Any] | list[Any], mpp: float | Sequence[float]) 
         warnings.warn(
             f"skipped {what} feature(s): nuclei are read from points only", UserWarning, stacklevel=2
         )
+    x_um, y_um = np.asarray(xs, np.float64), np.asarray(ys, np.float64)
+
+    def where(i: int) -> str:
+        return f"feature {owner[i]}"
+
+    check_centroids(x_um, y_um, extent_um, where)
+    probability, area_um2 = np.asarray(probs, np.float32), np.asarray(areas, np.float32)
+    _check_measurements(np.asarray(probs), np.asarray(areas), where)
     if unknown:
         names = ", ".join(f"{k!r} ({v})" for k, v in sorted(unknown.items()))
         warnings.warn(f"unknown classification {names} read as 'other'", UserWarning, stacklevel=2)
     return NucleusPoints(
-        np.asarray(xs, np.float64), np.asarray(ys, np.float64), label=np.asarray(labels, np.int8),
-        probability=np.asarray(probs, np.float32), area_um2=np.asarray(areas, np.float32),
+        x_um, y_um, label=np.asarray(labels, np.int8), probability=probability, area_um2=area_um2,
         source=np.asarray(sources, np.int8),
     )  # fmt: skip
 
@@ -799,24 +960,52 @@ def write_geojson(
     mpp: float | Sequence[float],
     object_type: str = "annotation",
 ) -> None:
-    """Write :func:`to_geojson` to ``path`` (QuPath: File > Import objects, or drag and drop)."""
-    with open(path, "w", encoding="utf-8") as fh:
-        json.dump(to_geojson(points, mpp, object_type), fh, separators=(",", ":"))
+    """Write :func:`to_geojson` to ``path`` atomically (QuPath: File > Import objects, or drag and drop).
+
+    Raises
+    ------
+    OutputError
+        When the file system refuses the write (one line naming the folder).
+
+    """
+    text = json.dumps(to_geojson(points, mpp, object_type), separators=(",", ":"), allow_nan=False)
+    atomic_write(path, text)
 
 
-def read_geojson(path: str | os.PathLike[str], mpp: float | Sequence[float]) -> NucleusPoints:
-    """Read nuclei from a GeoJSON file (see :func:`from_geojson`)."""
+def read_geojson(
+    path: str | os.PathLike[str],
+    mpp: float | Sequence[float],
+    extent_um: tuple[float, float] | None = None,
+) -> NucleusPoints:
+    """Read nuclei from a GeoJSON file (see :func:`from_geojson`); every error names the file.
+
+    Parameters
+    ----------
+    path : path-like
+        The GeoJSON file (regular, UTF-8; too deep nesting, NaN constants and
+        syntax errors are refused through :func:`napari_pathology.fileio.read_json_file`).
+    mpp : float or (float, float)
+        Level-0 micrometres per pixel of the slide.
+    extent_um : (width_um, height_um), optional
+        The slide's size in micrometres; points outside it are refused.
+
+    Raises
+    ------
+    NucleusFileError
+        Naming the file, and the feature at fault.
+
+    """
     path = Path(path)
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise NucleusFileError(f"{path.name}: not valid GeoJSON ({exc})") from exc
+        obj = read_json_file(path, "nucleus GeoJSON")
+    except (ValueError, FileNotFoundError) as exc:
+        raise NucleusFileError(f"{exc}") from exc
     try:
-        return from_geojson(obj, mpp)
+        return from_geojson(obj, mpp, extent_um)
     except NucleusFileError:
         raise
     except ValueError as exc:
-        raise NucleusFileError(f"{path.name}: {exc}") from exc
+        raise NucleusFileError(f"{path}: {exc}") from exc
 
 
 # --------------------------------------------------------------------------- autosave
@@ -860,70 +1049,309 @@ def sidecar_path(slide_path: str | os.PathLike[str], out_dir: str | os.PathLike[
     return out_dir / name
 
 
-def save_atomic(points: NucleusPoints, path: str | os.PathLike[str]) -> Path:
-    """Write the CSV so that a crash mid-write leaves the previous file intact.
+def save_atomic(
+    points: NucleusPoints,
+    path: str | os.PathLike[str],
+    mpp: tuple[float, float] | None = None,
+    extent_um: tuple[float, float] | None = None,
+) -> Path:
+    """Write the autosave CSV so that a crash or a full disk mid-write leaves the previous file intact.
 
-    Writes a temporary file in the same folder, flushes and fsyncs it, then
-    ``os.replace``-s it over ``path`` (atomic on POSIX and Windows). The
-    temporary file is removed when anything fails.
+    Goes through :func:`napari_pathology.fileio.atomic_write`. With ``mpp`` or
+    ``extent_um``, a first comment line records the slide's um/px and size at
+    the time of writing (coordinates stay in micrometres), so that a reader can
+    tell when the slide's um/px changed since (:func:`sidecar_context`).
 
     Returns
     -------
     Path
         ``path``.
 
+    Raises
+    ------
+    OutputError
+        When the file system refuses the write (one line naming the folder).
+
     """
-    path = Path(path)
-    # a plain exclusive open (not mkstemp, whose files are private 0600) keeps the usual permissions
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    comment = None
+    if mpp is not None or extent_um is not None:
+        parts = [f"{AUTOSAVE_COMMENT} autosave", "x_um y_um in micrometres from the top-left corner"]
+        if mpp is not None:
+            parts.append("mpp=" + " ".join(repr(float(v)) for v in mpp))
+        if extent_um is not None:
+            parts.append("extent_um=" + " ".join(repr(float(v)) for v in extent_um))
+        comment = "; ".join(parts)
+    return atomic_write(path, lambda fh: _write_rows(fh, points, comment), text=True)
+
+
+def sidecar_context(path: str | os.PathLike[str]) -> dict[str, tuple[float, float]]:
+    """The slide's ``mpp`` and ``extent_um`` recorded in an autosave's first line (empty when none).
+
+    Reads only the first line; a missing, unreadable or foreign file gives ``{}``.
+    """
+    from napari_pathology.fileio import require_regular_file
+
     try:
-        with open(tmp, "x", newline="", encoding="utf-8") as fh:
-            write_csv(points, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
+        with open(require_regular_file(path, "nucleus autosave"), encoding="utf-8-sig") as fh:
+            first = fh.readline(4096)
+    except (OSError, ValueError):
+        return {}
+    if not first.startswith(AUTOSAVE_COMMENT):
+        return {}
+    out: dict[str, tuple[float, float]] = {}
+    for part in first.strip().split(";"):
+        key, _, value = part.strip().partition("=")
+        if key in ("mpp", "extent_um"):
+            try:
+                pair = tuple(float(v) for v in value.split())
+            except ValueError:
+                continue
+            if len(pair) == 2 and all(math.isfinite(v) and v > 0 for v in pair):
+                out[key] = pair  # type: ignore[assignment]
+    return out
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename durable (POSIX; a no-op where folders cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def load_sidecar(path: str | os.PathLike[str]) -> NucleusPoints | None:
+def load_sidecar(
+    path: str | os.PathLike[str], extent_um: tuple[float, float] | None = None
+) -> NucleusPoints | None:
     """Read an autosave file; None when there is none.
+
+    Parameters
+    ----------
+    path : path-like
+        The autosave (:func:`sidecar_path`).
+    extent_um : (width_um, height_um), optional
+        The slide's size; an autosave with nuclei outside it is refused.
 
     Raises
     ------
     NucleusFileError
-        For a corrupt file, naming it; the file is left untouched.
+        For a corrupt file (torn row, bad header, non-finite or out-of-slide
+        centroid, not UTF-8, not a regular file), naming it and the row; the file
+        is left untouched (:func:`restore_sidecar` moves it aside).
 
     """
     path = Path(path)
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return None
     try:
-        return _points_from_rows(_read_rows(path), None)
-    except OSError as exc:
+        return _points_from_rows(*_read_rows(path), None, extent_um)
+    except (OSError, ValueError) as exc:
         raise NucleusFileError(
-            f"cannot read the nucleus autosave {path}: {exc}; it was left untouched"
+            f"the nucleus autosave {path} is corrupt or unreadable ({exc}); it was left untouched"
         ) from exc
-    except ValueError as exc:
-        reason = str(exc)
-        raise NucleusFileError(
-            f"the nucleus autosave {path} is corrupt ({reason}); it was left untouched: "
-            "fix it or move it away to start afresh"
+
+
+class AutosaveRefused(NucleusFileError):
+    """An autosave that was refused on open; ``kept_as`` is where it now is (None: could not move it)."""
+
+    def __init__(self, message: str, kept_as: Path | None) -> None:
+        super().__init__(message)
+        self.kept_as = kept_as
+
+
+@dataclass(frozen=True)
+class Restored:
+    """What :func:`restore_sidecar` found: the nuclei and a note for the user (empty when none)."""
+
+    points: NucleusPoints | None
+    note: str = ""
+
+
+def restore_sidecar(
+    path: str | os.PathLike[str],
+    extent_um: tuple[float, float] | None = None,
+    mpp: tuple[float, float] | None = None,
+) -> Restored:
+    """Read an autosave to restore it; a refused one is moved aside, so no later save can overwrite it.
+
+    Parameters
+    ----------
+    path : path-like
+        The autosave.
+    extent_um : (width_um, height_um), optional
+        The slide's size now.
+    mpp : (float, float), optional
+        The slide's um/px now. When the autosave recorded another um/px, its
+        nuclei are checked against the size it recorded and the note says that
+        they will be misplaced until the um/px is set back.
+
+    Returns
+    -------
+    Restored
+        ``points`` is None when there is no autosave.
+
+    Raises
+    ------
+    AutosaveRefused
+        When the file cannot be read. It has been renamed to
+        ``<name>.refused-<time>.csv`` beside itself (``kept_as``); when even
+        that failed, ``kept_as`` is None and the caller must not autosave there.
+
+    """
+    path = Path(path)
+    context = sidecar_context(path)
+    note = ""
+    saved_mpp = context.get("mpp")
+    if mpp is not None and saved_mpp is not None and not np.allclose(saved_mpp, mpp, rtol=1e-3, atol=0):
+        note = (
+            f"the autosaved nuclei were placed with {saved_mpp[0]:g} um/px, the slide now has {mpp[0]:g} "
+            f"um/px: set {saved_mpp[0]:g} um/px in the Slide panel or they land in the wrong place"
+        )
+        extent_um = context.get("extent_um")
+    try:
+        return Restored(load_sidecar(path, extent_um), note)
+    except NucleusFileError as exc:
+        problem = f"the nucleus autosave {path} is corrupt or unreadable ({exc.__cause__ or exc})"
+        try:
+            kept = keep_aside(path, "refused")
+        except OSError as error:
+            raise AutosaveRefused(
+                f"{problem}; it could not be moved aside ({error}), so autosave is off for this slide", None
+            ) from exc
+        raise AutosaveRefused(
+            f"{problem}. Nothing was lost: it was kept as {kept} and a new autosave starts", kept
         ) from exc
+
+
+# --------------------------------------------------------------------------- import merge and export names
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """Nuclei after an import: all of them, and how many were added or merged into existing ones."""
+
+    points: NucleusPoints
+    added: int
+    merged: int
+    relabelled: int
+
+    def summary(self) -> str:
+        """``"12 added, 30 already there (5 given the imported label)"``."""
+        text = f"{self.added} added, {self.merged} already there"
+        return text + (f" ({self.relabelled} given the imported label)" if self.relabelled else "")
+
+
+def merge_points(existing: NucleusPoints, incoming: NucleusPoints, radius_um: float = 1.0) -> MergeResult:
+    """Add imported nuclei without doubling the ones already there.
+
+    An incoming nucleus within ``radius_um`` of an existing one whose label is
+    the same, or where either is ``unlabeled``, is that nucleus: it is not
+    added; an imported label replaces ``unlabeled``, and a missing probability
+    or area is filled in. Each existing nucleus absorbs at most one incoming
+    one. Nuclei with conflicting labels (tumour vs normal) stay apart.
+
+    Parameters
+    ----------
+    existing, incoming : NucleusPoints
+        Nuclei now, and nuclei read from a file.
+    radius_um : float
+        Largest distance between two copies of one nucleus.
+
+    Returns
+    -------
+    MergeResult
+
+    """
+    if not (math.isfinite(radius_um) and radius_um >= 0):
+        raise ValueError(f"radius_um must be a finite number >= 0, got {radius_um!r}")
+    if not len(existing) or not len(incoming):
+        return MergeResult(NucleusPoints.concat(existing, incoming), len(incoming), 0, 0)
+    from scipy.spatial import cKDTree
+
+    k = min(8, len(existing))
+    distance, nearest = cKDTree(existing.xy_um()).query(
+        incoming.xy_um(), k=k, distance_upper_bound=radius_um * (1 + 1e-12) + 1e-12
+    )
+    distance, nearest = distance.reshape(len(incoming), k), nearest.reshape(len(incoming), k)
+    label, probability, area = existing.label.copy(), existing.probability.copy(), existing.area_um2.copy()
+    taken = np.zeros(len(existing), bool)
+    new = np.ones(len(incoming), bool)
+    relabelled = 0
+    for i in np.flatnonzero(np.isfinite(distance[:, 0])):
+        code = incoming.label[i]
+        for d, j in zip(distance[i], nearest[i], strict=True):
+            if not math.isfinite(d):
+                break
+            if taken[j] or not (label[j] == code or label[j] == UNLABELED or code == UNLABELED):
+                continue
+            taken[j], new[i] = True, False
+            if label[j] == UNLABELED and code != UNLABELED:
+                label[j] = code
+                relabelled += 1
+            if np.isnan(probability[j]):
+                probability[j] = incoming.probability[i]
+            if np.isnan(area[j]):
+                area[j] = incoming.area_um2[i]
+            break
+    kept = existing._replace(label=label, probability=probability, area_um2=area)
+    added = incoming.subset(new)
+    return MergeResult(NucleusPoints.concat(kept, added), len(added), int((~new).sum()), relabelled)
+
+
+def protected_paths(slide_path: str | os.PathLike[str]) -> dict[Path, str]:
+    """Files an export must never replace: the slide, its autosave and a synthetic slide's truth files."""
+    from napari_pathology.slide.synthetic import truth_paths
+
+    slide_path = Path(slide_path)
+    out = {
+        slide_path: "the slide itself",
+        slide_path.with_name(slide_path.name + SIDECAR_SUFFIX): "the autosave",
+    }
+    for key, path in truth_paths(slide_path).items():
+        if key != "slide_path":
+            out[path] = "a synthetic slide's ground truth (written by napari-pathology synth)"
+    return out
+
+
+def refused_export_reason(
+    path: str | os.PathLike[str], slide_path: str | os.PathLike[str] | None
+) -> str | None:
+    """Why ``path`` must not be an export target for ``slide_path`` (None when it may be)."""
+    if slide_path is None:
+        return None
+    target = Path(path).expanduser().resolve()
+    extra = {}
+    try:
+        extra[sidecar_path(slide_path).resolve()] = "the autosave"
+    except OSError:
+        pass
+    for protected, why in {
+        **{p.resolve(): w for p, w in protected_paths(slide_path).items()},
+        **extra,
+    }.items():
+        if target == protected:
+            return why
+    return None
+
+
+def free_path(path: str | os.PathLike[str]) -> Path:
+    """``path`` when nothing is there, else ``<stem>-2<suffix>``, ``<stem>-3<suffix>``... (the first free)."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return path
+    for n in range(2, 100_000):
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+        if not candidate.exists() and not candidate.is_symlink():
+            return candidate
+    raise OSError(f"no free file name like {path} in {path.parent}")
+
+
+def export_path(
+    slide_path: str | os.PathLike[str] | None, suffix: str, folder: str | os.PathLike[str] | None = None
+) -> Path:
+    """The file name to propose for exporting a slide's nuclei.
+
+    ``<slide stem>.annotations<suffix>`` beside the slide (or in ``folder``),
+    numbered (``-2``, ``-3``...) when taken: never the autosave
+    (``<slide name>.nuclei.csv``), never a synthetic slide's ground truth
+    (``<stem>.nuclei.csv``), never an existing file.
+    """
+    if not suffix.startswith("."):
+        suffix = "." + suffix
+    slide = Path(slide_path) if slide_path else Path("nuclei")
+    base = Path(folder) if folder is not None else slide.parent
+    candidate = free_path(base / f"{slide.with_suffix('').name}.annotations{suffix}")
+    while slide_path is not None and refused_export_reason(candidate, slide_path):  # pragma: no cover
+        candidate = free_path(candidate.with_name(candidate.stem + "-export" + candidate.suffix))
+    return candidate
