@@ -114,3 +114,55 @@ def test_field_polygons_agree_with_thresholded_field() -> None:
     assert iou > 0.97
     assert field_to_polygons(np.zeros((5, 5)), 0.0) == []
     assert mask_to_polygons(np.zeros((5, 5), bool)) == []
+
+
+def _feature(coordinates, kind: str = "Polygon") -> dict:
+    return {"type": "Feature", "geometry": {"type": kind, "coordinates": coordinates}, "properties": {}}
+
+
+SQUARE = [[0, 0], [10, 0], [10, 10], [0, 10], [0, 0]]
+
+
+@pytest.mark.parametrize(
+    ("ring", "message"),
+    [
+        ([[0, 0], [10, 0], [0, 0]], "at least 3 distinct points, this one has 2"),
+        ([[0, 0], [10, 0], [10, 0], [0, 0]], "at least 3 distinct points, this one has 2"),
+        ([[0, 0], [float("nan"), float("nan")], [10, 10], [0, 10]], "vertex 1 is not a finite number"),
+        ([[0, 0], [float("inf"), 0], [10, 10]], "not a finite number"),
+        ([[0, 0], [10, 0], [10]], "not a list of"),
+        ([1, 2, 3], "not a list of"),
+    ],
+)
+def test_geojson_rings_are_validated_with_the_feature_named(ring, message) -> None:
+    collection = {"type": "FeatureCollection", "features": [_feature([SQUARE]), _feature([ring])]}
+    with pytest.raises(ValueError, match=f"feature 1: .*{message}"):
+        geojson_to_polygons(collection)
+
+
+def test_bad_holes_and_multipolygon_parts_are_named() -> None:
+    with pytest.raises(ValueError, match=r"feature 0, hole 1: .*distinct"):
+        geojson_to_polygons(_feature([SQUARE, [[1, 1], [2, 2]]]))
+    with pytest.raises(ValueError, match=r"feature 0, part 1: .*finite"):
+        geojson_to_polygons(_feature([[SQUARE], [[[0, 0], [1, None], [2, 2]]]], "MultiPolygon"))
+    with pytest.raises(ValueError, match="feature 0: not a GeoJSON object"):
+        geojson_to_polygons(["not a feature"])
+    with pytest.raises(ValueError, match="feature 0: a polygon needs a list of rings"):
+        geojson_to_polygons(_feature([]))
+
+
+def test_three_dimensional_points_keep_x_and_y() -> None:
+    [[ring]] = geojson_to_polygons(_feature([[[0, 0, 5], [10, 0, 5], [10, 10, 5], [0, 0, 5]]]))
+    assert ring.tolist() == [[0, 0], [10, 0], [10, 10]]
+
+
+def test_huge_coordinates_and_polygons_off_the_image_are_refused_when_asked() -> None:
+    huge = _feature([[[0, 0], [1e12, 0], [1e12, 1e12]]])
+    assert len(geojson_to_polygons(huge)) == 1  # no limit asked for
+    with pytest.raises(ValueError, match="feature 0: coordinate 1e\\+12 is larger than 1e\\+07"):
+        geojson_to_polygons(huge, max_coordinate=1e7)
+    outside = _feature([[[5000, 5000], [5100, 5000], [5100, 5100]]])
+    with pytest.raises(ValueError, match=r"feature 0: .*entirely outside the slide"):
+        geojson_to_polygons(outside, extent=(1000, 1000))
+    partly = _feature([[[900, 900], [1100, 900], [1100, 1100]]])
+    assert len(geojson_to_polygons(partly, extent=(1000, 1000))) == 1

@@ -36,6 +36,7 @@ __all__ = [
     "polygons_to_geojson",
     "rasterize_polygons",
     "ring_signed_area",
+    "validate_ring",
 ]
 
 
@@ -373,46 +374,145 @@ def polygons_to_geojson(
     return {"type": "FeatureCollection", "features": features}
 
 
-def _rings_from_coords(coords: Sequence[Sequence[Sequence[float]]]) -> Polygon:
+def validate_ring(ring: Any, where: str = "ring") -> np.ndarray:
+    """A ring of ``(x, y)`` vertices as an open ``(N, 2)`` float array, refused when unusable.
+
+    Parameters
+    ----------
+    ring : array-like
+        ``[[x, y], ...]`` (extra coordinates such as ``z`` are dropped), open or closed.
+    where : str
+        Names the ring in messages (e.g. ``"feature 3"``).
+
+    Raises
+    ------
+    ValueError
+        Not a list of points, a non-finite coordinate, or fewer than 3 distinct vertices.
+    """
+    try:
+        arr = np.asarray(ring, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: coordinates are not a list of [x, y] points") from None
+    if arr.ndim != 2 or arr.shape[1] < 2:
+        raise ValueError(f"{where}: coordinates are not a list of [x, y] points (shape {arr.shape})")
+    arr = arr[:, :2]
+    if not np.isfinite(arr).all():
+        bad = int(np.flatnonzero(~np.isfinite(arr).all(axis=1))[0])
+        raise ValueError(f"{where}: vertex {bad} is not a finite number ({arr[bad].tolist()})")
+    arr = _open_ring(arr)
+    distinct = len(np.unique(arr, axis=0)) if len(arr) else 0
+    if distinct < 3:
+        raise ValueError(f"{where}: a polygon needs at least 3 distinct points, this one has {distinct}")
+    return arr
+
+
+def _rings_from_coords(coords: Any, where: str) -> Polygon:
+    if not isinstance(coords, list | tuple) or not coords:
+        raise ValueError(f"{where}: a polygon needs a list of rings, got {type(coords).__name__}")
     rings = []
-    for ring in coords:
-        arr = np.asarray(ring, dtype=np.float64).reshape(-1, 2)
-        rings.append(_open_ring(arr))
+    for k, ring in enumerate(coords):
+        rings.append(validate_ring(ring, where if k == 0 else f"{where}, hole {k}"))
     return rings
 
 
-def geojson_to_polygons(geojson: dict[str, Any] | list[Any]) -> list[Polygon]:
-    """Read Polygon / MultiPolygon geometries from GeoJSON.
+def _check_placement(
+    polygon: Polygon, where: str, max_coordinate: float | None, extent: tuple[float, float] | None
+) -> None:
+    outer = polygon[0]
+    if max_coordinate is not None:
+        largest = float(np.abs(np.concatenate(polygon)).max())
+        if largest > max_coordinate:
+            raise ValueError(
+                f"{where}: coordinate {largest:.4g} is larger than {max_coordinate:.4g}; "
+                "wrong units or a corrupt file"
+            )
+    if extent is not None:
+        width, height = extent
+        x0, y0 = outer.min(axis=0)
+        x1, y1 = outer.max(axis=0)
+        if x1 < 0 or y1 < 0 or x0 > width or y0 > height:
+            raise ValueError(
+                f"{where}: the polygon ({x0:.0f}..{x1:.0f}, {y0:.0f}..{y1:.0f}) lies entirely outside "
+                f"the slide (0..{width:.0f}, 0..{height:.0f}); wrong slide or wrong units?"
+            )
+
+
+def geojson_to_polygons(
+    geojson: dict[str, Any] | list[Any],
+    *,
+    max_coordinate: float | None = None,
+    extent: tuple[float, float] | None = None,
+) -> list[Polygon]:
+    """Read Polygon / MultiPolygon geometries from GeoJSON, refusing unusable ones.
+
+    Every ring is checked (:func:`validate_ring`): finite coordinates and at
+    least 3 distinct vertices. Features without a geometry, and geometries
+    other than polygons, are skipped.
 
     Parameters
     ----------
     geojson : dict or list
         A FeatureCollection, a Feature, a bare geometry or a list of features.
+    max_coordinate : float, optional
+        Refuse a polygon with a coordinate larger than this (in absolute value).
+    extent : tuple of float, optional
+        ``(width, height)`` of the image in the file's units: refuse a polygon
+        whose outer ring lies entirely outside ``[0, width] x [0, height]``.
 
     Returns
     -------
     list of polygon
         Open rings, outer first.
 
+    Raises
+    ------
+    ValueError
+        Naming the feature (``feature 3``) and the cause.
+
     """
+    return _polygons_of(geojson, "feature", max_coordinate, extent)
+
+
+def _polygons_of(
+    geojson: Any, label: str, max_coordinate: float | None, extent: tuple[float, float] | None
+) -> list[Polygon]:
     if isinstance(geojson, list):
         items: list[Any] = list(geojson)
+    elif not isinstance(geojson, dict):
+        kind = type(geojson).__name__
+        raise ValueError(f"not GeoJSON: expected an object or a list of features, got {kind}")
     elif geojson.get("type") == "FeatureCollection":
-        items = list(geojson.get("features", []))
+        features = geojson.get("features", [])
+        if not isinstance(features, list):
+            raise ValueError("not GeoJSON: 'features' is not a list")
+        items = list(features)
     else:
         items = [geojson]
     polygons: list[Polygon] = []
-    for item in items:
-        geometry = item.get("geometry", item) if item.get("type") == "Feature" else item
+    for index, item in enumerate(items):
+        where = f"{label} {index}"
+        if not isinstance(item, dict):
+            raise ValueError(f"{where}: not a GeoJSON object ({type(item).__name__})")
+        geometry = item.get("geometry") if item.get("type") == "Feature" else item
         if geometry is None:
             continue
+        if not isinstance(geometry, dict):
+            raise ValueError(f"{where}: the geometry is not a GeoJSON object")
         kind = geometry.get("type")
+        found: list[Polygon] = []
         if kind == "Polygon":
-            polygons.append(_rings_from_coords(geometry["coordinates"]))
+            found = [_rings_from_coords(geometry.get("coordinates"), where)]
         elif kind == "MultiPolygon":
-            polygons.extend(_rings_from_coords(c) for c in geometry["coordinates"])
+            parts = geometry.get("coordinates")
+            if not isinstance(parts, list | tuple):
+                raise ValueError(f"{where}: a MultiPolygon needs a list of polygons")
+            found = [_rings_from_coords(c, f"{where}, part {k}") for k, c in enumerate(parts)]
         elif kind == "GeometryCollection":
-            polygons.extend(geojson_to_polygons(list(geometry.get("geometries", []))))
+            members = geometry.get("geometries", [])
+            polygons.extend(_polygons_of(list(members or []), f"{where}, geometry", max_coordinate, extent))
+        for polygon in found:
+            _check_placement(polygon, where, max_coordinate, extent)
+        polygons.extend(found)
     return polygons
 
 
