@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 import threading
 import time
 from collections.abc import Callable, Generator
@@ -23,16 +25,44 @@ from typing import Any
 import numpy as np
 
 from napari_pathology.analysis.nms import non_maximum_suppression
-from napari_pathology.analysis.result import AnalysisResult, load_result, save_result
+from napari_pathology.analysis.result import (
+    AnalysisResult,
+    ResultMismatchError,
+    check_owner,
+    folder_owner,
+    load_result,
+    save_result,
+)
 from napari_pathology.devices import is_out_of_memory, resolve_device
+from napari_pathology.fileio import ensure_writable_dir, require_finite, safe_name
 from napari_pathology.progress import Progress
 from napari_pathology.slide import Slide
 
 AGGREGATORS = ("max", "mean", "fraction")
 
+#: Seconds between saves of a partial result while a run goes on (a kill loses at most this much).
+PARTIAL_SAVE_SECONDS = 30.0
+#: Largest stride and batch size accepted (px at the model's um/px; tiles per batch).
+MAX_STRIDE = 1_000_000
+MAX_BATCH_SIZE = 65_536
+#: Level-0 um/px finer than this is not a light-microscope slide: the um/px is wrong.
+MIN_PLAUSIBLE_MPP = 0.02
+
 
 class NoTissueError(ValueError):
     """The slide has no tile with enough tissue to analyse."""
+
+
+class RunSettingsError(ValueError):
+    """A run setting is out of range; ``field`` names the setting."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class ModelOutputError(ValueError):
+    """A model produced NaN or infinite probabilities: its weights (or precision) are broken."""
 
 
 def tissue_or_detect(slide: Slide, tissue: Any = None) -> Generator[Progress, None, Any]:
@@ -87,6 +117,44 @@ class RunSettings:
     nms_threshold: float = 0.5
     nms_radius: float = 5.0
     workers: int = 2
+    save_every_s: float | None = None
+
+    def __post_init__(self) -> None:
+        """Refuse settings that cannot work (NaN, negative, zero, absurd) before any work starts."""
+        if self.stride is not None:
+            _check_int(self.stride, "stride", 1, MAX_STRIDE, "px at the model's um/px")
+        _check_int(self.batch_size, "batch_size", 1, MAX_BATCH_SIZE, "tiles")
+        _check_int(self.workers, "workers", 0, 64, "threads")
+        for name, low, high in (
+            ("min_tissue_fraction", 0.0, 1.0), ("nms_threshold", 0.0, 1.0), ("nms_radius", 0.0, None),
+        ):  # fmt: skip
+            try:
+                require_finite(getattr(self, name), name.replace("_", " "), minimum=low, maximum=high)
+            except ValueError as error:
+                raise RunSettingsError(name, str(error)) from None
+        if self.save_every_s is not None:
+            try:
+                require_finite(self.save_every_s, "partial-save interval (s)", minimum=0.0)
+            except ValueError as error:
+                raise RunSettingsError("save_every_s", str(error)) from None
+        if not isinstance(self.device, str) or not self.device.strip():
+            raise RunSettingsError(
+                "device", f"device must be a name such as cpu or cuda:0, got {self.device!r}"
+            )
+        for name in ("tta", "amp"):
+            value = getattr(self, name)
+            if not (isinstance(value, bool | np.bool_) or (name == "tta" and value is None)):
+                raise RunSettingsError(name, f"{name} must be true or false, got {value!r}")
+
+
+def _check_int(value: Any, name: str, low: int, high: int, unit: str) -> None:
+    label = name.replace("_", " ")
+    if isinstance(value, bool) or not isinstance(value, int | np.integer | float):
+        raise RunSettingsError(name, f"{label} must be a whole number, got {value!r}")
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        raise RunSettingsError(name, f"{label} must be a whole number, got {value!r}")
+    if not low <= value <= high:
+        raise RunSettingsError(name, f"{label} must be between {low} and {high} {unit}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -97,9 +165,95 @@ class HeatmapBlock:
     values: np.ndarray
 
 
+def path_tag(path: str | os.PathLike[str]) -> str:
+    """Eight hex digits of the SHA-256 of a slide's resolved path (tells same-named slides apart)."""
+    return hashlib.sha256(os.path.realpath(os.fspath(path)).encode()).hexdigest()[:8]
+
+
 def result_folder(out_dir: str | Path, slide: Slide, model_name: str) -> Path:
-    """The folder for one slide and one model: ``OUT/<slide stem>/<model name>``."""
-    return Path(out_dir) / Path(slide.name).stem / model_name
+    """The folder for one slide and one model: ``OUT/<slide stem>/<model name>``, unique per slide.
+
+    ``OUT/<stem>`` is used while it is free or holds only results of this
+    slide (the path each ``result.json`` records); a slide with the same file
+    name from another folder gets ``OUT/<stem>-<8 hex digits of its resolved
+    path>`` instead, so it never writes into another slide's results. Both
+    names are sanitised (:func:`napari_pathology.fileio.safe_name`): a model
+    named ``..`` or ``a/b`` stays inside ``OUT/<stem>``.
+    """
+    out_dir = Path(out_dir)
+    stem = safe_name(Path(slide.name).stem, fallback="slide")
+    model = safe_name(model_name, fallback="model")
+    if not slide.path:
+        return out_dir / stem / model
+    tagged = out_dir / f"{stem}-{path_tag(slide.path)}"
+    if folder_owner(tagged, slide.path) is True:
+        return tagged / model
+    if folder_owner(out_dir / stem, slide.path) is not False:
+        return out_dir / stem / model
+    return tagged / model
+
+
+def check_run(slide: Slide, spec: Any, settings: RunSettings | None = None) -> None:
+    """Say why a run cannot work, in the order a user should fix it, before any work.
+
+    Checked: the slide's um/px is plausible; the slide reaches the model's
+    um/px; the slide is not smaller than a model tile; the stride is not
+    larger than the slide. Tissue comes after these (its absence is then the
+    real cause).
+
+    Raises
+    ------
+    ValueError
+        One line naming the slide, the model and the cause.
+    """
+    from napari_pathology.tiles import MPP_TOLERANCE
+
+    settings = settings or RunSettings()
+    mpp_x, mpp_y = (float(v) for v in slide.require_mpp())
+    if not all(math.isfinite(v) and v > 0 for v in (mpp_x, mpp_y)):
+        raise ValueError(f"{slide.name}: um/px must be a positive number, got {mpp_x!r} x {mpp_y!r}")
+    width, height = (int(v) for v in slide.dimensions)
+    width_um, height_um = width * mpp_x, height * mpp_y
+    size = f"{width_um:.4g} x {height_um:.4g} um"
+    if min(mpp_x, mpp_y) < MIN_PLAUSIBLE_MPP:
+        raise ValueError(
+            f"{slide.name}: {min(mpp_x, mpp_y):.3g} um/px is implausible for {spec.name} (no light "
+            f"microscope resolves below {MIN_PLAUSIBLE_MPP} um/px; the slide would be {size}); check the "
+            "slide's um/px (--mpp or the Slide panel)"
+        )
+    if getattr(spec, "output", None) == "nuclei":
+        return
+    finest = max(mpp_x, mpp_y) * min(float(d) for d in slide.level_downsamples)
+    if finest > spec.mpp * (1.0 + MPP_TOLERANCE):
+        raise ValueError(
+            f"{spec.name} needs {spec.mpp:g} um/px but {slide.name} has at best {finest:.4g} um/px "
+            "(scanned at a lower magnification); use a model for a coarser um/px, or check the slide's um/px"
+        )
+    tile_um = spec.input_size * spec.mpp
+    if max(width_um, height_um) < tile_um / 2:
+        raise ValueError(
+            f"{slide.name} is {size} at {max(mpp_x, mpp_y):.4g} um/px, smaller than half of one {spec.name} "
+            f"tile ({spec.input_size} px at {spec.mpp:g} um/px = {tile_um:.4g} um); check the slide's um/px"
+        )
+    stride = _stride(spec, settings)
+    stride_um = stride * spec.mpp
+    if stride_um > max(width_um, height_um):
+        if settings.stride is None:
+            raise ValueError(
+                f"{slide.name} ({size}) is smaller than one step of {spec.name} ({stride} px at {spec.mpp:g} "
+                f"um/px = {stride_um:.4g} um); check the slide's um/px or choose a smaller stride"
+            )
+        largest = max(1, int(max(width_um, height_um) / spec.mpp))
+        raise ValueError(
+            f"stride {stride} px at {spec.mpp:g} um/px ({stride_um:.4g} um) is larger than {slide.name} "
+            f"({size}); use a stride of at most {largest} px (the model's default is {_stride(spec, None)})"
+        )
+
+
+def _stride(spec: Any, settings: RunSettings | None) -> int:
+    if settings is not None and settings.stride is not None:
+        return int(settings.stride)
+    return int(spec.stride or spec.centre_size or spec.input_size)
 
 
 def weights_digest(model: Any) -> str:
@@ -125,7 +279,9 @@ def run_key(slide: Slide, spec: dict[str, Any], digest: str, settings: RunSettin
         stat = Path(slide.path).stat()
         stamp = (stat.st_size, stat.st_mtime_ns)
     fields = {
-        k: v for k, v in asdict(settings).items() if k not in {"batch_size", "device", "workers", "amp"}
+        k: v
+        for k, v in asdict(settings).items()
+        if k not in {"batch_size", "device", "workers", "amp", "save_every_s"}
     }
     payload = {
         "slide": [slide.path, stamp, slide.mpp],
@@ -178,6 +334,7 @@ def run_analysis(
     out_dir: str | Path | None = None,
     cancel: threading.Event | None = None,
     reuse: bool = True,
+    on_saved: Callable[[AnalysisResult], None] | None = None,
 ) -> Generator[Progress, None, AnalysisResult]:
     """Run ``model`` over the tissue tiles of ``slide``.
 
@@ -190,25 +347,41 @@ def run_analysis(
     tissue : TissueMask, optional
         Mask with ``.mask`` and ``.mpp``; tiles without enough tissue are skipped.
     settings : RunSettings, optional
-        Stride, batch size, device, TTA, NMS.
+        Stride, batch size, device, TTA, NMS, partial-save interval.
     out_dir : path, optional
-        Result folder (see :func:`result_folder`): saved there, and reloaded
-        (or resumed when partial) when slide, model and settings are unchanged.
+        Result folder (see :func:`result_folder`): checked writable before
+        work, saved there (partial results every ``settings.save_every_s``
+        seconds, default :data:`PARTIAL_SAVE_SECONDS`, and when cancelled,
+        closed or interrupted), and reloaded (or resumed when partial) when
+        slide, model and settings are unchanged and the saved arrays verify.
     cancel : threading.Event, optional
         Set it to stop after the current batch; the result is then partial.
     reuse : bool
         Reload a matching result instead of recomputing.
+    on_saved : callable, optional
+        Called with the result each time one for this run is on disk
+        (reloaded, resumed from, or saved).
 
     Yields
     ------
     Progress
         The first event's ``payload`` is the :class:`~napari_pathology.tiles.TileGrid`
-        (so a viewer can lay out the heatmap at once), later ones carry the
-        :class:`HeatmapBlock` just finished.
+        (so a viewer can lay out the heatmap at once); when resuming, the next
+        one carries the cells already done as a :class:`HeatmapBlock`; later
+        ones carry the :class:`HeatmapBlock` just finished.
 
     Returns
     -------
     AnalysisResult
+
+    Raises
+    ------
+    ModelOutputError
+        When the model produces NaN or infinite outputs (nothing is saved for them).
+    NoTissueError
+        When no tile has enough tissue (after the checks of :func:`check_run`).
+    OutputError
+        When the result folder cannot be written (one line naming it).
     """
     import torch
 
@@ -223,7 +396,12 @@ def run_analysis(
         )
     spec_dict = spec.to_dict()
     slide.require_mpp()
-    stride = settings.stride or spec.stride or spec.centre_size or spec.input_size
+    check_run(slide, spec, settings)
+    target = Path(out_dir) if out_dir is not None else None
+    if target is not None:
+        ensure_writable_dir(target.parent)
+        check_owner(target, slide.path)
+    stride = _stride(spec, settings)
     grid = make_tile_grid(
         slide, spec.mpp, spec.input_size, stride, tissue=tissue,
         min_tissue_fraction=settings.min_tissue_fraction if tissue is not None else 0.0,
@@ -241,32 +419,43 @@ def run_analysis(
     key = run_key(slide, spec_dict, digest, settings, tissue)
     heatmap = np.full(grid.shape, np.nan, np.float32)
     class_heatmaps = np.full((len(classes), *grid.shape), np.nan, np.float32)
-    target = Path(out_dir) if out_dir is not None else None
+    notes: list[str] = []
+    saved_done = 0  # tiles of this run known to be on disk
 
     if target is not None and reuse and (target / "result.json").exists():
         try:
             previous = load_result(target)
+        except ResultMismatchError as error:
+            notes.append(str(error))
+            previous = None
         except ValueError:
             previous = None
-        if previous is not None and previous.key == key:
+        if previous is not None and previous.key == key and previous.heatmap.shape == grid.shape:
             if not previous.partial:
+                if on_saved is not None:
+                    on_saved(previous)
                 yield Progress(len(grid), len(grid), "reloaded saved result", None)
                 return previous
             heatmap[:] = previous.heatmap
-            if previous.class_heatmaps is not None:
+            if previous.class_heatmaps is not None and previous.class_heatmaps.shape == class_heatmaps.shape:
                 class_heatmaps[:] = previous.class_heatmaps
+            saved_done = previous.tiles_done
+            if on_saved is not None:
+                on_saved(previous)
 
     rows, cols = grid.cells[:, 0], grid.cells[:, 1]
     todo = np.flatnonzero(np.isnan(heatmap[rows, cols]))
     total = len(grid)
     done = total - len(todo)
+    saved_done = min(saved_done, done)
     use_tta = spec.tta if settings.tta is None else settings.tta
     device = resolve_device(settings.device)
     model = model.to(device).eval()
     autocast = settings.amp and device.type == "cuda"
     chunk = max(1, settings.batch_size)
-    notes: list[str] = []
     started = time.perf_counter()
+    save_every = PARTIAL_SAVE_SECONDS if settings.save_every_s is None else float(settings.save_every_s)
+    last_save = time.monotonic()
     cancelled = False
 
     def predict(x: torch.Tensor) -> torch.Tensor:
@@ -282,23 +471,31 @@ def run_analysis(
         if spec.aggregator == "fraction":
             slide_score = scores[classes[positive]]
         result = AnalysisResult(
-            slide_path=slide.path, slide_name=slide.name, spec=spec_dict, heatmap=heatmap,
-            class_heatmaps=class_heatmaps, cell_um=grid.cell_um,
+            slide_path=slide.path, slide_name=slide.name, spec=spec_dict, heatmap=heatmap.copy(),
+            class_heatmaps=class_heatmaps.copy(), cell_um=grid.cell_um,
             first_centre_um=grid.first_centre_um, slide_mpp=slide.require_mpp(),
             detections=detections, slide_score=slide_score, scores=scores, partial=partial,
             tiles_done=int((~np.isnan(heatmap[rows, cols])).sum()), tiles_total=total, key=key,
             provenance={
                 "settings": asdict(settings), "device": str(device), "tta": use_tta,
-                "seconds": round(time.perf_counter() - started, 3), "notes": notes,
+                "seconds": round(time.perf_counter() - started, 3), "notes": list(notes),
                 "cancelled": cancelled, "weights": digest,
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
             },
         )  # fmt: skip
         if target is not None:
             save_result(result, target)
+            if on_saved is not None:
+                on_saved(result)
         return result
 
     yield Progress(done, total, f"{total} tiles at {spec.mpp} um/px on {device}", grid)
+    if done:
+        kept = grid.cells[~np.isnan(heatmap[rows, cols])]
+        yield Progress(
+            done, total, f"resuming: {done}/{total} tiles kept from the saved partial result",
+            HeatmapBlock(kept, heatmap[kept[:, 0], kept[:, 1]].copy()),
+        )  # fmt: skip
     loader = TileLoader(slide, grid, settings.batch_size, indices=todo, workers=settings.workers)
     try:
         for indices, tiles in loader:
@@ -308,6 +505,7 @@ def run_analysis(
             x = _to_batch(tiles, spec.normalization)
             probs, chunk = _predict_with_retry(predict, x, device, chunk, notes)
             probs = probs.cpu().numpy()
+            _require_finite_outputs(probs, spec.name, autocast)
             r, c = rows[indices], cols[indices]
             class_heatmaps[:, r, c] = probs.T
             heatmap[r, c] = probs[:, positive]
@@ -320,14 +518,33 @@ def run_analysis(
             if cancel is not None and cancel.is_set():
                 cancelled = True
                 break
-    except GeneratorExit:  # the consumer went away: keep what is finished
+            if target is not None and done < total and time.monotonic() - last_save >= save_every:
+                finish()  # bounded loss: a kill from here on loses at most one interval
+                saved_done, last_save = done, time.monotonic()
+    except (GeneratorExit, KeyboardInterrupt):  # consumer gone, Ctrl-C or SIGTERM: keep what is finished
         cancelled = True
         loader.close()
-        finish()
+        if target is not None and done > saved_done:
+            finish()
         raise
     finally:
         loader.close()
     return finish()
+
+
+def _require_finite_outputs(probs: np.ndarray, model_name: str, autocast: bool) -> None:
+    """Refuse NaN or infinite model outputs: never a 'not done yet' cell, never saved."""
+    bad = ~np.isfinite(probs)
+    if not bad.any():
+        return
+    tiles = int(bad.any(axis=1).sum()) if bad.ndim == 2 else int(bad.sum())
+    kind = "NaN" if np.isnan(probs).any() else "infinite"
+    precision = " (or mixed precision overflowed on the GPU: try without AMP)" if autocast else ""
+    raise ModelOutputError(
+        f"model {model_name} produced {kind} outputs for {tiles} of {len(probs)} tiles; its weights "
+        f"are probably broken{precision}. Retrain it or use another checkpoint; nothing was saved "
+        "for these tiles."
+    )
 
 
 def _to_batch(tiles: np.ndarray, normalization: str):

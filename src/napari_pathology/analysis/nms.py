@@ -4,27 +4,37 @@ from __future__ import annotations
 
 import numpy as np
 
+from napari_pathology.fileio import require_finite
+
 
 def non_maximum_suppression(heatmap: np.ndarray, threshold: float = 0.5, radius: float = 5.0) -> np.ndarray:
-    """Repeatedly take the heatmap's maximum and clear a disk around it.
+    """Greedily keep the highest cells and suppress a disk around each.
 
-    Until no value is above ``threshold``: report the maximum and its cell,
-    then set every cell within ``radius`` cells of it to zero. NaN (outside
-    tissue) never counts.
+    Equivalent to "repeatedly take the maximum, report it and clear every cell
+    within ``radius`` cells of it, until nothing is above ``threshold``", but
+    terminating by construction: the cells above ``threshold`` are sorted once
+    and visited once each, highest first (ties in row-major order); a cell is
+    reported unless an earlier reported cell lies within ``radius``. NaN and
+    infinite cells (outside tissue, unfinished) never count.
 
     Parameters
     ----------
     heatmap : (rows, cols) array
         Probabilities per grid cell.
     threshold : float
-        Only maxima strictly above this are reported.
+        Only cells strictly above this are reported; must be finite.
     radius : float
-        Suppression radius in cells.
+        Suppression radius in cells; finite and ``>= 0``.
 
     Returns
     -------
     (N, 3) float array
         ``row, col, score`` per detection, highest score first.
+
+    Raises
+    ------
+    ValueError
+        For a heatmap that is not 2-D, or a NaN/infinite threshold or a negative radius.
 
     Examples
     --------
@@ -32,20 +42,30 @@ def non_maximum_suppression(heatmap: np.ndarray, threshold: float = 0.5, radius:
     >>> non_maximum_suppression(h, 0.5, 2).tolist()
     [[2.0, 2.0, 0.9], [8.0, 8.0, 0.7]]
     """
-    work = np.nan_to_num(np.asarray(heatmap, dtype=np.float64), nan=0.0).copy()
-    if work.ndim != 2:
-        raise ValueError(f"heatmap must be 2-D, got shape {work.shape}")
-    rows, cols = np.indices(work.shape)
+    threshold = require_finite(threshold, "NMS threshold")
+    radius = require_finite(radius, "NMS radius", minimum=0.0)
+    values = np.asarray(heatmap, dtype=np.float64)
+    if values.ndim != 2:
+        raise ValueError(f"heatmap must be 2-D, got shape {values.shape}")
+    above = np.isfinite(values) & (values > threshold)
+    flat = np.flatnonzero(above)
+    if flat.size == 0:
+        return np.zeros((0, 3), np.float64)
+    scores = values.ravel()[flat]
+    order = flat[np.argsort(-scores, kind="stable")]  # highest first; ties keep row-major order
+    suppressed = np.zeros(values.shape, bool)
+    width = values.shape[1]
+    reach = int(min(np.floor(radius), max(values.shape)))  # a larger disk covers the same cells
+    dr, dc = np.mgrid[-reach : reach + 1, -reach : reach + 1]
+    disk = dr**2 + dc**2 <= radius**2
     found: list[tuple[float, float, float]] = []
-    while work.size:
-        flat = int(np.argmax(work))
-        r, c = divmod(flat, work.shape[1])
-        score = work[r, c]
-        if score <= threshold:
-            break
-        found.append((float(r), float(c), float(score)))
-        r0, r1 = max(0, int(r - radius)), int(r + radius) + 1
-        c0, c1 = max(0, int(c - radius)), int(c + radius) + 1
-        near = (rows[r0:r1, c0:c1] - r) ** 2 + (cols[r0:r1, c0:c1] - c) ** 2 <= radius**2
-        work[r0:r1, c0:c1][near] = 0.0
+    for index in order:  # one visit per candidate: at most flat.size iterations
+        r, c = divmod(int(index), width)
+        if suppressed[r, c]:
+            continue
+        found.append((float(r), float(c), float(values[r, c])))
+        r0, c0 = max(0, r - reach), max(0, c - reach)
+        r1, c1 = min(values.shape[0], r + reach + 1), min(width, c + reach + 1)
+        window = disk[r0 - (r - reach) : r1 - (r - reach), c0 - (c - reach) : c1 - (c - reach)]
+        suppressed[r0:r1, c0:c1] |= window
     return np.array(found, dtype=np.float64).reshape(-1, 3)
