@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from conftest import real_file
@@ -41,11 +43,19 @@ def test_add_associated_image_as_layer(make_napari_viewer, qtbot) -> None:
     assert viewer.layers[-1].name.endswith("label") and viewer.layers[-1].rgb
 
 
-def test_mpp_override_for_a_slide_without_mpp(make_napari_viewer, qtbot) -> None:
+@pytest.fixture(autouse=True)
+def _private_settings(monkeypatch, tmp_path) -> None:
+    """A um/px override is remembered per slide: never in the user's data folder during tests."""
+    monkeypatch.setattr("napari_pathology._layers.user_settings_dir", lambda: tmp_path / "user-settings")
+
+
+def test_mpp_override_for_a_slide_without_mpp(make_napari_viewer, qtbot, tmp_path) -> None:
     viewer = make_napari_viewer()
     panel = SlidePanel(viewer)
     qtbot.addWidget(panel)
-    [layer] = viewer.open(str(real_file("slides/boxes.tiff")), plugin=PLUGIN)
+    slide_path = tmp_path / "boxes.tiff"  # a copy: the override is remembered beside the slide
+    shutil.copyfile(real_file("slides/boxes.tiff"), slide_path)
+    [layer] = viewer.open(str(slide_path), plugin=PLUGIN)
     assert panel.mpp_warning.isVisibleTo(panel)
     assert "unknown" in panel.fact_labels["um/px"].text()
     panel.mpp_spin.setValue(0.25)

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from napari_pathology.slide import Slide, SlideReadError, open_slide
 
@@ -170,3 +172,331 @@ def overlay_geometry(
         "scale": (float(sy), float(sx)),
         "translate": (float(first_centre_um[0] - half_y), float(first_centre_um[1] - half_x)),
     }
+
+
+# --------------------------------------------------------------------------- derived layers
+
+#: Metadata key linking a layer derived from a slide (heatmap, detections, tissue, nuclei,
+#: regions) to it: the slide's file path.
+SOURCE_KEY = "napari_pathology_source"
+#: Metadata key: the slide layer's ``scale`` ``(y, x)`` the derived layer was laid out for.
+#: Derived layers are physical (micrometre) geometry tied to the slide's level-0 pixels, so
+#: when the slide's um/px changes, their world geometry scales by ``new / placed``.
+PLACED_SCALE_KEY = "napari_pathology_placed_scale"
+
+
+def link_metadata(slide_metadata: Mapping[str, Any], scale: Any = None) -> dict[str, Any]:
+    """Metadata entries that tie a derived layer to its slide so it follows the slide's um/px.
+
+    Parameters
+    ----------
+    slide_metadata : mapping
+        The slide layer's metadata (its ``path`` names the slide).
+    scale : (float, float), optional
+        The slide layer's ``scale`` ``(y, x)`` the derived layer's geometry was computed
+        with; by default the slide's current um/px (1 when it has none).
+
+    Returns
+    -------
+    dict
+        ``{SOURCE_KEY: path, PLACED_SCALE_KEY: [sy, sx]}``, to merge into the layer's metadata.
+    """
+    if scale is None:
+        mpp_x, mpp_y = slide_metadata.get("mpp_x"), slide_metadata.get("mpp_y")
+        scale = (float(mpp_y), float(mpp_x)) if mpp_x and mpp_y else (1.0, 1.0)
+    sy, sx = (float(v) for v in list(scale)[-2:])
+    return {SOURCE_KEY: slide_metadata.get("path"), PLACED_SCALE_KEY: [sy, sx]}
+
+
+def _same_file(a: Any, b: Any) -> bool:
+    if not isinstance(a, str | Path) or not isinstance(b, str | Path) or not str(a) or not str(b):
+        return False
+    if str(a) == str(b):
+        return True
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except (OSError, ValueError):
+        return False
+
+
+def is_derived_from(metadata: Mapping[str, Any], slide_path: str | None) -> bool:
+    """Whether a layer's metadata ties it to the slide at ``slide_path``.
+
+    Any top-level metadata value naming the slide file counts: :data:`SOURCE_KEY`, and the
+    keys other creators use (the tissue layer's ``slide_path``, the nuclei and prediction
+    markers). Slide layers themselves never count.
+    """
+    if not slide_path or not isinstance(metadata, Mapping) or is_slide_metadata(metadata):
+        return False
+    source = metadata.get(SOURCE_KEY)
+    if source is not None:
+        return _same_file(source, slide_path)
+    return any(_same_file(value, slide_path) for value in metadata.values())
+
+
+def placed_scale(metadata: Mapping[str, Any]) -> tuple[float, float] | None:
+    """The slide scale ``(y, x)`` a derived layer was laid out for, when its metadata says."""
+    placed = metadata.get(PLACED_SCALE_KEY)
+    if placed is None and metadata.get("slide_mpp") is not None:  # tissue layers: (mpp_x, mpp_y)
+        placed = list(metadata["slide_mpp"])[::-1]
+    try:
+        sy, sx = (float(v) for v in placed)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        return None
+    return (sy, sx) if sy > 0 and sx > 0 else None
+
+
+def _layer_kind(layer: Any) -> str:
+    return str(getattr(layer, "_type_string", type(layer).__name__)).lower()
+
+
+def _times(values: Any, factors: np.ndarray) -> np.ndarray:
+    out = np.array(values, dtype=np.float64, copy=True)
+    out[..., -2:] = out[..., -2:] * factors
+    return out
+
+
+def rescale_layer(layer: Any, factor_y: float, factor_x: float) -> None:
+    """Multiply a layer's world geometry by ``(factor_y, factor_x)`` about the origin.
+
+    Image and labels layers change ``scale`` and ``translate``; points and shapes keep
+    their ``scale`` and have their data (world micrometres in this plugin), ``translate``
+    and marker sizes / edge widths multiplied, so code reading their data as world
+    coordinates stays right. A points feature ``area_um2`` scales by the area factor.
+    """
+    factors = np.array([factor_y, factor_x], dtype=np.float64)
+    linear = float(np.sqrt(factor_y * factor_x))
+    kind = _layer_kind(layer)
+    layer.translate = _times(layer.translate, factors)
+    if kind == "points":
+        if len(layer.data):
+            size = np.asarray(layer.size, dtype=np.float64) * linear
+            layer.data = _times(layer.data, factors)
+            layer.size = size
+        features = getattr(layer, "features", None)
+        if features is not None and "area_um2" in features and len(features):
+            features["area_um2"] = np.asarray(features["area_um2"], dtype=np.float64) * factor_y * factor_x
+        if hasattr(layer, "current_size"):
+            layer.current_size = float(np.mean(layer.current_size)) * linear
+    elif kind == "shapes":
+        if len(layer.data):
+            widths = np.asarray(layer.edge_width, dtype=np.float64) * linear
+            types = list(layer.shape_type)
+            layer.data = [(_times(d, factors), t) for d, t in zip(layer.data, types, strict=True)]
+            layer.edge_width = list(widths)
+        if hasattr(layer, "current_edge_width"):
+            layer.current_edge_width = float(layer.current_edge_width) * linear
+    else:
+        layer.scale = _times(layer.scale, factors)
+
+
+def follow_slide_scale(layers: Iterable[Any], slide_layer: Any, old_scale: Any = None) -> list[Any]:
+    """Keep every layer derived from ``slide_layer``'s slide on it after its um/px changed.
+
+    The one place derived layers follow a slide: heatmaps, detections, tissue masks,
+    nuclei, prediction overlays and region shapes are tied to the slide's level-0
+    pixels, so their world geometry scales by ``new / old`` um/px. Each layer's old
+    scale is its :data:`PLACED_SCALE_KEY` (or a tissue layer's ``slide_mpp``), else
+    ``old_scale``; afterwards it records the new one, so calling this again is a no-op.
+
+    Parameters
+    ----------
+    layers : iterable
+        The viewer's layers (anything with ``metadata``, ``scale``, ``translate``...).
+    slide_layer : layer
+        The slide layer; its metadata (``mpp_x``, ``mpp_y``) already holds the new um/px.
+    old_scale : (float, float), optional
+        The slide layer's ``scale`` ``(y, x)`` before the change, for derived layers that
+        do not record theirs (made by code that does not call :func:`link_metadata`).
+
+    Returns
+    -------
+    list
+        The layers that were moved.
+    """
+    meta = slide_layer.metadata
+    path = meta.get("path")
+    new = tuple(link_metadata(meta)[PLACED_SCALE_KEY])  # the metadata is the truth (set first)
+    units = ("micrometer", "micrometer") if meta.get("mpp_x") else ("pixel", "pixel")
+    moved = []
+    for layer in list(layers):
+        if layer is slide_layer or not is_derived_from(getattr(layer, "metadata", {}) or {}, path):
+            continue
+        old = placed_scale(layer.metadata)
+        if old is None and old_scale is not None:
+            old = tuple(float(v) for v in list(old_scale)[-2:])
+        if old is None:
+            continue
+        factor_y, factor_x = new[0] / old[0], new[1] / old[1]
+        changed = not np.allclose((factor_y, factor_x), 1.0, rtol=1e-12, atol=0)
+        if changed:
+            rescale_layer(layer, factor_y, factor_x)
+        metadata = dict(layer.metadata)
+        metadata[SOURCE_KEY] = path
+        metadata[PLACED_SCALE_KEY] = list(new)
+        if changed and metadata.get("mask_mpp") is not None and metadata.get("slide_mpp") is not None:
+            metadata["mask_mpp"] = float(metadata["mask_mpp"]) * factor_x  # a tissue mask's grid
+            metadata["slide_mpp"] = [new[1], new[0]]
+        layer.metadata = metadata
+        if changed and units and len(tuple(getattr(layer, "units", ()))) == len(units):
+            layer.units = units
+        if changed:
+            moved.append(layer)
+    return moved
+
+
+# --------------------------------------------------------------------------- remembered um/px
+
+#: Suffix of the small per-slide settings file (``case1.tif`` -> ``case1.tif.napari-pathology.json``).
+SETTINGS_SUFFIX = ".napari-pathology.json"
+#: Largest um/px accepted from a settings file.
+MAX_MPP = 1000.0
+
+
+def user_settings_dir() -> Path:
+    """Folder for per-slide settings of slides whose own folder is read-only."""
+    from platformdirs import user_data_dir
+
+    return Path(user_data_dir("napari-pathology")) / "slides"
+
+
+def settings_paths(slide_path: str | Path) -> tuple[Path, Path]:
+    """Where a slide's settings file lives: beside the slide, else in :func:`user_settings_dir`.
+
+    The fallback name carries a digest of the slide's full path, so two slides with the same
+    file name in different folders never share one.
+    """
+    import hashlib
+
+    slide_path = Path(slide_path).expanduser()
+    try:
+        full = str(slide_path.resolve())
+    except OSError:
+        full = str(slide_path.absolute())
+    digest = hashlib.sha256(full.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+    name = slide_path.name + SETTINGS_SUFFIX
+    return slide_path.with_name(name), user_settings_dir() / f"{slide_path.name}.{digest}{SETTINGS_SUFFIX}"
+
+
+def _read_settings(path: Path) -> dict[str, Any]:
+    from napari_pathology.fileio import read_json_file
+
+    data = read_json_file(path, "slide settings file")
+    if not isinstance(data, dict):
+        raise ValueError(f"slide settings file {path} does not hold a JSON object")
+    return data
+
+
+def _valid_mpp(value: Any, where: Path) -> float:
+    from napari_pathology.fileio import require_finite
+
+    return require_finite(value, f"um/px in {where}", minimum=0, maximum=MAX_MPP, inclusive=False)
+
+
+def remembered_mpp(slide_path: str | Path) -> tuple[float | None, Path | None, str | None]:
+    """The um/px the user set for a slide earlier, where it was kept, and any problem reading it.
+
+    When both settings files exist (the slide's folder became read-only in between) the
+    newer one wins; one saying ``"mpp": null`` means the user went back to the file's um/px.
+
+    Returns
+    -------
+    tuple
+        ``(mpp or None, settings file or None, message or None)``; a settings file that
+        cannot be read (or holds a bad um/px) is reported in the message and not used.
+    """
+    problems = []
+    found: list[tuple[float, float | None, Path]] = []
+    for path in settings_paths(slide_path):
+        try:
+            if not path.exists():
+                continue
+            data = _read_settings(path)
+            mpp = None if data.get("mpp") is None else _valid_mpp(data["mpp"], path)
+            found.append((path.stat().st_mtime, mpp, path))
+        except (OSError, ValueError) as exc:
+            problems.append(f"{exc}; the um/px saved there was not used")
+    problem = "; ".join(problems) or None
+    if not found:
+        return None, None, problem
+    _, mpp, path = max(found, key=lambda item: item[0])
+    return mpp, (path if mpp is not None else None), problem
+
+
+def remember_mpp(slide_path: str | Path, mpp: float | None) -> Path | None:
+    """Keep (or, with None, forget) the user's um/px for a slide in its settings file.
+
+    Written atomically beside the slide, or in :func:`user_settings_dir` when the slide's
+    folder cannot be written (the newer file wins on reopen, see :func:`remembered_mpp`).
+    Forgetting removes ``mpp`` from the slide's settings files (a file left with nothing
+    else is deleted); where the file beside the slide cannot be changed, a fallback file
+    saying ``"mpp": null`` overrides it.
+
+    Returns
+    -------
+    Path or None
+        The file that now holds the um/px (None when forgetting).
+
+    Raises
+    ------
+    OutputError
+        When the change cannot be written anywhere (one line naming the folder).
+    """
+    import contextlib
+    import os
+
+    from napari_pathology.fileio import OutputError
+
+    beside, fallback = settings_paths(slide_path)
+    if mpp is None:
+        try:
+            _write_settings(beside, slide_path, None)
+        except OutputError:
+            _write_settings(fallback, slide_path, None, keep_null=True)
+            return None
+        _write_settings(fallback, slide_path, None)
+        return None
+    mpp = _valid_mpp(mpp, Path(slide_path))
+    if os.access(beside.parent, os.W_OK):
+        try:
+            _write_settings(beside, slide_path, mpp)
+        except OutputError:
+            pass
+        else:
+            with contextlib.suppress(OSError):  # stale, and older anyway
+                _write_settings(fallback, slide_path, None)
+            return beside
+    _write_settings(fallback, slide_path, mpp)
+    return fallback
+
+
+def _write_settings(path: Path, slide_path: str | Path, mpp: float | None, keep_null: bool = False) -> None:
+    """Set (or clear) ``mpp`` in one settings file, keeping its other entries.
+
+    Clearing deletes a file left with nothing else, unless ``keep_null`` asks for an explicit
+    ``"mpp": null`` (which outranks an older file beside the slide).
+    """
+    import json
+
+    from napari_pathology.fileio import atomic_write, output_error
+
+    if mpp is None and not keep_null and not path.exists():
+        return
+    try:
+        data = _read_settings(path) if path.exists() else {}
+    except (OSError, ValueError):
+        data = {}  # unreadable: replaced (it held at most a um/px, now superseded)
+    data.pop("slide", None)
+    data["mpp"] = mpp
+    if mpp is None and not keep_null:
+        del data["mpp"]
+        if not data:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise output_error(exc, path.parent) from exc
+            return
+    data["slide"] = Path(slide_path).name
+    atomic_write(path, json.dumps(data, indent=1) + "\n")

@@ -13,8 +13,9 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from napari_pathology._layers import LayerData, slide_layer_data
+from napari_pathology._layers import LayerData, remembered_mpp, slide_layer_data
 from napari_pathology.slide import (
+    Slide,
     SlideOpenError,
     SlideReadError,
     is_supported_path,
@@ -48,6 +49,7 @@ def read_slides(path: PathOrPaths) -> list:
         except SlideOpenError as exc:  # includes unsupported contents behind a known ending
             show_error(str(exc))
             continue
+        restore_mpp(slide)
         if slide.mpp is None:
             show_warning(
                 f"{slide.name}: {slide.backend.mpp_note}. Showing it in pixels; set um/px in the "
@@ -55,6 +57,38 @@ def read_slides(path: PathOrPaths) -> list:
             )
         layers.append(slide_layer_data(slide, on_error=_read_error_reporter(slide.name)))
     return layers or NO_LAYERS
+
+
+def restore_mpp(slide: Slide) -> float | None:
+    """Apply the um/px the user set for this slide in an earlier session (its settings file).
+
+    Annotations saved then are in that um/px's micrometres, so the slide must open with it
+    again. Says so in a notification; a settings file that cannot be used is a warning.
+
+    Returns
+    -------
+    float or None
+        The restored um/px, or None when there was none.
+    """
+    from napari.utils.notifications import show_info, show_warning
+
+    if not slide.path:
+        return None
+    mpp, where, problem = remembered_mpp(slide.path)
+    if problem:
+        show_warning(f"{slide.name}: {problem}")
+    if mpp is None:
+        return None
+    try:
+        slide.set_mpp(mpp)
+    except ValueError as exc:
+        show_warning(f"{slide.name}: the um/px kept in {where} was not used: {exc}")
+        return None
+    show_info(
+        f"{slide.name}: restored the um/px you set, {mpp:g} um/px (kept in {where}); "
+        'press "Use file\'s" in the Slide panel to forget it.'
+    )
+    return mpp
 
 
 def _read_error_reporter(name: str) -> Callable[[SlideReadError], None]:

@@ -19,7 +19,13 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_pathology._layers import apply_mpp, is_slide_metadata, slide_from_metadata
+from napari_pathology._layers import (
+    apply_mpp,
+    follow_slide_scale,
+    is_slide_metadata,
+    remember_mpp,
+    slide_from_metadata,
+)
 from napari_pathology._widgets._common import SlideLayerCombo, run_in_thread
 
 if TYPE_CHECKING:
@@ -167,15 +173,29 @@ class SlidePanel(QWidget):
         self._set_mpp(None)
 
     def _set_mpp(self, mpp: float | None) -> None:
+        """Set (None: clear) the slide's um/px, move every layer derived from it, remember it."""
+        from napari.utils.notifications import show_error, show_warning
+
         layer = self.layer
         if layer is None:
             return
-        slide = slide_from_metadata(layer.metadata)
-        metadata = dict(layer.metadata)
-        scale = apply_mpp(metadata, slide, mpp)
+        try:
+            slide = slide_from_metadata(layer.metadata)
+            old_scale = tuple(float(v) for v in layer.scale[-2:])
+            metadata = dict(layer.metadata)
+            scale = apply_mpp(metadata, slide, mpp)
+        except (OSError, ValueError) as exc:  # a vanished file, a bad value
+            show_error(f"{layer.name}: um/px not changed: {exc}")
+            return
         layer.metadata = metadata
         layer.units = ("micrometer", "micrometer") if slide.mpp else ("pixel", "pixel")
         layer.scale = scale
+        follow_slide_scale(self.viewer.layers, layer, old_scale)
+        if slide.path:
+            try:  # beside the slide, so reopening it (and its annotations) uses the same um/px
+                remember_mpp(slide.path, mpp)
+            except (OSError, ValueError) as exc:
+                show_warning(f"{layer.name}: the um/px is set for now but could not be kept: {exc}")
         self.viewer.reset_view()
         self._refresh()
 

@@ -31,7 +31,12 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_pathology._layers import overlay_geometry, slide_from_metadata
+from napari_pathology._layers import (
+    follow_slide_scale,
+    link_metadata,
+    overlay_geometry,
+    slide_from_metadata,
+)
 from napari_pathology._widgets._common import SlideLayerCombo, run_in_thread, same_path
 from napari_pathology.tissue import (
     TissueMask,
@@ -127,6 +132,7 @@ def tissue_layer_kwargs(mask: TissueMask, slide_layer: Any, slide_path: str | No
 
     geometry = overlay_geometry(mask.mpp, (mask.mpp / 2, mask.mpp / 2), mask.slide_mpp)
     metadata = {
+        **link_metadata({"path": slide_path}, (mask.slide_mpp[1], mask.slide_mpp[0])),
         TISSUE_MARKER: True,
         "slide_path": slide_path,
         "mask_mpp": mask.mpp,
@@ -334,23 +340,13 @@ class TissuePanel(QWidget):
         """Keep the tissue layer on its slide when the slide's um/px is changed (Slide panel).
 
         The mask stays attached to the same level-0 pixels; its um/px scales with the slide's.
+        :func:`~napari_pathology._layers.follow_slide_scale` does it (a no-op when the Slide
+        panel already did).
         """
         slide_layer, tissue = self.slide_layer, self.tissue_layer
-        if slide_layer is None or tissue is None or slide_layer.metadata.get("mpp_missing"):
+        if slide_layer is None or tissue is None:
             return
-        meta = dict(tissue.metadata)
-        new = (float(slide_layer.metadata["mpp_x"]), float(slide_layer.metadata["mpp_y"]))
-        old = tuple(float(v) for v in meta.get("slide_mpp") or new)
-        if np.allclose(new, old, rtol=1e-9):
-            return
-        factor = new[0] / old[0]
-        meta["mask_mpp"] = float(meta["mask_mpp"]) * factor
-        meta["slide_mpp"] = list(new)
-        geometry = overlay_geometry(meta["mask_mpp"], (meta["mask_mpp"] / 2,) * 2, new)
-        tissue.metadata = meta
-        tissue.scale = geometry["scale"]
-        tissue.translate = geometry["translate"]
-        tissue.units = tuple(str(u) for u in slide_layer.units)
+        follow_slide_scale([tissue], slide_layer)
 
     def _on_layers_changed(self, event: Any = None) -> None:
         self._watch(self.tissue_layer)
@@ -474,7 +470,9 @@ class TissuePanel(QWidget):
             layer.metadata = kwargs["metadata"]
             layer.scale = kwargs["scale"]
             layer.translate = kwargs["translate"]
+            layer.units = kwargs["units"]
             layer.data = data
+        follow_slide_scale([layer], slide_layer)  # the um/px changed while it was computed
         self._watch(layer)
         self.update_area()
         return layer
