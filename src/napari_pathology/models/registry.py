@@ -12,9 +12,13 @@ registered with :func:`register_model` (timm style)::
 
 :func:`create_model` builds a registered name (or any spec of a registered
 family) wrapped in :class:`PathologyModel`, which carries its spec.
-Checkpoints are single files holding the spec, the weights and free-form
-provenance and metrics; they are written atomically and read with
-``torch.load(weights_only=True)``, because a checkpoint is untrusted input.
+Checkpoints are single files holding the spec, the weights, a SHA-256
+digest of the weights and free-form provenance and metrics; they are written
+atomically (:func:`napari_pathology.fileio.atomic_write`) and read with
+``torch.load(weights_only=True)``, because a checkpoint is untrusted input: a
+file holding pickled code is refused as such (:func:`load_untrusted`), and
+weights that no longer match their digest (a flipped byte) are refused as
+damaged. Checkpoints written before the digest existed still load.
 :func:`resolve_model` accepts either a registered name or a checkpoint path.
 
 No Qt, no napari.
@@ -23,11 +27,13 @@ No Qt, no napari.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import inspect
+import io
 import math
 import os
+import pickletools
 import re
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -38,6 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from napari_pathology.fileio import atomic_write
 from napari_pathology.tiles import NORMALIZATIONS
 
 __all__ = [
@@ -55,13 +62,17 @@ __all__ = [
     "list_families",
     "list_models",
     "load_checkpoint",
+    "load_untrusted",
     "pretrained_path",
+    "refused_as_code",
     "register_family",
     "register_model",
     "register_pretrained",
     "register_spec",
     "resolve_model",
     "save_checkpoint",
+    "save_torch_file",
+    "tensors_digest",
 ]
 
 CHECKPOINT_FORMAT = "napari-pathology-checkpoint"
@@ -601,28 +612,143 @@ def save_checkpoint(
     spec = getattr(model, "spec", None)
     if not isinstance(model, nn.Module) or not isinstance(spec, ModelSpec):
         raise ModelError("save_checkpoint needs a PathologyModel (a module with a ModelSpec as .spec)")
-    path = Path(path)
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     payload = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
         "spec": spec.to_dict(),
-        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "state_dict": state,
+        "weights_sha256": tensors_digest(state),
         "provenance": {**_default_provenance(), **_plain(provenance or {}, "provenance")},
         "metrics": _plain(metrics or {}, "metrics"),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(tmp_name)
+    return save_torch_file(payload, path)
+
+
+def save_torch_file(obj: Any, path: str | os.PathLike[str]) -> Path:
+    """``torch.save`` of ``obj`` to ``path`` through :func:`napari_pathology.fileio.atomic_write`.
+
+    The file is serialised in memory first, so that a full or read-only disk
+    surfaces as a one-line :class:`~napari_pathology.fileio.OutputError`
+    naming the folder (torch's own writer reports it as an opaque
+    ``RuntimeError``), and the previous file at ``path`` stays intact.
+    """
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return atomic_write(path, buffer.getvalue())
+
+
+def tensors_digest(obj: Any) -> str:
+    """SHA-256 (hex) of every tensor in ``obj`` (nested dicts, lists, tuples): names, dtypes, shapes, bytes.
+
+    Saved with each checkpoint and checked on load, so that a changed byte in
+    the weights is refused instead of silently changing the model's output.
+    """
+    digest = hashlib.sha256()
+
+    def walk(value: Any, where: str) -> None:
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().cpu().contiguous()
+            digest.update(f"{where}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+            if tensor.numel():
+                digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, Mapping):
+            for key in sorted(value, key=str):
+                walk(value[key], f"{where}/{key}")
+        elif isinstance(value, list | tuple):
+            for k, item in enumerate(value):
+                walk(item, f"{where}[{k}]")
+
+    walk(obj, "")
+    return digest.hexdigest()
+
+
+#: Pickle opcodes that build or call arbitrary objects (never in a plain ``torch.save`` of tensors).
+_CODE_OPCODES = frozenset({"STACK_GLOBAL", "INST", "OBJ", "NEWOBJ_EX", "EXT1", "EXT2", "EXT4"})
+#: Wordings of torch's refusals of a pickled global, old and new, matched case-insensitively.
+_CODE_WORDS = re.compile(
+    r"global|unsupported class|unrecognized function|can only (create new object|build)", re.IGNORECASE
+)
+#: Bytes of a pickle scanned for code (a model's pickle is small; its weights are separate records).
+_MAX_PICKLE_SCAN = 64 * 2**20
+
+
+def _pickle_bytes(path: Path) -> bytes:
+    import zipfile
+
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            name = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+            with archive.open(name) as fh:
+                return fh.read(_MAX_PICKLE_SCAN)
+    with open(path, "rb") as fh:
+        return fh.read(_MAX_PICKLE_SCAN)
+
+
+def _pickle_holds_code(path: Path) -> bool:
+    """Whether the pickle in ``path`` names a global or opcode outside plain tensors (parsed, never run)."""
     try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+        data = _pickle_bytes(path)
+    except Exception:
+        return False
+    stream = io.BytesIO(data)
+    for _ in range(8):  # legacy torch files hold several pickles in a row
+        try:
+            for opcode, arg, _pos in pickletools.genops(stream):
+                if opcode.name in _CODE_OPCODES:
+                    return True
+                if opcode.name == "GLOBAL":
+                    module, _, name = str(arg).partition(" ")
+                    ordered_dict = (module, name) == ("collections", "OrderedDict")
+                    if not (module.split(".")[0] == "torch" or ordered_dict):
+                        return True
+        except Exception:  # the rest is not a pickle (storages) or is damaged
+            return False
+        if stream.tell() >= len(data):
+            break
+    return False
+
+
+def refused_as_code(error: BaseException, path: str | os.PathLike[str] | None = None) -> bool:
+    """Whether ``torch.load(weights_only=True)`` refused a file because it holds pickled code.
+
+    Torch's message is matched case-insensitively in its current and older
+    wordings ("Unsupported global: GLOBAL ...", "unsupported GLOBAL ... is
+    blocked", "Unsupported class", "unrecognized function"); otherwise the
+    pickle in ``path`` is parsed (not run) for globals and object opcodes.
+    A torn or truncated file is not code.
+    """
+    if _CODE_WORDS.search(str(error)):
+        return True
+    return path is not None and _pickle_holds_code(Path(path))
+
+
+def load_untrusted(path: str | os.PathLike[str], where: str) -> Any:
+    """``torch.load(path, weights_only=True)`` onto the CPU, refused in one line starting with ``where``.
+
+    Raises
+    ------
+    ModelError
+        "``where``: it holds code (pickled objects) that napari-pathology will
+        not run" for a hostile or foreign pickle; "not a PyTorch file, or a
+        corrupt or truncated one" for anything else torch cannot read.
+
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        if refused_as_code(exc, path):
+            reason = (
+                "it holds code (pickled objects) that napari-pathology will not run; "
+                "only tensors and plain data are loaded from a file"
+            )
+        else:
+            text = str(exc)
+            reason = "not a PyTorch checkpoint file, or a corrupt or truncated one"
+            first = text.strip().split("\n")[0].split(". ")[0].strip()
+            if first and "Weights only load failed" not in text:
+                reason += f" ({first[:160]})"
+        raise ModelError(f"{where}: {reason}") from exc
 
 
 def _read_checkpoint(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any], ModelSpec]:
@@ -646,21 +772,7 @@ def _read_checkpoint(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]
         else:
             kind = "a text file" if magic.isascii() else "unrecognised data"
         raise ModelError(f"{where}: not a PyTorch checkpoint file ({kind}; expected a file from torch.save)")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        text = str(exc)
-        if "Unsupported global" in text:
-            reason = (
-                "it holds Python objects that cannot be loaded safely "
-                "(only tensors and plain data are allowed)"
-            )
-        else:
-            reason = "not a PyTorch checkpoint file, or a corrupt or truncated one"
-            first = text.strip().split("\n")[0].split(". ")[0].strip()
-            if first and "Weights only load failed" not in text:
-                reason += f" ({first[:160]})"
-        raise ModelError(f"{where}: {reason}") from exc
+    data = load_untrusted(path, where)
     if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
         if isinstance(data, dict) and data and all(isinstance(v, torch.Tensor) for v in data.values()):
             reason = (
@@ -683,6 +795,12 @@ def _read_checkpoint(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]
     state = data.get("state_dict")
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelError(f"{where}: its 'state_dict' is not a mapping of names to tensors")
+    digest = data.get("weights_sha256")  # absent in checkpoints written before digests
+    if digest is not None and (not isinstance(digest, str) or digest != tensors_digest(state)):
+        raise ModelError(
+            f"checkpoint {path} is damaged: its weights do not match the digest saved with them "
+            "(a byte changed after it was written); use an intact copy or train it again"
+        )
     return path, data, spec
 
 
