@@ -2,13 +2,23 @@
 
 Training and evaluation read a *slide table*: a CSV with a ``slide`` column
 (path, relative to the CSV's folder or absolute), an optional ``label``
-column (``tumour``/``normal`` or any class name), an optional
+column (``tumour``/``normal`` and their synonyms, see :data:`TUMOUR_LABELS`
+and :data:`NORMAL_LABELS`; other class names only when the caller names the
+classes of a multi-class family), an optional
 ``annotations`` column (a GeoJSON of tumour polygons, as QuPath exports or
 the synthetic ground truth writes) and an optional ``normal_annotations``
 column (a GeoJSON of regions known to be normal, where normal training
 patches are then taken from). A folder works too: every slide in it,
 with ``<stem>.tumour.geojson`` or ``<stem>.geojson`` beside it as its
 annotations and ``<stem>.truth.json`` (synthetic slides) giving its label.
+
+What a table may not hold, and is refused with the file and line named: text
+that is not UTF-8, a slide listed twice (it could land on both sides of a
+train/validation split), a label outside the vocabulary (a typo such as
+``tumuor`` would otherwise make a third class or drop the slide from an AUC),
+an implausible ``mpp``, and annotations whose polygons have fewer than 3
+distinct points, non-finite or absurdly large coordinates, or (when the
+slide's size is known) lie entirely outside the slide.
 
 :func:`write_synthetic_cohort` makes such a folder of synthetic slides with
 known truth: tumour slides with macro- and micro-metastases, and negatives.
@@ -19,7 +29,10 @@ No Qt, no napari, no torch.
 from __future__ import annotations
 
 import csv
+import difflib
+import io
 import json
+import math
 import os
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
@@ -28,23 +41,72 @@ from typing import Any
 
 import numpy as np
 
+from napari_pathology.fileio import atomic_write, read_json_file, read_text_file
 from napari_pathology.geometry import Polygon, geojson_to_polygons
 from napari_pathology.progress import Progress
 
 __all__ = [
+    "MAX_ANNOTATION_COORDINATE",
+    "NORMAL_LABELS",
+    "TUMOUR_LABELS",
     "CohortError",
     "SlideEntry",
+    "canonical_label",
+    "read_annotations",
     "read_slide_table",
     "write_slide_table",
     "write_synthetic_cohort",
 ]
 
+#: Spellings of the tumour class (lower case); the one home of this vocabulary.
 TUMOUR_LABELS = ("tumour", "tumor", "positive", "1", "true", "cancer", "metastasis")
+#: Spellings of the normal class (lower case).
 NORMAL_LABELS = ("normal", "negative", "0", "false", "benign")
+
+#: Annotation coordinates past this (level-0 px, or um) are refused: wrong units or a corrupt file.
+MAX_ANNOTATION_COORDINATE = 1e7
 
 
 class CohortError(ValueError):
     """A slide table or folder cannot be used; the message says which row and why."""
+
+
+def canonical_label(label: str | None) -> str | None:
+    """``"tumour"`` or ``"normal"`` for any accepted spelling of them, None for anything else.
+
+    Examples
+    --------
+    >>> canonical_label(" Tumor "), canonical_label("negative"), canonical_label("LUAD")
+    ('tumour', 'normal', None)
+    """
+    if label is None:
+        return None
+    value = str(label).strip().lower()
+    if value in TUMOUR_LABELS:
+        return "tumour"
+    if value in NORMAL_LABELS:
+        return "normal"
+    return None
+
+
+def _checked_label(label: str | None, classes: Sequence[str] | None, where: str) -> str | None:
+    """The label in its canonical spelling; unknown ones refused with the closest known label."""
+    if label is None or not str(label).strip():
+        return None
+    text = str(label).strip()
+    known = ("tumour", "normal") if classes is None else tuple(str(c).strip() for c in classes)
+    by_key = {canonical_label(c) or c.lower(): c for c in known}
+    key = canonical_label(text) or text.lower()
+    if key in by_key:
+        return by_key[key]
+    spellings = {**{s: "tumour" for s in TUMOUR_LABELS}, **{s: "normal" for s in NORMAL_LABELS}}
+    if classes is not None:
+        spellings = {k: v for k, v in spellings.items() if v in by_key} | {c.lower(): c for c in known}
+    close = difflib.get_close_matches(text.lower(), list(spellings), n=1, cutoff=0.5)
+    hint = f"did you mean {spellings[close[0]]!r}? " if close else ""
+    vocabulary = "tumour or normal" if classes is None else ", ".join(known)
+    multi = " (a multi-class family needs its class names given)" if classes is None else ""
+    raise CohortError(f"{where}: unknown label {text!r}; {hint}labels must be {vocabulary}{multi}")
 
 
 @dataclass(frozen=True)
@@ -68,6 +130,8 @@ class SlideEntry:
         GeoJSON of regions known to be normal (same conventions as
         ``annotations``); when given, normal training patches are centred
         only inside them (see :meth:`normal_polygons_um`).
+    source : str or None
+        Where the entry came from (``"slides.csv, line 3"``), for messages.
     """
 
     path: Path
@@ -76,6 +140,7 @@ class SlideEntry:
     mpp: float | None = None
     extra: dict[str, str] = field(default_factory=dict, compare=False)
     normal_annotations: Path | None = None
+    source: str | None = field(default=None, compare=False)
 
     @property
     def name(self) -> str:
@@ -85,56 +150,113 @@ class SlideEntry:
     @property
     def is_tumour(self) -> bool | None:
         """True for a tumour label, False for a normal one, None when unknown or another class."""
-        if self.label is None:
-            return None
-        value = self.label.strip().lower()
-        if value in TUMOUR_LABELS:
-            return True
-        if value in NORMAL_LABELS:
-            return False
-        return None
+        value = canonical_label(self.label)
+        return None if value is None else value == "tumour"
 
-    def tumour_polygons_um(self, slide_mpp: float | tuple[float, float] | None = None) -> list[Polygon]:
+    def tumour_polygons_um(
+        self,
+        slide_mpp: float | tuple[float, float] | None = None,
+        slide_size: tuple[int, int] | None = None,
+    ) -> list[Polygon]:
         """Tumour polygons in micrometres (``[outer, *holes]`` rings of ``(x, y)``).
 
         GeoJSON from QuPath and the synthetic ground truth is in level-0
         pixels and is scaled by ``slide_mpp``; a file that says
         ``"units": "um"`` is taken as is.
 
+        Parameters
+        ----------
+        slide_mpp : float or tuple of float, optional
+            The slide's level-0 um/px.
+        slide_size : tuple of int, optional
+            The slide's level-0 ``(width, height)`` in px: a polygon entirely
+            outside it is refused (wrong slide or wrong units).
+
         Raises
         ------
         CohortError
-            If the file cannot be read, or holds pixels and ``slide_mpp`` is unknown.
+            If the file cannot be read, holds unusable polygons, or holds
+            pixels and ``slide_mpp`` is unknown; the row and feature are named.
         """
-        return _polygons_um(self.annotations, slide_mpp)
+        return _polygons_um(self.annotations, slide_mpp, slide_size, self.source)
 
-    def normal_polygons_um(self, slide_mpp: float | tuple[float, float] | None = None) -> list[Polygon]:
+    def normal_polygons_um(
+        self,
+        slide_mpp: float | tuple[float, float] | None = None,
+        slide_size: tuple[int, int] | None = None,
+    ) -> list[Polygon]:
         """Normal-region polygons in micrometres (as :meth:`tumour_polygons_um`); [] when none.
 
         Raises
         ------
         CohortError
-            If the file cannot be read, or holds pixels and ``slide_mpp`` is unknown.
+            As :meth:`tumour_polygons_um`.
         """
-        return _polygons_um(self.normal_annotations, slide_mpp)
+        return _polygons_um(self.normal_annotations, slide_mpp, slide_size, self.source)
 
 
-def _polygons_um(path: Path | None, slide_mpp: float | tuple[float, float] | None) -> list[Polygon]:
+def _mpp_pair(slide_mpp: float | tuple[float, float]) -> np.ndarray:
+    mx, my = (slide_mpp, slide_mpp) if np.isscalar(slide_mpp) else slide_mpp
+    return np.array([float(mx), float(my)])
+
+
+def read_annotations(
+    path: str | os.PathLike[str],
+    slide_mpp: float | tuple[float, float] | None = None,
+    slide_size: tuple[int, int] | None = None,
+    where: str | None = None,
+) -> tuple[list[Polygon], str]:
+    """Validated polygons of an annotation GeoJSON in the file's own units, and those units.
+
+    Every ring must have 3 distinct finite vertices and no coordinate past
+    :data:`MAX_ANNOTATION_COORDINATE`; with ``slide_size`` (level-0 px; and
+    ``slide_mpp`` for a file in um) a polygon entirely off the slide is refused.
+
+    Returns
+    -------
+    polygons, units
+        Open rings, outer first; ``"um"`` or ``"px"``.
+
+    Raises
+    ------
+    CohortError
+        Naming ``where`` (the table row), the file and the feature.
+    """
+    prefix = f"{where}: " if where else ""
+    try:
+        data = read_json_file(path, "annotations")
+        units = _geojson_units(data)
+        extent = None
+        if slide_size is not None:
+            extent = (float(slide_size[0]), float(slide_size[1]))
+            if units == "um":
+                extent = None if slide_mpp is None else tuple(np.array(extent) * _mpp_pair(slide_mpp))
+        polygons = geojson_to_polygons(data, max_coordinate=MAX_ANNOTATION_COORDINATE, extent=extent)
+    except FileNotFoundError as error:
+        raise CohortError(f"{prefix}{error}") from error
+    except ValueError as error:
+        text = str(error)
+        if str(path) not in text:
+            text = f"annotations {path}: {text}"
+        raise CohortError(f"{prefix}{text}") from error
+    return polygons, units
+
+
+def _polygons_um(
+    path: Path | None,
+    slide_mpp: float | tuple[float, float] | None,
+    slide_size: tuple[int, int] | None = None,
+    where: str | None = None,
+) -> list[Polygon]:
     """Polygons of a GeoJSON file in micrometres (pixels scaled by ``slide_mpp``)."""
     if path is None:
         return []
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-        polygons = geojson_to_polygons(data)
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise CohortError(f"cannot read annotations {path}: {error}") from error
-    if _geojson_units(data) == "um":
+    polygons, units = read_annotations(path, slide_mpp, slide_size, where)
+    if units == "um":
         return polygons
     if slide_mpp is None:
         raise CohortError(f"{path} is in pixels; the slide's um/px is needed to place it")
-    mx, my = (slide_mpp, slide_mpp) if np.isscalar(slide_mpp) else slide_mpp
-    scale = np.array([float(mx), float(my)])
+    scale = _mpp_pair(slide_mpp)
     return [[np.asarray(ring, float) * scale for ring in polygon] for polygon in polygons]
 
 
@@ -166,24 +288,33 @@ def _label_from_truth(slide: Path) -> str | None:
         return None
 
 
-def read_slide_table(source: str | os.PathLike[str]) -> list[SlideEntry]:
-    """Read a slide table (CSV) or scan a folder of slides.
+def read_slide_table(
+    source: str | os.PathLike[str], classes: Sequence[str] | None = None
+) -> list[SlideEntry]:
+    """Read a slide table (CSV) or scan a folder of slides, refusing what would mislead training.
 
     Parameters
     ----------
     source : path-like
         A CSV with columns ``slide`` and optionally ``label``, ``annotations``,
         ``normal_annotations``, ``mpp``; or a folder of slides.
+    classes : sequence of str, optional
+        The class names of a multi-class family. Without them a label must be
+        ``tumour`` or ``normal`` (or a synonym); with them, one of the classes.
 
     Returns
     -------
     list of SlideEntry
-        In file order (CSV) or sorted by name (folder).
+        In file order (CSV) or sorted by name (folder). Labels are in their
+        canonical spelling (``tumour``, ``normal``, or as given in ``classes``).
 
     Raises
     ------
     CohortError
-        For a missing file or column, a slide that does not exist, or an empty table.
+        Naming the file and line: a missing file or column, text that is not
+        UTF-8, a slide that does not exist or is listed twice, an unknown
+        label (with the closest known one), an implausible ``mpp``, unusable
+        annotation polygons, or an empty table.
     """
     from napari_pathology.slide import is_supported_path
 
@@ -191,25 +322,75 @@ def read_slide_table(source: str | os.PathLike[str]) -> list[SlideEntry]:
     if source.is_dir():
         slides = sorted(p for p in source.iterdir() if p.is_file() and is_supported_path(p))
         slides = [p for p in slides if not p.name.endswith((".tissue.png", ".tumour.png"))]
-        entries = [SlideEntry(p, _label_from_truth(p), _find_annotations(p)) for p in slides]
+        entries = [
+            SlideEntry(p, _label_from_truth(p), _find_annotations(p), source=f"{source}: {p.name}")
+            for p in slides
+        ]
     elif source.is_file():
         entries = _read_csv(source)
     else:
         raise CohortError(f"{source} is neither a slide table (CSV) nor a folder of slides")
     if not entries:
         raise CohortError(f"{source} lists no slides")
-    return entries
+    _refuse_duplicates(source, entries)
+    checked = []
+    for entry in entries:
+        where = entry.source or str(entry.path)
+        label = _checked_label(entry.label, classes, where)
+        for geojson in (entry.annotations, entry.normal_annotations):
+            if geojson is not None:
+                read_annotations(geojson, entry.mpp, where=where)
+        checked.append(entry if label == entry.label else _replace(entry, label=label))
+    return checked
+
+
+def _replace(entry: SlideEntry, **changes: Any) -> SlideEntry:
+    from dataclasses import replace
+
+    return replace(entry, **changes)
+
+
+def _refuse_duplicates(source: Path, entries: Sequence[SlideEntry]) -> None:
+    """A slide listed more than once (same file after resolving links) is refused, rows named."""
+    seen: dict[Path, list[SlideEntry]] = {}
+    for entry in entries:
+        try:
+            key = entry.path.resolve()
+        except OSError:
+            key = entry.path.absolute()
+        seen.setdefault(key, []).append(entry)
+    for key, same in seen.items():
+        if len(same) > 1:
+            rows = [e.source.rsplit(", ", 1)[-1] if e.source else str(e.path) for e in same]
+            raise CohortError(
+                f"{source}: slide {key.name} is listed {len(same)} times ({', '.join(rows)}); list each "
+                "slide once (a repeated slide can land on both sides of the train/validation split)"
+            )
 
 
 def _read_csv(path: Path) -> list[SlideEntry]:
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        columns = [c.strip().lower() for c in reader.fieldnames or []]
+    from napari_pathology.slide.backends import PLAUSIBLE_MPP
+
+    try:
+        text = read_text_file(path, "slide table")
+    except FileNotFoundError as error:
+        raise CohortError(str(error)) from error
+    except ValueError as error:
+        raise CohortError(str(error)) from error
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        columns = [(c or "").strip().lower() for c in reader.fieldnames or []]
         if "slide" not in columns and "path" not in columns:
             raise CohortError(f"{path}: needs a 'slide' column (found: {', '.join(columns) or 'none'})")
-        rows = [{(k or "").strip().lower(): (v or "").strip() for k, v in row.items()} for row in reader]
+        rows = [
+            (reader.line_num, {(k or "").strip().lower(): _cell(v) for k, v in row.items()}) for row in reader
+        ]
+    except csv.Error as error:
+        raise CohortError(f"{path}, line {reader.line_num + 1}: not a readable CSV row ({error})") from error
     entries = []
-    for number, row in enumerate(rows, start=2):
+    low, high = PLAUSIBLE_MPP
+    for number, row in rows:
+        where = f"{path.name}, line {number}"
         slide = _resolve(path.parent, row.get("slide") or row.get("path") or "")
         if slide is None:
             raise CohortError(f"{path}, line {number}: empty slide path")
@@ -226,10 +407,23 @@ def _read_csv(path: Path) -> list[SlideEntry]:
             mpp_value = float(mpp) if mpp else None
         except ValueError as error:
             raise CohortError(f"{path}, line {number}: mpp {mpp!r} is not a number") from error
+        if mpp_value is not None and not (math.isfinite(mpp_value) and low <= mpp_value <= high):
+            raise CohortError(
+                f"{path}, line {number}: mpp {mpp!r} is not a plausible um/px (expected {low:g} to {high:g})"
+            )
         known = {"slide", "path", "label", "annotations", "normal_annotations", "mpp"}
         extra = {k: v for k, v in row.items() if k not in known}
-        entries.append(SlideEntry(slide, row.get("label") or None, annotations, mpp_value, extra, normal))
+        entries.append(
+            SlideEntry(slide, row.get("label") or None, annotations, mpp_value, extra, normal, source=where)
+        )
     return entries
+
+
+def _cell(value: Any) -> str:
+    """A CSV cell as stripped text (extra cells of a long row arrive as a list)."""
+    if isinstance(value, list):
+        value = ",".join(str(v) for v in value)
+    return (value or "").strip()
 
 
 def _resolve(folder: Path, value: str) -> Path | None:
@@ -245,7 +439,6 @@ def write_slide_table(entries: Sequence[SlideEntry], path: str | os.PathLike[str
     The ``normal_annotations`` and ``mpp`` columns are written only when some entry has them.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
 
     def rel(p: Path | None) -> str:
         if p is None:
@@ -257,8 +450,8 @@ def write_slide_table(entries: Sequence[SlideEntry], path: str | os.PathLike[str
 
     with_normal = any(e.normal_annotations is not None for e in entries)
     with_mpp = any(e.mpp is not None for e in entries)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+
+    def write(fh: Any) -> None:
         writer = csv.writer(fh)
         writer.writerow(
             ["slide", "label", "annotations"] + ["normal_annotations"] * with_normal + ["mpp"] * with_mpp
@@ -268,8 +461,8 @@ def write_slide_table(entries: Sequence[SlideEntry], path: str | os.PathLike[str
             row += [rel(entry.normal_annotations)] * with_normal
             row += [repr(float(entry.mpp)) if entry.mpp is not None else ""] * with_mpp
             writer.writerow(row)
-    os.replace(tmp, path)
-    return path
+
+    return atomic_write(path, write, text=True)
 
 
 def synthetic_cohort_plan(
@@ -392,12 +585,10 @@ def _options_path(slide: Path) -> Path:
 
 def _same_options(slide: Path, wanted: dict[str, Any]) -> bool:
     try:
-        with open(_options_path(slide), encoding="utf-8") as fh:
-            return json.load(fh) == wanted
+        return read_json_file(_options_path(slide), "options file") == wanted
     except (OSError, ValueError):
         return False
 
 
 def _write_options(slide: Path, options: dict[str, Any]) -> None:
-    with open(_options_path(slide), "w", encoding="utf-8") as fh:
-        json.dump(options, fh, sort_keys=True)
+    atomic_write(_options_path(slide), json.dumps(options, sort_keys=True))
