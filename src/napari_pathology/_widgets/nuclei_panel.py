@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Generator
 from dataclasses import replace
 from pathlib import Path
@@ -61,6 +62,7 @@ from napari_pathology._widgets.nuclei_layers import (
     replace_points,
     set_labels,
     slide_mpp_xy,
+    um_from_world,
     view_box_um,
 )
 from napari_pathology.nuclei.points import LABELS, NucleusPoints
@@ -78,6 +80,8 @@ RECOUNT_MS = 120
 AUTOSAVE_MS = 1000
 _ANNOTATION_FILTER = "Nuclei (*.geojson *.json *.csv);;All files (*)"
 _REGION_COLUMNS = ("Region", "Nuclei", "Tumour", "Normal", "Purity", "Predicted", "Diff.")
+#: Layer metadata key: a token naming one nuclei layer object (which layer an autosave file holds).
+_LAYER_TOKEN = "napari_pathology_nuclei_token"
 
 
 def _fmt(value: float | None) -> str:
@@ -121,6 +125,55 @@ def classification_job(
     return out
 
 
+class AutosaveWriter:
+    """Write a slide's autosave off the Qt thread: in order, never over a file it does not hold.
+
+    Saves are serialised under one lock and a save superseded by a newer one is
+    skipped, so a slow write can never land after a newer one. A file already
+    at the path that this writer did not write or restore for the same layer
+    (an autosave from before the layer was deleted, or a slide reopened) is
+    first kept aside with a timestamped name (``fileio.keep_aside``).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._owners: dict[str, str] = {}
+        self._latest = 0
+
+    def claim(self, path: Path, token: str) -> None:
+        """Record that the file at ``path`` holds the nuclei of the layer named ``token`` (restored)."""
+        with self._lock:
+            self._owners[str(path)] = token
+
+    def ticket(self) -> int:
+        """A number for the next save; only the newest ticket's save is written."""
+        self._latest += 1
+        return self._latest
+
+    def save(
+        self,
+        ticket: int,
+        points: NucleusPoints,
+        path: Path,
+        token: str,
+        mpp: tuple[float, float],
+        extent_um: tuple[float, float],
+    ) -> tuple[int, Path | None] | None:
+        """Write ``points`` to ``path``; (nuclei written, file kept aside or None), None when superseded."""
+        from napari_pathology.fileio import keep_aside
+        from napari_pathology.nuclei.points import save_atomic
+
+        with self._lock:
+            if ticket != self._latest:
+                return None
+            kept = None
+            if (path.exists() or path.is_symlink()) and self._owners.get(str(path)) != token:
+                kept = keep_aside(path, "earlier")
+            save_atomic(points, path, mpp, extent_um)
+            self._owners[str(path)] = token
+            return len(points), kept
+
+
 class NucleiPanel(QWidget):
     """Dock widget: detect, label (t/n/o/u), purity per region, classify, train, import/export."""
 
@@ -138,6 +191,7 @@ class NucleiPanel(QWidget):
         self.predictions: NucleusPoints | None = None
         self._train_job: Any = None
         self.autosave_path: Path | None = None
+        self._autosave_writer = AutosaveWriter()
         #: Most predicted nuclei drawn as points at once (more: the density image only).
         self.max_points_shown = 8000
         self._recount_timer = self._timer(RECOUNT_MS, self.recount)
@@ -353,6 +407,7 @@ class NucleiPanel(QWidget):
         if self._layer is layer:
             return layer
         self._layer = layer
+        layer.metadata.setdefault(_LAYER_TOKEN, uuid.uuid4().hex)
         for key, label in LABEL_KEYS.items():
             layer.bind_key(key, lambda _layer, name=label: self.label_selected(name), overwrite=True)
         layer.events.data.connect(self._on_layer_edited)
@@ -383,20 +438,37 @@ class NucleiPanel(QWidget):
         path = slide.metadata.get("path")
         return sidecar_path(path) if path else None
 
+    def extent_um(self) -> tuple[float, float]:
+        """The chosen slide's size ``(width, height)`` in micrometres (in pixels when it has no um/px)."""
+        meta = self.slide_layer().metadata
+        mpp = self.mpp
+        return (float(meta["width"]) * mpp[0], float(meta["height"]) * mpp[1])
+
     def _restore(self, slide: Any) -> None:
-        from napari.utils.notifications import show_error
+        from napari.utils.notifications import show_error, show_warning
 
-        from napari_pathology.nuclei.points import load_sidecar
+        from napari_pathology.nuclei.points import AutosaveRefused, restore_sidecar
 
+        path = self.autosave_path
         try:
-            points = load_sidecar(self.autosave_path)
-        except (OSError, ValueError) as exc:
+            restored = restore_sidecar(path, self.extent_um(), self.mpp)
+        except AutosaveRefused as exc:
+            if exc.kept_as is None:  # still there and unreadable: never write over it
+                self.autosave_path = None
+                self.autosave_label.setText(f"Autosave is off for {slide.name}: {exc}")
+            else:
+                self.autosave_label.setText(f"The refused autosave was kept as {exc.kept_as}.")
             show_error(f"Could not restore autosaved nuclei: {exc}")
             return
+        points = restored.points
         if points is None or not len(points):
             return
-        self._adopt(add_nuclei_layer(self.viewer, slide, points, f"{slide.name} nuclei"))
-        self.status.setText(f"Restored {len(points)} nuclei from {self.autosave_path}.")
+        layer = self._adopt(add_nuclei_layer(self.viewer, slide, points, f"{slide.name} nuclei"))
+        self._autosave_writer.claim(path, layer.metadata[_LAYER_TOKEN])
+        self.status.setText(f"Restored {len(points)} nuclei from {path}.")
+        if restored.note:
+            self.status.setText(f"Restored {len(points)} nuclei from {path}; {restored.note}.")
+            show_warning(restored.note)
 
     def _sync_regions(self, *_: Any) -> None:
         current = self.regions_combo.currentText()
@@ -605,9 +677,31 @@ class NucleiPanel(QWidget):
     def _on_layer_edited(self, event: Any = None) -> None:
         action = getattr(event, "action", None)
         if str(action).endswith("added") or str(action) == "added":
-            self._mark_manual(getattr(event, "data_indices", ()))
+            indices = getattr(event, "data_indices", ())
+            self._mark_manual(indices)
+            QTimer.singleShot(0, lambda: self._drop_outside(indices))
         self._schedule_recount()
         self._autosave_timer.start()
+
+    def _drop_outside(self, indices: Any) -> None:
+        """Remove nuclei just added outside the slide (a click beside the image is no nucleus)."""
+        layer = self._layer
+        slide = self.slide_layer()
+        candidates = [int(i) for i in indices] if indices is not None else []
+        if layer is None or slide is None or not candidates:
+            return
+        index = np.array([i for i in candidates if 0 <= i < len(layer.data)], np.int64)
+        if not len(index):
+            return
+        xy = um_from_world(np.asarray(layer.data, np.float64)[index, -2:], self.mpp)
+        width, height = self.extent_um()
+        with np.errstate(invalid="ignore"):
+            inside = (xy[:, 0] >= 0) & (xy[:, 1] >= 0) & (xy[:, 0] <= width) & (xy[:, 1] <= height)
+        outside = index[~inside]
+        if len(outside):
+            layer.selected_data = set(outside.tolist())
+            layer.remove_selected()
+            self.status.setText(f"{len(outside)} nuclei added outside the slide were removed.")
 
     def _mark_manual(self, indices: Any) -> None:
         layer = self._layer
@@ -673,52 +767,93 @@ class NucleiPanel(QWidget):
             repaint(layer, self.mpp)
 
     # ------------------------------------------------------------------ autosave, import, export
-    def autosave(self) -> None:
-        """Write the nuclei to the sidecar file in a background thread (atomic replace)."""
-        from napari_pathology.nuclei.points import save_atomic
+    def autosave(self) -> Any:
+        """Write the nuclei to the sidecar file in a background thread; returns the worker or None.
 
+        Atomic, in order, and never over a file this panel does not hold (that one is kept
+        aside first); nuclei outside the slide are left out so that the file reads back.
+        """
         if self.autosave_path is None or (self._layer is None and self.nuclei_layer() is None):
-            return
+            return None
+        layer = self._layer
         path, points = self.autosave_path, self.current_points()
+        xy = points.xy_um()
+        width, height = self.extent_um()
+        outside = (xy[:, 0] < 0) | (xy[:, 1] < 0) | (xy[:, 0] > width) | (xy[:, 1] > height)
+        if outside.any():  # the file must read back: never write what the reader refuses
+            points = points.subset(~outside)
+        writer = self._autosave_writer
+        job = (writer.ticket(), points, path, layer.metadata[_LAYER_TOKEN], self.mpp, (width, height))
 
-        def done(_: Any) -> None:
-            self.autosave_label.setText(
-                f"Autosaved {len(points)} nuclei to {path} at {time.strftime('%H:%M:%S')}"
-            )
+        def done(result: tuple[int, Path | None] | None) -> None:
+            if result is None:
+                return
+            text = f"Autosaved {result[0]} nuclei to {path} at {time.strftime('%H:%M:%S')}"
+            if result[1] is not None:
+                text += f"; the earlier autosave there was kept as {result[1].name}"
+            if outside.any():
+                text += f"; {int(outside.sum())} nuclei outside the slide are not saved"
+            self.autosave_label.setText(text + ".")
 
-        run_in_thread(save_atomic, points, path, on_done=done)
+        def failed(error: BaseException) -> None:
+            from napari.utils.notifications import show_error
 
-    def export_annotations(self, path: str | Path) -> Path:
-        """Write the nuclei as GeoJSON (QuPath; level-0 pixels) or CSV, by the file's suffix."""
-        from napari_pathology.nuclei.points import write_csv, write_geojson
+            self.autosave_label.setText(f"Autosave FAILED: {error}")
+            show_error(f"Autosave of the nuclei failed: {error}")
+
+        return run_in_thread(writer.save, *job, on_done=done, on_error=failed)
+
+    def export_annotations(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Write the nuclei as GeoJSON (QuPath; level-0 pixels) or CSV, by the file's suffix.
+
+        Never over the slide, its autosave or a synthetic slide's truth files (refused), and
+        over another existing file only with ``overwrite`` (else the first free numbered
+        name is used); returns the path written.
+        """
+        from napari_pathology.nuclei.points import free_path, refused_export_reason, write_csv, write_geojson
 
         path = Path(path)
+        if not path.suffix:
+            path = path.with_suffix(".csv")
+        slide = self.slide_layer()
+        reason = refused_export_reason(path, slide.metadata.get("path") if slide is not None else None)
+        if reason is not None:
+            raise ValueError(f"{path} is {reason}; export the nuclei under another name")
+        chosen = path if overwrite else free_path(path)
         points = self.current_points()
-        if path.suffix.lower() in (".geojson", ".json"):
-            write_geojson(points, path, self.mpp[0])
+        if chosen.suffix.lower() in (".geojson", ".json"):
+            write_geojson(points, chosen, self.mpp)
         else:
-            write_csv(points, path.with_suffix(".csv") if not path.suffix else path)
-        self.status.setText(f"Saved {len(points)} nuclei to {path}")
-        return path
+            write_csv(points, chosen)
+        note = f" ({path.name} exists, so a new name was used)" if chosen != path else ""
+        self.status.setText(f"Saved {len(points)} nuclei to {chosen}{note}")
+        return chosen
 
     def import_annotations(self, path: str | Path) -> int:
-        """Add nuclei from a GeoJSON (QuPath) or CSV file to the nuclei layer; returns how many."""
-        from napari_pathology.nuclei.points import read_csv, read_geojson
+        """Merge nuclei from a GeoJSON (QuPath) or CSV file into the nuclei layer; returns how many are new.
+
+        Coordinates are checked against the slide (finite, inside it; the row or feature
+        is named). A nucleus within 1 um of one already there with the same label, or
+        where either is unlabeled, is that nucleus (the imported label replaces
+        ``unlabeled``): importing a file twice adds nothing the second time.
+        """
+        from napari_pathology.nuclei.points import merge_points, read_csv, read_geojson
 
         path = Path(path)
         if self.slide_layer() is None:
             raise ValueError("Open the slide the annotations belong to first.")
+        extent = self.extent_um()
         if path.suffix.lower() in (".geojson", ".json"):
-            found = read_geojson(path, self.mpp[0])
+            found = read_geojson(path, self.mpp, extent)
         else:
-            found = read_csv(path)
+            found = read_csv(path, mpp=self.mpp[0] if self.mpp[0] == self.mpp[1] else None, extent_um=extent)
         layer = self.nuclei_layer(create=True)
-        merged = NucleusPoints.concat(points_from_layer(layer, self.mpp), found)
-        replace_points(layer, merged, self.mpp)
+        result = merge_points(points_from_layer(layer, self.mpp), found)
+        replace_points(layer, result.points, self.mpp)
         self.recount()
         self._autosave_timer.start()
-        self.status.setText(f"Imported {len(found)} nuclei from {path.name}")
-        return len(found)
+        self.status.setText(f"Imported {len(found)} nuclei from {path.name}: {result.summary()}.")
+        return result.added
 
     def _choose_import(self) -> None:
         from napari.utils.notifications import show_error
@@ -733,14 +868,16 @@ class NucleiPanel(QWidget):
     def _choose_export(self, file_filter: str, suffix: str) -> None:
         from napari.utils.notifications import show_error
 
+        from napari_pathology.nuclei.points import export_path
+
         slide = self.slide_layer()
-        start = (
-            str(Path(slide.metadata.get("path", "nuclei")).with_suffix(".nuclei" + suffix)) if slide else ""
-        )
+        start = str(export_path(slide.metadata.get("path") if slide else None, suffix)) if slide else ""
         path, _ = QFileDialog.getSaveFileName(self, "Export nuclei", start, file_filter)
         if path:
+            # the dialog asked before replacing the name it returned; a suffix added here was not asked about
+            confirmed = bool(Path(path).suffix)
             try:
-                self.export_annotations(path if Path(path).suffix else path + suffix)
+                self.export_annotations(path if confirmed else path + suffix, overwrite=confirmed)
             except (OSError, ValueError) as exc:
                 show_error(str(exc))
 
