@@ -7,6 +7,7 @@ from napari_pathology.slide.backends import (
     ImageBackend,
     InMemoryBackend,
     OpenSlideBackend,
+    RegionTooLargeError,
     SlideBackend,
     SlideOpenError,
     SlideReadError,
@@ -15,9 +16,11 @@ from napari_pathology.slide.backends import (
 )
 from napari_pathology.slide.slide import (
     SUPPORTED_SUFFIXES,
+    NotBrightfieldError,
     Slide,
     SlideInfo,
     is_supported_path,
+    judge_brightfield,
     open_slide,
 )
 
@@ -25,7 +28,9 @@ __all__ = [
     "SUPPORTED_SUFFIXES",
     "ImageBackend",
     "InMemoryBackend",
+    "NotBrightfieldError",
     "OpenSlideBackend",
+    "RegionTooLargeError",
     "Slide",
     "SlideBackend",
     "SlideInfo",
@@ -34,5 +39,6 @@ __all__ = [
     "TiffBackend",
     "UnsupportedFormatError",
     "is_supported_path",
+    "judge_brightfield",
     "open_slide",
 ]

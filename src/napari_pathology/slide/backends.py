@@ -20,9 +20,12 @@ Implementations
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -33,6 +36,15 @@ import numpy as np
 PLAUSIBLE_MPP = (0.01, 50.0)
 
 WHITE = 255
+
+#: The most pixels one :meth:`BaseBackend.read_region` call returns (768 MiB of RGB).
+MAX_REGION_PIXELS = 2**28
+
+#: The most pixels decoded at once from a file that cannot be read in parts
+#: (a PNG/JPEG slide, a mask image, an associated image, one TIFF strip).
+MAX_DECODE_PIXELS = 2**28
+
+_PIL_LOCK = threading.Lock()
 
 
 class SlideOpenError(RuntimeError):
@@ -48,6 +60,63 @@ class UnsupportedFormatError(SlideOpenError):
 
 class SlideReadError(SlideOpenError):
     """Pixels of an opened slide could not be read (corrupt or truncated tiles)."""
+
+
+class RegionTooLargeError(ValueError):
+    """A read asked for more pixels than :data:`MAX_REGION_PIXELS` at once."""
+
+
+def megapixels(pixels: float) -> str:
+    """``"40,000 Mpx"``-style text for messages."""
+    return f"{pixels / 1e6:,.0f} Mpx" if pixels >= 1e7 else f"{pixels / 1e6:,.1f} Mpx"
+
+
+def open_image_checked(
+    path: str | os.PathLike[str], what: str, max_bytes: int = 3 * MAX_DECODE_PIXELS
+) -> Any:
+    """Open an image with PIL after checking its decoded size; the caller closes it.
+
+    PIL's own decompression-bomb check raises with a traceback-like message at a
+    fixed size; here the size is checked against ``max_bytes`` of decoded
+    pixels (a 1-bit or gray mask may be larger in pixels than an RGB image)
+    and refused with one line that names the file.
+
+    Raises
+    ------
+    ValueError
+        When the image would decode to more than ``max_bytes`` (or PIL cannot
+        read its header).
+    FileNotFoundError
+        When nothing is there.
+
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    with _PIL_LOCK:  # only the header is parsed while PIL's global limit is lifted
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            image = Image.open(path)
+        except FileNotFoundError:
+            raise
+        except UnidentifiedImageError:
+            raise ValueError(f"Cannot open {what} {path.name}: not an image file PIL reads") from None
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise ValueError(f"Cannot open {what} {path.name}: {exc}") from None
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+    width, height = image.size
+    bands = max(1, len(image.getbands()))
+    decoded = width * height * bands
+    if width <= 0 or height <= 0 or decoded > max_bytes:
+        image.close()
+        raise ValueError(
+            f"{what} {path.name} is {width} x {height} px ({megapixels(width * height)}, {bands} band(s)): "
+            f"more than the {max_bytes / 2**20:,.0f} MiB of pixels read at once; save it smaller "
+            "(or as a tiled pyramidal TIFF)"
+        )
+    return image
 
 
 @runtime_checkable
@@ -155,6 +224,7 @@ class BaseBackend:
     def __init__(self) -> None:
         self.read_count = 0
         self._count_lock = threading.Lock()
+        self.warnings: list[str] = []
 
     # Subclasses fill these in.
     path: str | None = None
@@ -171,6 +241,30 @@ class BaseBackend:
     def _read(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
         raise NotImplementedError
 
+    def drop_levels(self, bad: set[int], why: str) -> None:
+        """Stop serving the levels in ``bad`` (damaged in the file); level 0 must stay.
+
+        The remaining levels keep their order; a warning naming the dropped
+        levels is added to :attr:`warnings`.
+        """
+        bad = {level for level in bad if 0 < level < len(self.level_dimensions)}
+        if not bad:
+            return
+        keep = [level for level in range(len(self.level_dimensions)) if level not in bad]
+        dims = ", ".join(f"{self.level_dimensions[i][0]}x{self.level_dimensions[i][1]}" for i in sorted(bad))
+        self.level_dimensions = tuple(self.level_dimensions[i] for i in keep)
+        self.level_downsamples = tuple(self.level_downsamples[i] for i in keep)
+        self.tile_sizes = tuple(self.tile_sizes[i] for i in keep)
+        self._keep_levels(keep)
+        self.warnings.append(
+            f"{self.display_name}: pyramid level(s) {', '.join(map(str, sorted(bad)))} ({dims}) {why}; "
+            "they are not used (lower resolutions are computed from the levels that remain)"
+        )
+
+    def _keep_levels(self, keep: list[int]) -> None:
+        """Subclasses map served levels to the file's levels here."""
+        raise NotImplementedError(f"{type(self).__name__} cannot drop levels")
+
     def read_region(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
         """Read ``(height, width, 3)`` RGB uint8 pixels of ``level`` at ``(x, y)``.
 
@@ -186,6 +280,12 @@ class BaseBackend:
             raise IndexError(f"level {level} out of range (slide has {len(self.level_dimensions)})")
         if width <= 0 or height <= 0:
             raise ValueError(f"region size must be positive, got {width}x{height}")
+        if width * height > MAX_REGION_PIXELS:
+            raise RegionTooLargeError(
+                f"Reading a {width}x{height} px region of {self.display_name} at once "
+                f"({megapixels(width * height)}) is refused: the limit is {megapixels(MAX_REGION_PIXELS)}; "
+                "read it in tiles or from a coarser level"
+            )
         level_w, level_h = self.level_dimensions[level]
         x0, y0 = max(x, 0), max(y, 0)
         x1, y1 = min(x + width, level_w), min(y + height, level_h)
@@ -264,18 +364,22 @@ class OpenSlideBackend(BaseBackend):
         self.mpp_note = note
         self.objective_power = _float_or_none(props.get("openslide.objective-power"))
         self.associated_image_names = tuple(self._slide.associated_images.keys())
+        self._source_levels = list(range(len(self.level_dimensions)))
+
+    def _keep_levels(self, keep: list[int]) -> None:
+        self._source_levels = [self._source_levels[i] for i in keep]
 
     def _read(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
         ds = self.level_downsamples[level]
         location = (round(x * ds), round(y * ds))
-        region = self._slide.read_region(location, level, (width, height))
+        region = self._slide.read_region(location, self._source_levels[level], (width, height))
         return rgba_to_rgb_on_white(np.asarray(region))
 
     def read_associated_image(self, name: str) -> np.ndarray:
         """Read ``label``, ``macro``, ``thumbnail``... as RGB uint8."""
         if name not in self.associated_image_names:
             return super().read_associated_image(name)
-        return to_rgb_uint8(np.asarray(self._slide.associated_images[name]))
+        return to_rgb_uint8(np.asarray(self._slide.associated_images[name]))  # OpenSlide keeps these small
 
     def close(self) -> None:
         """Close the OpenSlide handle."""
@@ -292,8 +396,73 @@ def _float_or_none(value: Any) -> float | None:
 # --------------------------------------------------------------------------- tifffile
 
 
+@contextlib.contextmanager
+def quiet_tifffile() -> Iterator[list[str]]:
+    """Collect what tifffile logs (``invalid page offset``...) instead of printing it.
+
+    Yields the list the messages are appended to, so the caller can turn the
+    ones that matter into warnings of its own.
+    """
+    logger = logging.getLogger("tifffile")
+    messages: list[str] = []
+
+    class _Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            with contextlib.suppress(Exception):
+                messages.append(record.getMessage())
+
+    handler = _Collect(logging.WARNING)
+    saved = logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = saved
+
+
+def _chain_cut(messages: Sequence[str]) -> bool:
+    """Whether tifffile's log says the chain of pages ended at a bad offset (a cut file)."""
+    return any("invalid page offset" in m or "corrupted" in m.lower() for m in messages)
+
+
+def tiff_damage(tif: Any, file_size: int) -> dict[tuple[int, int], tuple[int, int]]:
+    """Pages of an open TIFF whose pixel data lies past the end of the file.
+
+    Parameters
+    ----------
+    tif : tifffile.TiffFile
+        The open file (its pages are read, not their pixels).
+    file_size : int
+        Size of the file in bytes.
+
+    Returns
+    -------
+    dict
+        ``{(width, height): (missing, total)}`` segments (tiles or strips) of each
+        damaged page.
+
+    """
+    damaged: dict[tuple[int, int], tuple[int, int]] = {}
+    for page in tif.pages:
+        with contextlib.suppress(Exception):
+            offsets = np.asarray(page.dataoffsets, np.int64)
+            counts = np.asarray(page.databytecounts, np.int64)
+            bad = int(((counts > 0) & (offsets + counts > file_size)).sum())
+            if bad:
+                damaged[(int(page.imagewidth), int(page.imagelength))] = (bad, int(counts.size))
+    return damaged
+
+
 class TiffBackend(BaseBackend):
-    """OME-TIFF and other pyramidal or plain TIFF through tifffile + zarr."""
+    """OME-TIFF and other pyramidal or plain TIFF through tifffile.
+
+    Tiles and strips are read and decoded synchronously, one segment at a
+    time, so a region read holds only the segments it touches; a truncated
+    file is reported at open (level 0) or its damaged levels are dropped with
+    a warning (:attr:`warnings`).
+    """
 
     name = "tifffile"
 
@@ -303,12 +472,43 @@ class TiffBackend(BaseBackend):
 
         self.path = str(path)
         name = Path(path).name
+        with quiet_tifffile() as logged:
+            try:
+                self._tif = tifffile.TiffFile(self.path)
+                series = self._tif.series[0]
+                levels = list(series.levels)
+                damaged = tiff_damage(self._tif, os.path.getsize(self.path))
+            except Exception as exc:
+                if getattr(self, "_tif", None) is not None:
+                    self._tif.close()
+                damaged_file = isinstance(exc, tifffile.TiffFileError)
+                hint = " (the file is damaged or truncated)" if damaged_file else ""
+                raise SlideOpenError(f"Cannot open {name}: {exc}{hint}") from exc
         try:
-            self._tif = tifffile.TiffFile(self.path)
-            series = self._tif.series[0]
-            levels = list(series.levels)
-        except Exception as exc:
-            raise SlideOpenError(f"Cannot open {name}: {exc}") from exc
+            self._setup(series, levels, name)
+        except BaseException:
+            self._tif.close()
+            raise
+        bad = {i for i, dims in enumerate(self.level_dimensions) if dims in damaged}
+        if 0 in bad:
+            missing, total = damaged[self.level_dimensions[0]]
+            w, h = self.level_dimensions[0]
+            self._tif.close()
+            raise SlideOpenError(
+                f"Cannot open {name}: the file is truncated ({missing} of {total} tiles of the {w}x{h} px "
+                f"full-resolution level lie past its end at {os.path.getsize(self.path):,} bytes); "
+                "copy or download it again"
+            )
+        self.drop_levels(bad, "lie past the end of the truncated file")
+        if _chain_cut(logged):
+            self.warnings.append(
+                f"{name} is truncated or damaged after its page {len(self._tif.pages)}: "
+                f"pyramid levels and associated images stored after it are missing ({logged[0]})"
+            )
+
+    def _setup(self, series: Any, levels: list[Any], name: str) -> None:
+        import tifffile
+
         axes = series.axes.upper()
         if not (axes.endswith("YXS") or axes.endswith("YX")):
             raise UnsupportedFormatError(
@@ -323,14 +523,24 @@ class TiffBackend(BaseBackend):
             ) from exc
         self._series_axes = axes
         self._levels = levels
+        self._source_levels = list(range(len(levels)))
         self._arrays: dict[int, Any] = {}
         self._lock = threading.Lock()
+        self._segment_cache: tuple[tuple[int, int], np.ndarray] | None = None
         shapes = [lv.shape for lv in levels]
         y_axis, x_axis = axes.index("Y"), axes.index("X")
         self.level_dimensions = tuple((int(s[x_axis]), int(s[y_axis])) for s in shapes)
         w0 = self.level_dimensions[0][0]
         self.level_downsamples = tuple(w0 / w for w, _ in self.level_dimensions)
         self.tile_sizes = tuple(_tiff_tile_size(lv.keyframe) for lv in levels)
+        for level, (tile_w, tile_h) in enumerate(self.tile_sizes):
+            if tile_w * tile_h > MAX_DECODE_PIXELS:
+                w, h = self.level_dimensions[level]
+                raise SlideOpenError(
+                    f"Cannot open {name}: its {w}x{h} px level {level} is stored in {tile_w}x{tile_h} px "
+                    f"pieces ({megapixels(tile_w * tile_h)} each, more than the "
+                    f"{megapixels(MAX_DECODE_PIXELS)} decoded at once); convert it to a tiled pyramidal TIFF"
+                )
         self.vendor = "ome-tiff" if self._tif.is_ome else "tiff"
         self.properties = {"tiff.ImageDescription": page.description or ""}
         mpp, note = _tiff_mpp(self._tif, page)
@@ -342,17 +552,37 @@ class TiffBackend(BaseBackend):
             if s.name.lower() in {"label", "macro", "thumbnail", "overview"}
         )
 
+    def _keep_levels(self, keep: list[int]) -> None:
+        self._levels = [self._levels[i] for i in keep]
+        self._source_levels = [self._source_levels[i] for i in keep]
+        self._arrays = {}
+
+    def _simple_page(self, level: int) -> Any | None:
+        """The level's single page when its segments can be read one by one, else None."""
+        lv = self._levels[level]
+        pages = getattr(lv, "pages", None) or [lv.keyframe]
+        if len(pages) != 1:
+            return None
+        page = pages[0] if not hasattr(pages[0], "keyframe") else pages[0].keyframe
+        page = lv.keyframe if page is None else page
+        if getattr(page, "imagedepth", 1) != 1 or (page.planarconfig == 2 and page.samplesperpixel > 1):
+            return None
+        return page
+
     def _level_array(self, level: int) -> Any:
         with self._lock:
             if level not in self._arrays:
                 import zarr
 
-                store = self._tif.aszarr(series=0, level=level)
+                store = self._tif.aszarr(series=0, level=self._source_levels[level])
                 self._arrays[level] = zarr.open(store, mode="r")
             return self._arrays[level]
 
     def _read(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
-        array = self._level_array(level)
+        page = self._simple_page(level)
+        if page is not None:
+            return to_rgb_uint8(self._read_segments(page, level, x, y, width, height))
+        array = self._level_array(level)  # rare layouts (planar RGB, several pages per level)
         index: list[Any] = []
         for axis in self._series_axes:
             if axis == "Y":
@@ -365,10 +595,71 @@ class TiffBackend(BaseBackend):
                 index.append(0)
         return to_rgb_uint8(np.asarray(array[tuple(index)]))
 
+    def _read_segments(self, page: Any, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        """Decode only the tiles (or strips) under the region, synchronously."""
+        image_w, image_h = int(page.imagewidth), int(page.imagelength)
+        if page.is_tiled:
+            seg_w, seg_h = int(page.tilewidth), int(page.tilelength)
+        else:
+            seg_w, seg_h = image_w, max(1, min(int(page.rowsperstrip or image_h), image_h))
+        per_row = math.ceil(image_w / seg_w)
+        samples = int(page.samplesperpixel)
+        dtype = np.dtype(page.dtype)
+        fill = np.iinfo(dtype).max if dtype.kind in "ui" else (1.0 if dtype.kind == "f" else True)
+        out = np.full((height, width, samples), fill, dtype)
+        offsets, counts = page.dataoffsets, page.databytecounts
+        decode = page.decode
+        for row in range(y // seg_h, (y + height - 1) // seg_h + 1):
+            for col in range(x // seg_w, (x + width - 1) // seg_w + 1):
+                index = row * per_row + col
+                segment = self._segment(page, level, index, offsets, counts, decode)
+                if segment is None:
+                    continue  # an empty tile: white, as OpenSlide shows it
+                sy, sx = row * seg_h, col * seg_w
+                y0, y1 = max(y, sy), min(y + height, sy + seg_h, image_h)
+                x0, x1 = max(x, sx), min(x + width, sx + seg_w, image_w)
+                part = segment[y0 - sy : y1 - sy, x0 - sx : x1 - sx]
+                out[y0 - y : y1 - y, x0 - x : x1 - x] = part.reshape(y1 - y0, x1 - x0, samples)
+        return out[..., 0] if samples == 1 else out
+
+    def _segment(
+        self, page: Any, level: int, index: int, offsets: Any, counts: Any, decode: Any
+    ) -> np.ndarray | None:
+        if index >= len(offsets):
+            raise SlideReadError(f"{self.display_name}: level {level} has no tile {index} (damaged file)")
+        cached = self._segment_cache
+        if cached is not None and cached[0] == (level, index):
+            return cached[1]
+        offset, count = int(offsets[index]), int(counts[index])
+        if count <= 0 or offset <= 0:
+            return None
+        fh = self._tif.filehandle
+        with self._lock:
+            fh.seek(offset)
+            data = fh.read(count)
+        if len(data) < count:
+            raise SlideReadError(
+                f"{self.display_name} is truncated: tile {index} of level {level} lies past the end "
+                "of the file"
+            )
+        segment, _, shape = decode(data, index, jpegtables=page.jpegtables)
+        if segment is None:
+            return None
+        segment = np.asarray(segment).reshape(shape[1], shape[2], shape[3])
+        if segment.shape[0] * segment.shape[1] > 2**20:
+            self._segment_cache = ((level, index), segment)  # big strips: decoded once for many reads
+        return segment
+
     def read_associated_image(self, name: str) -> np.ndarray:
         """Read a label/macro/thumbnail series as RGB uint8."""
         for series in self._tif.series[1:]:
             if series.name.lower() == name:
+                pixels = math.prod(int(v) for v in series.shape)
+                if pixels > 3 * MAX_DECODE_PIXELS:
+                    raise SlideReadError(
+                        f"the {name} image of {self.display_name} is too large to read "
+                        f"({megapixels(pixels / 3)})"
+                    )
                 return to_rgb_uint8(series.asarray())
         return super().read_associated_image(name)
 
@@ -434,25 +725,30 @@ class ImageBackend(BaseBackend):
 
     def __init__(self, path: str | Path) -> None:
         super().__init__()
-        from PIL import Image, UnidentifiedImageError
-
         self.path = str(path)
         name = Path(path).name
         try:
-            with Image.open(self.path) as image:
+            image = open_image_checked(self.path, "image", max_bytes=3 * MAX_DECODE_PIXELS)
+        except ValueError as exc:
+            unknown = "not an image file" in str(exc)
+            raise (UnsupportedFormatError if unknown else SlideOpenError)(str(exc)) from None
+        except OSError as exc:
+            raise SlideOpenError(f"Cannot open {name}: {exc}") from exc
+        try:
+            with image:
                 image.verify()  # header and structure only; no full decode
-            with Image.open(self.path) as image:
-                width, height = image.size
-                dpi = image.info.get("dpi")
-                self.vendor = (image.format or "image").lower()
-        except UnidentifiedImageError as exc:
-            raise UnsupportedFormatError(f"Cannot open {name}: not an image file") from exc
+            width, height = image.size
+            dpi = image.info.get("dpi")
+            self.vendor = (image.format or "image").lower()
         except Exception as exc:
             raise SlideOpenError(f"Cannot open {name}: {exc}") from exc
         self.level_dimensions = ((int(width), int(height)),)
         self.level_downsamples = (1.0,)
         self.tile_sizes = ((min(width, 1024), min(height, 1024)),)
-        mpp, note = checked_mpp(25_400.0 / float(dpi[0]) if dpi else None, "image dpi")
+        try:
+            mpp, note = checked_mpp(25_400.0 / float(dpi[0]) if dpi else None, "image dpi")
+        except (TypeError, ValueError, ZeroDivisionError, IndexError):
+            mpp, note = None, "the file records no um/px"
         self.mpp = (mpp, mpp) if mpp else None
         self.mpp_note = note
         self.properties = {}
@@ -462,9 +758,7 @@ class ImageBackend(BaseBackend):
     def _decoded(self) -> np.ndarray:
         with self._lock:
             if self._pixels is None:
-                from PIL import Image
-
-                with Image.open(self.path) as image:
+                with open_image_checked(self.path, "image", max_bytes=4 * MAX_DECODE_PIXELS) as image:
                     image.load()
                     mode = "RGBA" if "A" in image.getbands() or "transparency" in image.info else "RGB"
                     self._pixels = to_rgb_uint8(np.asarray(image.convert(mode)))

@@ -12,6 +12,7 @@ import dask.array as da
 import numpy as np
 from dask.base import tokenize
 
+from napari_pathology.fileio import require_regular_file
 from napari_pathology.slide.backends import (
     ImageBackend,
     OpenSlideBackend,
@@ -20,6 +21,9 @@ from napari_pathology.slide.backends import (
     SlideReadError,
     TiffBackend,
     UnsupportedFormatError,
+    megapixels,
+    quiet_tifffile,
+    tiff_damage,
 )
 
 #: File endings OpenSlide reads (vendor formats, generic tiled TIFF, DICOM WSI).
@@ -39,6 +43,21 @@ UNREADABLE_FILL = 190
 
 #: Smallest chunk side; files with tiny tiles get chunks of several tiles.
 MIN_CHUNK = 256
+
+#: The viewer's pyramid ends with a level no larger than this on its longer side;
+#: levels the file lacks are computed on the fly from its coarsest level.
+TOP_LEVEL_SIDE = 2048
+
+#: Chunk side of computed levels.
+COMPUTED_CHUNK = 512
+
+#: Largest coarsest level a slide may have (pixels): computing the pyramid's
+#: small levels from it reads all of it. Larger slides without a pyramid are refused.
+MAX_UNPYRAMIDED_PIXELS = 2**30
+
+
+class NotBrightfieldError(SlideOpenError):
+    """A fluorescence (dark-field) slide was given to a step made for brightfield H&E."""
 
 
 def is_supported_path(path: str | Path) -> bool:
@@ -66,6 +85,8 @@ class SlideInfo:
     mpp_note: str
     objective_power: float | None
     associated_images: tuple[str, ...] = field(default_factory=tuple)
+    brightfield: bool | None = None
+    warnings: tuple[str, ...] = field(default_factory=tuple)
 
     @property
     def size_mm(self) -> tuple[float, float] | None:
@@ -81,6 +102,7 @@ class SlideInfo:
         data["level_downsamples"] = list(self.level_downsamples)
         data["tile_sizes"] = [list(t) for t in self.tile_sizes]
         data["associated_images"] = list(self.associated_images)
+        data["warnings"] = list(self.warnings)
         return data
 
 
@@ -108,6 +130,7 @@ class Slide:
         self.backend = backend
         self._mpp_override: float | None = None
         self._pyramid: list[da.Array] | None = None
+        self._brightfield: tuple[bool | None, str] | None = None
         if mpp is not None:
             self.set_mpp(mpp)
 
@@ -177,6 +200,38 @@ class Slide:
             )
         return self.mpp
 
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """Problems found in the file that did not stop it from opening (missing levels...)."""
+        return tuple(getattr(self.backend, "warnings", ()))
+
+    @property
+    def brightfield(self) -> bool | None:
+        """True for a brightfield (H&E-like) slide, False for a fluorescence / dark-field one.
+
+        Judged once from a small low-resolution read (see :func:`judge_brightfield`)
+        and from OME metadata; None when the slide is blank or unreadable.
+        """
+        if self._brightfield is None:
+            self._brightfield = _slide_brightfield(self)
+        return self._brightfield[0]
+
+    def require_brightfield(self) -> None:
+        """Refuse a fluorescence (dark-field) slide for the H&E models and tissue masks.
+
+        Raises
+        ------
+        NotBrightfieldError
+            When :attr:`brightfield` is False; the message names the slide and why.
+
+        """
+        if self.brightfield is False:
+            reason = self._brightfield[1] if self._brightfield else ""
+            raise NotBrightfieldError(
+                f"{self.name} looks like a fluorescence (dark-field) slide ({reason}): the H&E models and "
+                "tissue masks do not apply"
+            )
+
     def info(self) -> SlideInfo:
         """The slide's facts."""
         b = self.backend
@@ -199,6 +254,8 @@ class Slide:
             mpp_note=note,
             objective_power=b.objective_power,
             associated_images=tuple(b.associated_image_names),
+            brightfield=self.brightfield,
+            warnings=self.warnings,
         )
 
     # ------------------------------------------------------------------ pixels
@@ -223,18 +280,41 @@ class Slide:
         return best
 
     def validate(self) -> None:
-        """Decode one tile of the smallest level to prove the pixel data is readable.
+        """Decode the first and last tile of every level to prove the pixel data is readable.
+
+        A lower level that cannot be decoded is dropped (the viewer computes
+        its resolution from the levels that remain) and named in
+        :attr:`warnings`.
 
         Raises
         ------
         SlideReadError
-            When the file opens but its tiles cannot be decoded.
+            When tiles of the full-resolution level cannot be decoded.
 
         """
-        level = self.level_count - 1
-        width, height = self.level_dimensions[level]
-        tile_w, tile_h = self.backend.tile_sizes[level]
-        self.read_region(level, 0, 0, max(1, min(width, tile_w)), max(1, min(height, tile_h)))
+        bad: dict[int, SlideReadError] = {}
+        for level in range(self.level_count):
+            width, height = self.level_dimensions[level]
+            tile_w, tile_h = self.backend.tile_sizes[level]
+            tile_w, tile_h = max(1, min(width, tile_w)), max(1, min(height, tile_h))
+            last_x, last_y = (width - 1) // tile_w * tile_w, (height - 1) // tile_h * tile_h
+            try:
+                self.read_region(level, 0, 0, tile_w, tile_h)
+                last_w, last_h = min(tile_w, width - last_x), min(tile_h, height - last_y)
+                self.read_region(level, last_x, last_y, last_w, last_h)
+            except SlideReadError as exc:
+                if level == 0:
+                    raise
+                bad[level] = exc
+        if bad:
+            drop = getattr(self.backend, "drop_levels", None)
+            try:
+                if drop is None:
+                    raise NotImplementedError
+                drop(set(bad), "cannot be decoded")
+            except NotImplementedError:
+                raise next(iter(bad.values())) from None
+            self._pyramid = None
 
     def pyramid(self, on_error: Callable[[SlideReadError], None] | None = None) -> list[da.Array]:
         """Every level as a lazy ``(height, width, 3)`` uint8 dask array.
@@ -259,6 +339,7 @@ class Slide:
         if on_error is None and self._pyramid is not None:
             return self._pyramid
         levels = [self._level_array(level, on_error) for level in range(self.level_count)]
+        levels += self._computed_levels(on_error)
         if on_error is None:
             self._pyramid = levels
         return levels
@@ -280,6 +361,31 @@ class Slide:
             inline_array=True,
             meta=np.empty((0, 0, 3), np.uint8),
         )
+
+    def _computed_levels(self, on_error: Callable[[SlideReadError], None] | None) -> list[da.Array]:
+        """Levels the file lacks, down to :data:`TOP_LEVEL_SIDE`, computed from the coarsest level."""
+        source = self.level_count - 1
+        width, height = self.level_dimensions[source]
+        levels: list[da.Array] = []
+        factor = 1
+        while max(math.ceil(width / factor), math.ceil(height / factor)) > TOP_LEVEL_SIDE:
+            factor *= 2
+            reader = _ComputedLevelReader(self.backend, source, factor, on_error)
+            h, w = reader.shape[:2]
+            token = tokenize(self.path, _file_stamp(self.path), id(self.backend), source, factor, on_error)
+            levels.append(
+                da.from_array(
+                    reader,
+                    chunks=(min(COMPUTED_CHUNK, h), min(COMPUTED_CHUNK, w), 3),
+                    name=f"slide-{Path(self.name).stem}-L{source}x{factor}-{token}",
+                    asarray=False,
+                    fancy=False,
+                    lock=False,
+                    inline_array=True,
+                    meta=np.empty((0, 0, 3), np.uint8),
+                )
+            )
+        return levels
 
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:
@@ -330,6 +436,137 @@ class _LevelReader:
         return region[:, :, key[2]] if len(key) > 2 else region
 
 
+class _ComputedLevelReader:
+    """A level the file lacks: each read area-averages ``factor`` x ``factor`` pixels of a file level.
+
+    Only the part of the source level under the request is read, in blocks of
+    at most about :data:`_SOURCE_BLOCK` pixels per side, so memory stays bounded
+    whatever the slide's size.
+    """
+
+    dtype = np.dtype(np.uint8)
+    ndim = 3
+
+    def __init__(
+        self,
+        backend: SlideBackend,
+        level: int,
+        factor: int,
+        on_error: Callable[[SlideReadError], None] | None,
+    ) -> None:
+        self.backend = backend
+        self.level = level
+        self.factor = int(factor)
+        self.on_error = on_error
+        width, height = backend.level_dimensions[level]
+        self.source_shape = (height, width)
+        self.shape = (math.ceil(height / factor), math.ceil(width / factor), 3)
+
+    def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
+        f = self.factor
+        oy0, oy1, _ = key[0].indices(self.shape[0])
+        ox0, ox1, _ = key[1].indices(self.shape[1])
+        out = np.full((max(0, oy1 - oy0), max(0, ox1 - ox0), 3), 255, np.uint8)
+        step = max(1, _SOURCE_BLOCK // f)  # output pixels per block side
+        src_h, src_w = self.source_shape
+        for by in range(oy0, oy1, step):
+            by1 = min(oy1, by + step)
+            for bx in range(ox0, ox1, step):
+                bx1 = min(ox1, bx + step)
+                sy0, sy1 = by * f, min(src_h, by1 * f)
+                sx0, sx1 = bx * f, min(src_w, bx1 * f)
+                try:
+                    block = self.backend.read_region(self.level, sx0, sy0, sx1 - sx0, sy1 - sy0)
+                except SlideReadError as exc:
+                    if self.on_error is None:
+                        raise
+                    self.on_error(exc)
+                    block = np.full((sy1 - sy0, sx1 - sx0, 3), UNREADABLE_FILL, np.uint8)
+                out[by - oy0 : by1 - oy0, bx - ox0 : bx1 - ox0] = downsample_mean(block, f)
+        return out[:, :, key[2]] if len(key) > 2 else out
+
+
+#: Side of the source blocks a computed level reads at once (pixels).
+_SOURCE_BLOCK = 2048
+
+
+def downsample_mean(block: np.ndarray, factor: int) -> np.ndarray:
+    """Area-average ``factor`` x ``factor`` pixels of an ``(H, W, C)`` uint8 image (partial edge windows)."""
+    h, w = block.shape[:2]
+    rows, cols = np.arange(0, h, factor), np.arange(0, w, factor)
+    wide = np.uint32 if factor * factor * 255 < 2**32 else np.uint64
+    acc = np.add.reduceat(np.add.reduceat(block.astype(wide), rows, axis=0), cols, axis=1)
+    count = np.diff(np.append(rows, h))[:, None] * np.diff(np.append(cols, w))[None, :]
+    count = count.astype(wide)[..., None]
+    return ((acc + count // 2) // count).astype(np.uint8)
+
+
+def judge_brightfield(rgb: np.ndarray, border: np.ndarray | None = None) -> tuple[bool | None, str]:
+    """Whether a low-resolution view of a slide looks brightfield (light glass) or dark-field.
+
+    A fluorescence slide is mostly black with a few bright spots (nuclei);
+    an H&E slide is light glass around pink and purple tissue.
+
+    Parameters
+    ----------
+    rgb : ndarray
+        ``(..., 3)`` uint8 pixels of the slide (a thumbnail or samples of one).
+        Pure white pixels (outside the scanned area) are ignored.
+    border : ndarray, optional
+        Pixels of the slide's border (background); by default not used.
+
+    Returns
+    -------
+    tuple
+        ``(True | False | None, reason)``; None when the view is blank.
+
+    """
+    px = np.asarray(rgb, np.uint8).reshape(-1, 3)
+    seen = px[px.min(axis=1) < 255]
+    if len(seen) < max(16, 0.01 * len(px)):
+        return None, "the slide is blank"
+    brightest = seen.max(axis=1)
+    dark = float((brightest < 50).mean())
+    glass = float((seen.min(axis=1) > 200).mean())
+    signal = float(np.percentile(brightest, 99.5)) - float(np.median(brightest))
+    if border is not None and len(border):
+        b = np.asarray(border, np.uint8).reshape(-1, 3)
+        b = b[b.min(axis=1) < 255]
+        if len(b) and float(np.median(b.max(axis=1))) >= 50:
+            return True, "light background"
+    if dark >= 0.5 and glass < 0.1:
+        if signal < 30:
+            return None, f"{dark:.0%} of a low-resolution view is black, with no signal"
+        return False, f"{dark:.0%} of a low-resolution view is black background"
+    return True, "light background"
+
+
+def _slide_brightfield(slide: Slide) -> tuple[bool | None, str]:
+    """:func:`judge_brightfield` on a small sample of the coarsest level (and OME metadata)."""
+    description = str(slide.backend.properties.get("tiff.ImageDescription", ""))
+    if "Epifluorescence" in description or 'IlluminationType="Fluorescence"' in description:
+        return False, "its OME metadata says epifluorescence"
+    level = slide.level_count - 1
+    width, height = slide.level_dimensions[level]
+    try:
+        if width * height <= 2**21:
+            image = slide.read_region(level, 0, 0, width, height)
+            edge = max(1, min(width, height) // 20)
+            border = np.concatenate(
+                [image[:edge].reshape(-1, 3), image[-edge:].reshape(-1, 3),
+                 image[:, :edge].reshape(-1, 3), image[:, -edge:].reshape(-1, 3)]
+            )  # fmt: skip
+            return judge_brightfield(image, border)
+        side = 64
+        xs = np.linspace(0, max(0, width - side), 8).astype(int)
+        ys = np.linspace(0, max(0, height - side), 8).astype(int)
+        w, h = min(side, width), min(side, height)
+        patches = [slide.read_region(level, int(x), int(y), w, h) for y in ys for x in xs]
+        return judge_brightfield(np.concatenate([p.reshape(-1, 3) for p in patches]))
+    except (SlideReadError, ValueError):
+        return None, "its pixels could not be read"
+
+
 def _file_stamp(path: str | None) -> tuple[float, int] | None:
     if not path:
         return None
@@ -378,7 +615,70 @@ def open_slide(path: str | Path, *, mpp: float | None = None) -> Slide:
             f"Cannot open {path.name}: unsupported file type {path.suffix!r} "
             f"(supported: {', '.join(SUPPORTED_SUFFIXES)})"
         )
-    return Slide(_open_backend(path), mpp=mpp)
+    try:  # a FIFO, socket or device would block (or stream) forever in any backend
+        require_regular_file(path, "slide file")
+    except (OSError, ValueError) as exc:
+        raise UnsupportedFormatError(f"Cannot open {path.name}: {exc}") from None
+    if path.stat().st_size == 0:
+        raise SlideOpenError(f"Cannot open {path.name}: the file is empty (0 bytes)")
+    backend = _open_backend(path)
+    try:
+        _check_file_levels(backend, path)
+        _check_pyramid(backend)
+    except BaseException:
+        backend.close()
+        raise
+    return Slide(backend, mpp=mpp)
+
+
+def _check_pyramid(backend: SlideBackend) -> None:
+    """Refuse a slide whose coarsest level is too large to compute a small pyramid from."""
+    width, height = backend.level_dimensions[-1]
+    if max(width, height) > TOP_LEVEL_SIDE and width * height > MAX_UNPYRAMIDED_PIXELS:
+        w0, h0 = backend.level_dimensions[0]
+        single = len(backend.level_dimensions) == 1
+        levels = "a single level" if single else f"no level under {width}x{height} px"
+        name = Path(backend.path).name if backend.path else "the slide"
+        raise SlideOpenError(
+            f"Cannot open {name}: it is {w0}x{h0} px with {levels} ({megapixels(width * height)}); "
+            f"without a pyramid it can be shown only up to {megapixels(MAX_UNPYRAMIDED_PIXELS)}. "
+            "Convert it to a tiled pyramidal TIFF (e.g. vips tiffsave IN OUT.tif --tile --pyramid)"
+        )
+
+
+def _check_file_levels(backend: SlideBackend, path: Path) -> None:
+    """For TIFF-based files read by OpenSlide: find levels whose tiles lie past the end of the file."""
+    if not isinstance(backend, OpenSlideBackend):
+        return
+    try:
+        with path.open("rb") as fh:
+            magic = fh.read(4)
+    except OSError:
+        return
+    if magic not in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return
+    import tifffile
+
+    with quiet_tifffile() as logged:
+        try:
+            with tifffile.TiffFile(path) as tif:
+                damaged = tiff_damage(tif, path.stat().st_size)
+        except Exception:  # OpenSlide read it; tifffile's opinion is only advice here
+            return
+    bad = {level for level, dims in enumerate(backend.level_dimensions) if dims in damaged}
+    if 0 in bad:
+        missing, total = damaged[backend.level_dimensions[0]]
+        w, h = backend.level_dimensions[0]
+        raise SlideOpenError(
+            f"Cannot open {path.name}: the file is truncated ({missing} of {total} tiles of the {w}x{h} px "
+            f"full-resolution level lie past its end at {path.stat().st_size:,} bytes); "
+            "copy or download it again"
+        )
+    backend.drop_levels(bad, "lie past the end of the truncated file")
+    if any("invalid page offset" in m for m in logged):
+        backend.warnings.append(
+            f"{path.name} is truncated or damaged: images stored after its last readable page are missing"
+        )
 
 
 def _open_backend(path: Path) -> SlideBackend:
@@ -417,7 +717,7 @@ def _tiff_needs_tifffile(path: Path) -> bool:
     import tifffile
 
     try:
-        with tifffile.TiffFile(path) as tif:
+        with quiet_tifffile(), tifffile.TiffFile(path) as tif:
             if tif.is_ome:
                 return True
             first = tif.pages.first
