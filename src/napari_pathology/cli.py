@@ -504,40 +504,102 @@ def _load_tissue_for_run(args: argparse.Namespace, slide):
     if args.tissue == "auto":
         mask = run_with_progress(detect_tissue(slide, TissueParams()), "tissue mask", args.quiet)
         if mask.is_empty:
-            raise CommandError(f"no tissue found in {slide.name}; use --tissue none to analyse every tile")
+            raise CommandError(
+                f"no tissue found in {slide.name} (its um/px, the model and the stride were checked); "
+                "use --tissue none to analyse every tile, or give a tissue mask"
+            )
         return mask
     return read_tissue_file(args.tissue, slide.dimensions, slide.require_mpp())
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from napari_pathology.analysis import RunSettings, result_folder, run_analysis
+    import signal
+    import threading
+
+    from napari_pathology.analysis import (
+        RunSettings,
+        RunSettingsError,
+        check_run,
+        load_result,
+        result_folder,
+        run_analysis,
+    )
     from napari_pathology.models import resolve_model
     from napari_pathology.slide import open_slide
 
-    slide = open_slide(args.slide, mpp=args.mpp)
-    slide.validate()
-    slide.require_mpp()
-    model = resolve_model(args.model)
-    tissue = _load_tissue_for_run(args, slide)
-    settings = RunSettings(
-        stride=args.stride, batch_size=args.batch_size, device=args.device, tta=args.tta,
-        min_tissue_fraction=args.min_tissue, nms_threshold=args.nms_threshold,
-        nms_radius=args.nms_radius,
-    )  # fmt: skip
-    out = result_folder(args.out, slide, model.spec.name)
-    if model.spec.output == "nuclei":  # nucleus purity: detect every nucleus, classify each
-        from napari_pathology.analysis.nuclei import run_nucleus_analysis
+    options = {
+        "stride": "--stride", "batch_size": "--batch-size", "device": "--device", "tta": "--tta",
+        "min_tissue_fraction": "--min-tissue", "nms_threshold": "--nms-threshold",
+        "nms_radius": "--nms-radius",
+    }  # fmt: skip
+    try:  # every setting refused in one line before any work
+        settings = RunSettings(
+            stride=args.stride, batch_size=args.batch_size, device=args.device, tta=args.tta,
+            min_tissue_fraction=args.min_tissue, nms_threshold=args.nms_threshold,
+            nms_radius=args.nms_radius,
+        )  # fmt: skip
+    except RunSettingsError as error:
+        raise CommandError(f"{options.get(error.field, error.field)}: {error}") from None
+    ensure_writable_dir(args.out)  # a read-only or full disk is said now, not after the run
+    received: dict[str, int] = {}
 
-        job = run_nucleus_analysis(slide, model, tissue, settings, out)
-    else:
-        reuse = not args.recompute
-        job = run_analysis(slide, model, tissue=tissue, settings=settings, out_dir=out, reuse=reuse)
+    def kept_message(out: Path, saved: list[Any]) -> str:
+        """What an interrupted run kept, said only after checking that it is on disk and loads."""
+        if saved:
+            try:
+                on_disk = load_result(out)
+            except ValueError:
+                on_disk = None
+            if on_disk is not None and on_disk.key == saved[-1].key:
+                if not on_disk.partial:
+                    return f"interrupted: the complete result is in {out}"
+                return (
+                    f"interrupted: partial result kept in {out} ({on_disk.tiles_done}/{on_disk.tiles_total} "
+                    "tiles); run the same command again to resume"
+                )
+        return f"interrupted: nothing was kept in {out} (no finished tiles were saved); a rerun starts over"
+
+    def terminate(signum: int, frame: Any) -> None:  # SIGTERM takes the path of Ctrl-C: save, then stop
+        received["signal"] = signum
+        raise KeyboardInterrupt
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, terminate)
     try:
-        result = run_with_progress(job, f"{model.spec.name} on {slide.name}", args.quiet)
-    except KeyboardInterrupt:
-        job.close()  # saves the finished tiles, marked partial
-        print(f"interrupted: partial result kept in {out}", file=sys.stderr)
-        return 130
+        slide = open_slide(args.slide, mpp=args.mpp)
+        slide.validate()
+        slide.require_mpp()
+        model = resolve_model(args.model)
+        check_run(slide, model.spec, settings)  # um/px, model um/px, stride: before "no tissue"
+        out = result_folder(args.out, slide, model.spec.name)
+        tissue = _load_tissue_for_run(args, slide)
+        saved: list[Any] = []  # results of this run the engine says are on disk
+        if model.spec.output == "nuclei":  # nucleus purity: detect every nucleus, classify each
+            from napari_pathology.analysis.nuclei import run_nucleus_analysis
+
+            job = run_nucleus_analysis(slide, model, tissue, settings, out)
+        else:
+            reuse = not args.recompute
+            job = run_analysis(
+                slide, model, tissue=tissue, settings=settings, out_dir=out, reuse=reuse,
+                on_saved=saved.append,
+            )  # fmt: skip
+        try:
+            result = run_with_progress(job, f"{model.spec.name} on {slide.name}", args.quiet)
+        except KeyboardInterrupt:
+            problem = ""
+            try:
+                job.close()  # saves the finished tiles, marked partial (a no-op when already saved)
+            except KeyboardInterrupt:
+                problem = " (interrupted again while saving)"
+            except OSError as error:
+                problem = f" (saving failed: {error})"
+            print(kept_message(out, saved) + problem, file=sys.stderr)
+            return 143 if received.get("signal") == signal.SIGTERM else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     print(result.summary())
     print(f"results: {out}")
     return 0
@@ -595,17 +657,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from napari_pathology.analysis import RunSettings
+    from napari_pathology.analysis import RunSettings, RunSettingsError
     from napari_pathology.analysis.evaluate import evaluate_cohort
     from napari_pathology.cohort import CohortError, read_slide_table
     from napari_pathology.models import resolve_model
 
     try:
+        settings = RunSettings(batch_size=args.batch_size, device=args.device, tta=args.tta)
+    except RunSettingsError as error:
+        options = {"batch_size": "--batch-size", "device": "--device", "tta": "--tta"}
+        option = options.get(error.field, error.field)
+        raise CommandError(f"{option}: {error}") from None
+    ensure_writable_dir(args.out)  # before hours of work
+    try:
         entries = read_slide_table(args.data)
     except CohortError as error:
         raise CommandError(str(error)) from error
     model = resolve_model(args.model)
-    settings = RunSettings(batch_size=args.batch_size, device=args.device, tta=args.tta)
     job = evaluate_cohort(model, entries, args.out, settings)
     evaluation = run_with_progress(job, f"evaluate {model.spec.name}", args.quiet)
     print(evaluation.summary())

@@ -45,8 +45,8 @@ PARTIAL_SAVE_SECONDS = 30.0
 #: Largest stride and batch size accepted (px at the model's um/px; tiles per batch).
 MAX_STRIDE = 1_000_000
 MAX_BATCH_SIZE = 65_536
-#: Level-0 um/px finer than this is not a light-microscope slide: the um/px is wrong.
-MIN_PLAUSIBLE_MPP = 0.02
+#: Level-0 um/px finer than this is not a light-microscope slide (the slides' PLAUSIBLE_MPP floor).
+MIN_PLAUSIBLE_MPP = 0.01
 
 
 class NoTissueError(ValueError):

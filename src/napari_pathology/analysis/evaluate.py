@@ -32,6 +32,7 @@ from napari_pathology.analysis.metrics import (
     slide_auc,
 )
 from napari_pathology.cohort import SlideEntry
+from napari_pathology.fileio import atomic_write, ensure_writable_dir, safe_name
 from napari_pathology.progress import Progress, run_to_completion
 from napari_pathology.slide import open_slide
 from napari_pathology.tissue import TissueParams, detect_tissue
@@ -51,6 +52,7 @@ class SlideOutcome:
     lesions: list[np.ndarray]
     purity: float | None
     result_dir: Path
+    path: str = ""
 
 
 @dataclass
@@ -96,6 +98,7 @@ class Evaluation:
 def _row(o: SlideOutcome) -> dict[str, Any]:
     return {
         "slide": o.name,
+        "path": o.path,
         "label": o.label,
         "slide_score": o.slide_score,
         "detections": len(o.detections),
@@ -142,7 +145,7 @@ def evaluate_cohort(
     Progress
         One step per slide (messages carry the engine's progress).
     """
-    out_dir = Path(out_dir)
+    out_dir = ensure_writable_dir(out_dir)  # before hours of work, not after
     settings = settings or RunSettings()
     tissue_params = tissue_params or TissueParams()
     outcomes = []
@@ -162,7 +165,7 @@ def evaluate_cohort(
         lesions = [polygon[0] for polygon in entry.tumour_polygons_um(mpp)] if entry.annotations else []
         outcomes.append(SlideOutcome(
             entry.name, entry.label, entry.is_tumour, float(result.slide_score), result.detections, lesions,
-            _purity(entry), target,
+            _purity(entry), target, str(slide.path or entry.path),
         ))  # fmt: skip
         slide.close()
         yield Progress(k + 1, len(entries), f"{entry.name}: slide score {result.slide_score:.3f}")
@@ -187,13 +190,16 @@ def evaluate_cohort(
 
 
 def _write(evaluation: Evaluation, out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    name = evaluation.model
-    with open(out_dir / f"evaluation-{name}.json", "w", encoding="utf-8") as fh:
-        json.dump(evaluation.to_dict(), fh, indent=2, default=float)
-    with open(out_dir / f"slides-{name}.csv", "w", newline="", encoding="utf-8") as fh:
+    """``evaluation-<model>.json`` and ``slides-<model>.csv`` (a row per slide, with its path), atomically."""
+    name = safe_name(evaluation.model, fallback="model")
+    text = json.dumps(evaluation.to_dict(), indent=2, default=float)
+    atomic_write(out_dir / f"evaluation-{name}.json", text)
+
+    def rows(fh: Any) -> None:
         writer = csv.writer(fh)
-        writer.writerow(["slide", "label", "slide_score", "detections", "lesions", "purity"])
+        writer.writerow(["slide", "path", "label", "slide_score", "detections", "lesions", "purity"])
         for o in evaluation.outcomes:
-            writer.writerow([o.name, o.label or "", f"{o.slide_score:.6g}", len(o.detections), len(o.lesions),
-                             "" if o.purity is None else f"{o.purity:.4f}"])  # fmt: skip
+            writer.writerow([o.name, o.path, o.label or "", f"{o.slide_score:.6g}", len(o.detections),
+                             len(o.lesions), "" if o.purity is None else f"{o.purity:.4f}"])  # fmt: skip
+
+    atomic_write(out_dir / f"slides-{name}.csv", rows, text=True)

@@ -10,6 +10,7 @@ nuclei as CSV, a purity grid, and a JSON summary. No Qt.
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections.abc import Generator
 from dataclasses import dataclass
@@ -18,7 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from napari_pathology.analysis.engine import NoTissueError, RunSettings
+from napari_pathology.analysis.engine import ModelOutputError, NoTissueError, RunSettings, check_run
+from napari_pathology.analysis.result import check_owner, recover_result_folder
+from napari_pathology.fileio import atomic_path, ensure_writable_dir
 from napari_pathology.nuclei.density import DensityGrid, density_grid
 from napari_pathology.nuclei.points import NucleusPoints, write_csv
 from napari_pathology.progress import Progress
@@ -112,6 +115,10 @@ def run_nucleus_analysis(
     settings = settings or RunSettings()
     cancel = cancel or threading.Event()
     slide.require_mpp()
+    check_run(slide, model.spec, settings)
+    if out_dir is not None:  # before the long detection
+        ensure_writable_dir(Path(out_dir).parent)
+        check_owner(out_dir, slide.path)
     if tissue is not None and tissue.is_empty:
         raise NoTissueError(f"No tissue found in {slide.name}; draw or import a tissue mask.")
     require_purity_model(model)  # before the long detection
@@ -145,6 +152,14 @@ def _run(
                     break
                 yield Progress(event.done, event.total, f"classifying {len(nuclei)} nuclei: {event.message}")
         except StopIteration as finished:
+            probability = np.asarray(finished.value, dtype=np.float64)
+            if not np.isfinite(probability).all():
+                bad = int((~np.isfinite(probability)).sum())
+                raise ModelOutputError(
+                    f"model {model.spec.name} produced NaN or infinite outputs for {bad} of "
+                    f"{len(probability)} nuclei; its weights are probably broken. Retrain it or use "
+                    "another checkpoint; nothing was saved."
+                ) from None
             nuclei = nuclei.with_probabilities(finished.value)
     mpp_x, mpp_y = slide.require_mpp()
     width, height = slide.dimensions
@@ -158,20 +173,34 @@ def _run(
         out_dir=Path(out_dir) if out_dir is not None else None,
     )
     if out_dir is not None:
-        save_nucleus_result(result, slide.name)
+        save_nucleus_result(result, slide.name, slide.path)
     return result
 
 
-def save_nucleus_result(result: NucleusAnalysisResult, slide_name: str) -> Path:
-    """Write ``nuclei.csv``, ``purity_grid.npy`` and ``result.json`` into ``result.out_dir``."""
+def save_nucleus_result(
+    result: NucleusAnalysisResult, slide_name: str, slide_path: str | None = None
+) -> Path:
+    """Write ``nuclei.csv``, ``purity_grid.npy`` and ``result.json`` into ``result.out_dir``, atomically.
+
+    The folder is written whole (:func:`napari_pathology.fileio.atomic_path`):
+    a kill or a full disk leaves the previous result, never a torn one.
+
+    Raises
+    ------
+    ResultOwnerError
+        When the folder holds the result of another slide.
+    OutputError
+        When the disk refuses the write (one line naming the folder).
+    """
     if result.out_dir is None:
         raise ValueError("the result has no out_dir to save into")
     folder = Path(result.out_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_csv(result.nuclei, folder / "nuclei.csv")
-    np.save(folder / "purity_grid.npy", result.grid.mean_probability)
+    recover_result_folder(folder)
+    check_owner(folder, slide_path)
     summary = {
         "slide": slide_name,
+        "slide_path": slide_path,
+        "slide_realpath": os.path.realpath(slide_path) if slide_path else None,
         "model": result.spec.get("name"),
         "n_nuclei": len(result.nuclei),
         "predicted_purity": result.predicted_purity,
@@ -179,5 +208,9 @@ def save_nucleus_result(result: NucleusAnalysisResult, slide_name: str) -> Path:
         "grid_cell_um": result.grid.cell_um,
         "spec": result.spec,
     }
-    (folder / "result.json").write_text(json.dumps(summary, indent=2))
+    with atomic_path(folder) as staging:
+        staging.mkdir()  # permissions from the umask
+        write_csv(result.nuclei, staging / "nuclei.csv")
+        np.save(staging / "purity_grid.npy", result.grid.mean_probability)
+        (staging / "result.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return folder
