@@ -55,7 +55,8 @@ def non_maximum_suppression(heatmap: np.ndarray, threshold: float = 0.5, radius:
     order = flat[np.argsort(-scores, kind="stable")]  # highest first; ties keep row-major order
     suppressed = np.zeros(values.shape, bool)
     width = values.shape[1]
-    reach = int(min(np.floor(radius), max(values.shape)))  # a larger disk covers the same cells
+    radius = min(radius, 2.0 * max(values.shape))  # a larger disk covers the same cells
+    reach = int(np.floor(radius))
     dr, dc = np.mgrid[-reach : reach + 1, -reach : reach + 1]
     disk = dr**2 + dc**2 <= radius**2
     found: list[tuple[float, float, float]] = []
