@@ -72,6 +72,6 @@ def test_run_settings_are_validated_at_construction(kwargs: dict, field: str) ->
 
 
 def test_valid_run_settings_pass() -> None:
-    settings = RunSettings(stride=64, batch_size=1, nms_threshold=0.0, nms_radius=0.0, min_tissue_fraction=1.0)
+    settings = RunSettings(stride=64, batch_size=1, nms_threshold=0.0, nms_radius=0.0, min_tissue_fraction=1)
     assert settings.stride == 64
     assert RunSettings(stride=None, tta=None).stride is None
