@@ -676,8 +676,9 @@ class NucleiPanel(QWidget):
 
     def _on_layer_edited(self, event: Any = None) -> None:
         action = getattr(event, "action", None)
-        if str(action).endswith("added") or str(action) == "added":
-            indices = getattr(event, "data_indices", ())
+        if (str(action).endswith("added") or str(action) == "added") and self._layer is not None:
+            n = len(self._layer.data)  # napari gives the new points as negative indices (-k..-1)
+            indices = [int(i) + n if int(i) < 0 else int(i) for i in getattr(event, "data_indices", ()) or ()]
             self._mark_manual(indices)
             QTimer.singleShot(0, lambda: self._drop_outside(indices))
         self._schedule_recount()
