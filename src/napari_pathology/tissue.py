@@ -53,6 +53,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from scipy import ndimage, sparse
 
+from napari_pathology.fileio import (
+    atomic_path,
+    atomic_write,
+    ensure_writable_dir,
+    read_json_file,
+    require_regular_file,
+)
 from napari_pathology.geometry import (
     area_below,
     geojson_to_polygons,
@@ -94,6 +101,15 @@ MAX_MASK_PIXELS = 200_000_000
 
 #: Side of the level region read at once by :func:`read_at_mpp` (level pixels).
 READ_BLOCK = 2048
+
+#: Largest mask image read (bytes of decoded pixels: a 1-bit or gray mask counts one per pixel).
+MAX_MASK_IMAGE_BYTES = 2**28
+
+#: A mask image larger than this on its longer side is averaged down before use.
+MAX_MASK_SIDE = 8192
+
+#: Largest coordinate (level-0 px) accepted in tissue GeoJSON; no slide is larger.
+MAX_GEOJSON_COORDINATE = 1e7
 
 _FORMAT = "napari-pathology tissue mask v1"
 
@@ -776,9 +792,13 @@ def detect_tissue(
     SlideOpenError
         When the slide has no um/px; the message names the slide and says to
         set it in the Slide panel (or with ``--mpp``).
+    NotBrightfieldError
+        When the slide is a fluorescence (dark-field) slide: these detectors
+        find light glass around stained tissue.
 
     """
     slide.require_mpp()
+    slide.require_brightfield()
     reader = read_at_mpp(slide, params.mask_mpp)
     total = 1
     while True:
@@ -825,34 +845,77 @@ def save_tissue_mask(
     """
     from PIL import Image
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_writable_dir(out_dir)
     paths = {
         "png": out / f"{stem}.png",
         "json": out / f"{stem}.json",
         "geojson": out / f"{stem}.geojson",
     }
-    Image.fromarray(mask.mask.astype(np.uint8) * 255).save(paths["png"])
     info = mask.info()
     info["png"] = paths["png"].name
     info["geojson"] = paths["geojson"].name
-    paths["json"].write_text(json.dumps(info, indent=2), encoding="utf-8")
-    paths["geojson"].write_text(json.dumps(mask.to_geojson()), encoding="utf-8")
+    geojson = json.dumps(mask.to_geojson())  # everything is computed before the first byte is written
+    with atomic_path(paths["png"], suffix=".png") as tmp:
+        Image.fromarray(mask.mask.astype(np.uint8) * 255).save(tmp)
+    atomic_write(paths["geojson"], geojson)
+    atomic_write(paths["json"], json.dumps(info, indent=2))  # last: its presence means the set is whole
     return paths
 
 
-def _read_mask_image(path: Path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+def _read_mask_image(path: Path, max_side: int | None = MAX_MASK_SIDE) -> np.ndarray:
+    """A mask image as bool, its size checked before decoding and averaged down past ``max_side``.
 
+    Raises
+    ------
+    ValueError
+        One line naming the file: unreadable, or more than
+        :data:`MAX_MASK_IMAGE_BYTES` of decoded pixels.
+
+    """
+    from napari_pathology.slide.backends import open_image_checked
+
+    image = open_image_checked(path, "tissue mask image", max_bytes=MAX_MASK_IMAGE_BYTES)
     try:
-        with Image.open(path) as image:
+        with image:
+            palette = image.mode in ("P", "PA")
+            if palette and image.size[0] * image.size[1] * 4 > MAX_MASK_IMAGE_BYTES:
+                raise ValueError(
+                    f"tissue mask image {path.name} is a {image.size[0]} x {image.size[1]} px palette image: "
+                    "too large to read; save it as a 1-bit or gray PNG"
+                )
             image.load()
-            array = np.asarray(image.convert("RGBA") if image.mode in ("P", "PA") else image)
+            array = np.asarray(image.convert("RGBA") if palette else image)
     except FileNotFoundError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise ValueError(f"Cannot read the mask image {path.name}: {exc}") from exc
-    return _binarise(array, path.name)
+    except (OSError, ValueError, SyntaxError, MemoryError) as exc:
+        if isinstance(exc, ValueError) and path.name in str(exc):
+            raise
+        raise ValueError(f"Cannot read the mask image {path.name}: {exc}") from None
+    mask = _binarise(array, path.name)
+    del array
+    if max_side is not None and max(mask.shape) > max_side:
+        mask = _reduce_mask(mask, math.ceil(max(mask.shape) / max_side))
+    return mask
+
+
+def _reduce_mask(mask: np.ndarray, factor: int) -> np.ndarray:
+    """``factor`` x ``factor`` blocks of a bool mask to one pixel (tissue when at least half is)."""
+    height, width = mask.shape
+    rows, cols = math.ceil(height / factor), math.ceil(width / factor)
+    out = np.empty((rows, cols), bool)
+    col_starts = np.arange(0, width, factor)
+    col_counts = np.diff(np.append(col_starts, width))
+    step = max(1, 2**22 // (factor * width))  # output rows per strip: about 4 Mpx of the mask at once
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        block = mask[r0 * factor : r1 * factor]
+        row_starts = np.arange(0, block.shape[0], factor)
+        row_counts = np.diff(np.append(row_starts, block.shape[0]))
+        sums = np.add.reduceat(
+            np.add.reduceat(block.astype(np.uint32), row_starts, axis=0), col_starts, axis=1
+        )
+        out[r0:r1] = 2 * sums >= row_counts[:, None] * col_counts[None, :]
+    return out
 
 
 def _binarise(array: np.ndarray, name: str) -> np.ndarray:
@@ -901,20 +964,24 @@ def load_tissue_mask(path: str | os.PathLike[str]) -> TissueMask:
             f"{meta.name} not found beside {png.name}: a saved tissue mask needs its JSON "
             "(um/px and slide size); import a bare mask image with tissue_mask_from_image"
         )
+    info = read_json_file(meta, "tissue mask description")
     try:
-        info = json.loads(meta.read_text(encoding="utf-8"))
+        if not isinstance(info, dict):
+            raise ValueError("it is not a JSON object")
         mpp = float(info["mpp"])
         slide_size = tuple(int(v) for v in info["slide_size"])
         slide_mpp = tuple(float(v) for v in info["slide_mpp"])
         if len(slide_size) != 2 or len(slide_mpp) != 2:
             raise ValueError("slide_size and slide_mpp need two values")
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"{meta.name} is not a valid tissue mask description: {exc}") from exc
+        if not all(math.isfinite(v) and v > 0 for v in (mpp, *slide_mpp)) or min(slide_size) <= 0:
+            raise ValueError("mpp, slide_size and slide_mpp must be positive finite numbers")
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
+        raise ValueError(f"{meta.name} is not a valid tissue mask description: {exc}") from None
     if "png" in info and path.suffix.lower() == ".json":
-        png = meta.with_name(str(info["png"]))
+        png = meta.with_name(Path(str(info["png"])).name)  # a name beside the JSON, never a path elsewhere
     if not png.exists():
         raise FileNotFoundError(f"tissue mask image {png} not found")
-    mask = _read_mask_image(png)
+    mask = _read_mask_image(png, max_side=None)
     expected = info.get("shape") or list(_mask_shape(slide_size, slide_mpp, mpp))  # type: ignore[arg-type]
     if list(mask.shape) != [int(v) for v in expected]:
         raise ValueError(
@@ -960,25 +1027,22 @@ def tissue_mask_from_geojson(
     if isinstance(geojson, str | os.PathLike):
         path = Path(geojson)
         name = path.name
-        try:
-            geojson = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"Cannot read {name} as GeoJSON: {exc}") from exc
+        geojson = read_json_file(path, "tissue GeoJSON")
     if not isinstance(geojson, dict | list):
         raise ValueError(f"{name} is not GeoJSON (expected an object or a list of features)")
-    try:
-        polygons = geojson_to_polygons(geojson)
+    width, height = int(slide_size[0]), int(slide_size[1])
+    try:  # every ring finite, >= 3 vertices, not absurd and not wholly off the slide; the feature is named
+        polygons = geojson_to_polygons(geojson, max_coordinate=MAX_GEOJSON_COORDINATE, extent=(width, height))
+    except RecursionError:
+        raise ValueError(f"{name} is nested too deeply to be GeoJSON") from None
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"{name} has malformed geometries: {exc}") from exc
+        raise ValueError(f"{name}: {exc}") from None
     if not polygons:
         raise ValueError(f"{name} has no Polygon or MultiPolygon geometry")
     mpp_x, mpp_y = _pair(slide_mpp)
     rows, cols = _mask_shape(slide_size, (mpp_x, mpp_y), mask_mpp)
     sx, sy = mask_mpp / mpp_x, mask_mpp / mpp_y  # level-0 px per mask px
     in_mask_units = [[np.asarray(ring, np.float64) / np.array([sx, sy]) for ring in p] for p in polygons]
-    width, height = slide_size
     xs = np.concatenate([p[0][:, 0] for p in polygons if len(p) and len(p[0])])
     ys = np.concatenate([p[0][:, 1] for p in polygons if len(p) and len(p[0])])
     if xs.max() < 0 or ys.max() < 0 or xs.min() > width or ys.min() > height:
@@ -1013,6 +1077,8 @@ def tissue_mask_from_image(
         name = path.name
     else:
         mask = _binarise(np.asarray(path_or_array), "the mask array")
+        if max(mask.shape) > MAX_MASK_SIDE:
+            mask = _reduce_mask(mask, math.ceil(max(mask.shape) / MAX_MASK_SIDE))
         name = "array"
     mpp_x, mpp_y = _pair(slide_mpp)
     width_um = slide_size[0] * mpp_x
@@ -1052,16 +1118,11 @@ def read_tissue_file(
         When the file is unreadable or belongs to another slide.
 
     """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"tissue mask file not found: {path}")
+    path = require_regular_file(path, "tissue mask file")  # a FIFO or folder is refused, never opened
     suffix = path.suffix.lower()
     slide_size = (int(slide_size[0]), int(slide_size[1]))
     if suffix in (".geojson", ".json"):
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"Cannot read {path.name} as JSON: {exc}") from exc
+        data = read_json_file(path, "tissue mask file")
         if isinstance(data, list) or (isinstance(data, dict) and "type" in data):
             return tissue_mask_from_geojson(data, slide_size, slide_mpp, mask_mpp)
         mask = load_tissue_mask(path)
@@ -1112,6 +1173,7 @@ def write_tissue_outputs(
     """
     from napari_pathology.slide import open_slide
 
+    ensure_writable_dir(out_dir)  # a read-only or full output disk is said before the work
     slide = open_slide(slide_path, mpp=mpp)
     try:
         mask = yield from detect_tissue(slide, params)
