@@ -52,6 +52,13 @@ from scipy import fft as sp_fft
 from scipy import ndimage, sparse
 from scipy.spatial import cKDTree
 
+from napari_pathology.fileio import (
+    atomic_path,
+    atomic_write,
+    ensure_writable_dir,
+    output_error,
+    read_json_file,
+)
 from napari_pathology.geometry import field_to_polygons, polygon_area, polygons_to_geojson
 from napari_pathology.progress import Progress, run_to_completion
 
@@ -164,8 +171,7 @@ def load_truth(slide_path: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(slide_path)
     if not path.name.endswith(_SUFFIXES["truth_json"]):
         path = truth_paths(path)["truth_json"]
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
+    return read_json_file(path, "synthetic truth file")
 
 
 # --------------------------------------------------------------------------------------
@@ -1356,10 +1362,16 @@ class _TiffWriterThread(threading.Thread):
         except BaseException as exc:  # reported to the producer
             self.error = exc
 
+    def failure(self) -> BaseException:
+        """The writer's error as the producer should raise it (a full disk is one line)."""
+        if isinstance(self.error, OSError):
+            return output_error(self.error, self.path.parent)
+        return RuntimeError(f"writing {self.path.name} failed: {self.error}")
+
     def put(self, item: Any) -> None:
         while True:
             if self.error is not None:
-                raise RuntimeError(f"writing {self.path} failed") from self.error
+                raise self.failure() from self.error
             if not self.is_alive():
                 raise RuntimeError(f"TIFF writer for {self.path} stopped unexpectedly")
             try:
@@ -1426,8 +1438,9 @@ def _write_truth(
     tissue = scene.fields[_F_TISSUE] > 0
     tumour_field = scene.fields[_F_TUMOUR]
     tumour = tumour_field > 0
-    Image.fromarray(tissue.astype(np.uint8) * 255).save(paths["tissue_png"])
-    Image.fromarray(tumour.astype(np.uint8) * 255).save(paths["tumour_png"])
+    for key, array in (("tissue_png", tissue), ("tumour_png", tumour)):
+        with atomic_path(paths[key], suffix=".png") as tmp:
+            Image.fromarray(array.astype(np.uint8) * 255).save(tmp, format="PNG")
 
     polygons = field_to_polygons(tumour_field, 0.0, scale=float(grid.d))
     clipped = []
@@ -1440,8 +1453,7 @@ def _write_truth(
             rings.append(np.round(ring, 2))
         clipped.append(rings)
     geojson = polygons_to_geojson(clipped, classification="Tumor", color=(200, 0, 0))
-    with open(paths["tumour_geojson"], "w", encoding="utf-8") as fh:
-        json.dump(geojson, fh)
+    atomic_write(paths["tumour_geojson"], json.dumps(geojson))
     tumour_area_um2 = float(sum(polygon_area(p) for p in clipped)) * scene.mpp**2
 
     n = scene.nuclei
@@ -1459,8 +1471,7 @@ def _write_truth(
             strict=True,
         )
     ]
-    with open(paths["nuclei_csv"], "w", encoding="utf-8", newline="\n") as fh:
-        fh.write("\n".join(lines) + "\n")
+    atomic_write(paths["nuclei_csv"], "\n".join(lines) + "\n")
 
     n_tumour_nuclei = int((n.kind == _TUMOUR).sum())
     label = "tumour" if tumour.any() else "normal"
@@ -1490,8 +1501,7 @@ def _write_truth(
         "generator": GENERATOR,
         "options": options,
     }
-    with open(paths["truth_json"], "w", encoding="utf-8") as fh:
-        json.dump(truth, fh, indent=2)
+    atomic_write(paths["truth_json"], json.dumps(truth, indent=2))
     return SyntheticTruth(
         slide_path=slide_path,
         label=label,
@@ -1573,7 +1583,7 @@ def generate_synthetic_slide(
     if not 1 <= quality <= 100:
         raise ValueError(f"jpeg_quality must be in [1, 100], got {jpeg_quality}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_writable_dir(path.parent)  # a read-only or missing output folder is said before the work
     options = {
         "negative": bool(negative),
         "tumour_size": tumour_size,
@@ -1616,57 +1626,60 @@ def generate_synthetic_slide(
             page["resolutionunit"] = "CENTIMETER"
         pages.append(page)
     bigtiff = width * height * 3 * 4 // 3 > 2**31 - 2**26
-    writer = _TiffWriterThread(path, pages, bigtiff)
-    pool = ThreadPoolExecutor(max_workers=_n_workers(), thread_name_prefix="synthetic")
-    pyramid = _Pyramid(levels[1:], tile, quality, pool)
-    finished = False
-    writer.start()
-    try:
-        in_flight: dict[int, list[Future[tuple[list[list[bytes]], np.ndarray]]]] = {}
+    # The TIFF is written to a temporary file beside ``path`` and moved over it only when
+    # complete: a full disk, an error or an interrupt never leaves a torn slide or removes an old one.
+    with atomic_path(path, suffix=path.suffix) as tmp:
+        writer = _TiffWriterThread(tmp, pages, bigtiff)
+        pool = ThreadPoolExecutor(max_workers=_n_workers(), thread_name_prefix="synthetic")
+        pyramid = _Pyramid(levels[1:], tile, quality, pool)
+        finished = False
+        writer.start()
+        try:
+            in_flight: dict[int, list[Future[tuple[list[list[bytes]], np.ndarray]]]] = {}
 
-        def submit(s: int) -> None:
-            r0 = strips[s]
-            r1 = min(height, r0 + block)
-            in_flight[s] = [
-                pool.submit(_block_job, scene, r0, r1, c0, min(width, c0 + block), tile, quality)
-                for c0 in cols
-            ]
+            def submit(s: int) -> None:
+                r0 = strips[s]
+                r1 = min(height, r0 + block)
+                in_flight[s] = [
+                    pool.submit(_block_job, scene, r0, r1, c0, min(width, c0 + block), tile, quality)
+                    for c0 in cols
+                ]
 
-        lookahead = max(1, math.ceil(2 * _n_workers() / len(cols)))
-        for s in range(min(lookahead + 1, len(strips))):
-            submit(s)
-        done = 1
-        for s in range(len(strips)):
-            results = [f.result() for f in in_flight.pop(s)]
-            if s + lookahead + 1 < len(strips):
-                submit(s + lookahead + 1)
-            n_tile_rows = len(results[0][0])
-            for tr in range(n_tile_rows):
-                for tiles, _ in results:
-                    for data in tiles[tr]:
+            lookahead = max(1, math.ceil(2 * _n_workers() / len(cols)))
+            for s in range(min(lookahead + 1, len(strips))):
+                submit(s)
+            done = 1
+            for s in range(len(strips)):
+                results = [f.result() for f in in_flight.pop(s)]
+                if s + lookahead + 1 < len(strips):
+                    submit(s + lookahead + 1)
+                n_tile_rows = len(results[0][0])
+                for tr in range(n_tile_rows):
+                    for tiles, _ in results:
+                        for data in tiles[tr]:
+                            writer.put(data)
+                if len(levels) > 1:
+                    pyramid.push(0, np.concatenate([down for _, down in results], axis=1))
+                done += len(cols)
+                yield Progress(done, total, f"rendered strip {s + 1}/{len(strips)}")
+            pyramid.finish()
+            for k, futures in enumerate(pyramid.tiles):
+                for fut in futures:
+                    for data in fut.result():
                         writer.put(data)
-            if len(levels) > 1:
-                pyramid.push(0, np.concatenate([down for _, down in results], axis=1))
-            done += len(cols)
-            yield Progress(done, total, f"rendered strip {s + 1}/{len(strips)}")
-        pyramid.finish()
-        for k, futures in enumerate(pyramid.tiles):
-            for fut in futures:
-                for data in fut.result():
-                    writer.put(data)
-            yield Progress(done, total, f"wrote level {k + 1}/{len(levels) - 1}")
-        writer.join()
-        if writer.error is not None:
-            raise RuntimeError(f"writing {path} failed") from writer.error
-        finished = True
-    finally:
-        if not finished:
-            writer.abort()
-            pool.shutdown(wait=True, cancel_futures=True)
-            path.unlink(missing_ok=True)
-        else:
-            pool.shutdown(wait=True)
-    truth = _write_truth(scene, path, seed, options, levels)
+                yield Progress(done, total, f"wrote level {k + 1}/{len(levels) - 1}")
+            writer.join()
+            if writer.error is not None:
+                raise writer.failure() from writer.error
+            finished = True
+        finally:
+            if not finished:
+                writer.abort()
+                pool.shutdown(wait=True, cancel_futures=True)
+            else:
+                pool.shutdown(wait=True)
+        # the truth files first, then the slide replaces any old one: a failure leaves the old slide
+        truth = _write_truth(scene, path, seed, options, levels)
     yield Progress(total, total, "done")
     return truth
 
