@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Generator
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 from napari.layers import Points, Shapes
@@ -135,9 +135,12 @@ class AutosaveWriter:
     first kept aside with a timestamped name (``fileio.keep_aside``).
     """
 
+    #: Shared by every panel of the process: which layer (token) each autosave file holds,
+    #: so that closing and reopening the dock does not set the autosave aside again.
+    _lock = threading.Lock()
+    _owners: ClassVar[dict[str, str]] = {}
+
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._owners: dict[str, str] = {}
         self._latest = 0
 
     def claim(self, path: Path, token: str) -> None:
@@ -436,7 +439,13 @@ class NucleiPanel(QWidget):
         from napari_pathology.nuclei.points import sidecar_path
 
         path = slide.metadata.get("path")
-        return sidecar_path(path) if path else None
+        if not path:
+            return None
+        try:
+            return sidecar_path(path)
+        except OSError as exc:
+            self.autosave_label.setText(f"Autosave is off for {slide.name}: {exc}")
+            return None
 
     def extent_um(self) -> tuple[float, float]:
         """The chosen slide's size ``(width, height)`` in micrometres (in pixels when it has no um/px)."""

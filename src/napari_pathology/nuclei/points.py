@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 
-from napari_pathology.fileio import atomic_write, keep_aside, read_json_file, read_text_file
+from napari_pathology.fileio import atomic_write, keep_aside, output_error, read_json_file, read_text_file
 from napari_pathology.geometry import Polygon, points_in_polygons, polygon_area
 
 if TYPE_CHECKING:
@@ -109,7 +109,7 @@ def check_centroids(
     if not finite.all():
         i = int(np.flatnonzero(~finite)[0])
         raise ValueError(
-            f"{where(i)}: centroid ({x[i]!r}, {y[i]!r}) is not a pair of finite numbers; "
+            f"{where(i)}: centroid ({float(x[i])!r}, {float(y[i])!r}) is not a pair of finite numbers; "
             "every nucleus needs a finite x and y"
         )
     limit_x, limit_y = (MAX_COORDINATE_UM, MAX_COORDINATE_UM) if extent_um is None else extent_um
@@ -279,8 +279,8 @@ class NucleusPoints:
         if n and not (np.isfinite(self.x_um).all() and np.isfinite(self.y_um).all()):
             bad = int(np.flatnonzero(~(np.isfinite(self.x_um) & np.isfinite(self.y_um)))[0])
             raise ValueError(
-                f"nucleus {bad}: centroid ({self.x_um[bad]!r}, {self.y_um[bad]!r}) is not finite; "
-                "every nucleus needs a finite x and y"
+                f"nucleus {bad}: centroid ({float(self.x_um[bad])!r}, {float(self.y_um[bad])!r}) "
+                "is not finite; every nucleus needs a finite x and y"
             )
         if n and (self.label.min() < 0 or self.label.max() >= len(LABELS)):
             raise ValueError(f"label codes must be 0-{len(LABELS) - 1} ({', '.join(LABELS)})")
@@ -580,7 +580,7 @@ def read_csv(
         file that is not UTF-8 text.
 
     """
-    where = str(getattr(path, "name", None) or path)
+    where = str(getattr(path, "name", None) or ("CSV text" if hasattr(path, "read") else path))
     try:
         return _points_from_rows(*_read_rows(path), mpp, extent_um)
     except NucleusFileError:
@@ -652,7 +652,11 @@ def _points_from_rows(
     y = _floats(columns, cy, n, header[cy], body_lines)
     empty = np.isnan(x) | np.isnan(y)
     if empty.any():
-        raise ValueError(f"{where(int(np.flatnonzero(empty)[0]))} has no centroid; every row needs x and y")
+        i = int(np.flatnonzero(empty)[0])
+        raise ValueError(
+            f"{where(i)} has no centroid ({header[cx]}={columns[cx][i]!r}, {header[cy]}={columns[cy][i]!r}); "
+            "every row needs a finite x and y"
+        )
     with np.errstate(over="ignore"):
         x, y = x * scale, y * scale
     check_centroids(x, y, extent_um, where)
@@ -1034,6 +1038,11 @@ def sidecar_path(slide_path: str | os.PathLike[str], out_dir: str | os.PathLike[
     -------
     Path
 
+    Raises
+    ------
+    OutputError
+        When the fallback folder cannot be created (one line naming it).
+
     """
     slide_path = Path(slide_path)
     name = slide_path.name + SIDECAR_SUFFIX
@@ -1045,7 +1054,10 @@ def sidecar_path(slide_path: str | os.PathLike[str], out_dir: str | os.PathLike[
 
         out_dir = Path(user_data_dir("napari-pathology")) / "nuclei"
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise output_error(error, out_dir) from error
     return out_dir / name
 
 

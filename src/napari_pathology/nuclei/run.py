@@ -233,7 +233,8 @@ def write_table_csv(table: NucleusTable, path: str | os.PathLike[str]) -> Path:
     if not finite.all():
         i = int(np.flatnonzero(~finite)[0])
         raise ValueError(
-            f"nucleus {i} has no finite centroid ({table.x_um[i]!r}, {table.y_um[i]!r}); not written"
+            f"nucleus {i} has no finite centroid ({float(table.x_um[i])!r}, {float(table.y_um[i])!r}); "
+            "not written"
         )
     columns = [getattr(table, name) for name in CSV_COLUMNS]
 
