@@ -62,11 +62,27 @@ def run_to_completion(
     Any
         The generator's return value.
 
+    Notes
+    -----
+    When anything interrupts the drive (an error or Ctrl-C in ``on_progress``,
+    say), the job is closed before the exception propagates, so its
+    ``finally`` blocks (saving partial results, closing reader threads) run at
+    once rather than whenever the generator is garbage-collected. An error
+    raised while closing is added as a note to the original, which is the one raised.
+
     """
-    while True:
+    try:
+        while True:
+            try:
+                event = next(job)
+            except StopIteration as stop:
+                return stop.value
+            if on_progress is not None:
+                on_progress(event)
+    except BaseException as interrupt:
         try:
-            event = next(job)
-        except StopIteration as stop:
-            return stop.value
-        if on_progress is not None:
-            on_progress(event)
+            job.close()
+        except Exception as error:  # the original interruption is what the caller must see
+            if hasattr(interrupt, "add_note"):  # Python >= 3.11
+                interrupt.add_note(f"closing the job then failed too: {error}")
+        raise
