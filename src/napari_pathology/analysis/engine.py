@@ -383,6 +383,7 @@ def run_analysis(
     OutputError
         When the result folder cannot be written (one line naming it).
     """
+    slide.require_brightfield()  # a fluorescence slide: the H&E models do not apply (NotBrightfieldError)
     import torch
 
     from napari_pathology.tiles import TileLoader, make_tile_grid, tta_mean
@@ -514,13 +515,13 @@ def run_analysis(
             rate = (done - (total - len(todo))) / max(elapsed, 1e-9)
             eta = (total - done) / rate if rate > 0 else float("inf")
             message = f"{done}/{total} tiles, {rate:.1f} tiles/s, ETA {_format_eta(eta)}"
+            if target is not None and done < total and time.monotonic() - last_save >= save_every:
+                finish()  # bounded loss: a kill from here on loses at most one interval
+                saved_done, last_save = done, time.monotonic()
             yield Progress(done, total, message, HeatmapBlock(np.stack([r, c], 1), heatmap[r, c].copy()))
             if cancel is not None and cancel.is_set():
                 cancelled = True
                 break
-            if target is not None and done < total and time.monotonic() - last_save >= save_every:
-                finish()  # bounded loss: a kill from here on loses at most one interval
-                saved_done, last_save = done, time.monotonic()
     except (GeneratorExit, KeyboardInterrupt):  # consumer gone, Ctrl-C or SIGTERM: keep what is finished
         cancelled = True
         loader.close()
