@@ -862,8 +862,8 @@ def save_tissue_mask(
     return paths
 
 
-def _read_mask_image(path: Path, max_side: int | None = MAX_MASK_SIDE) -> np.ndarray:
-    """A mask image as bool, its size checked before decoding and averaged down past ``max_side``.
+def _read_mask_image(path: Path, reduce: bool = True) -> np.ndarray:
+    """A mask image as bool, size-checked before decoding; ``reduce``: averaged down to MAX_MASK_SIDE.
 
     Raises
     ------
@@ -893,8 +893,8 @@ def _read_mask_image(path: Path, max_side: int | None = MAX_MASK_SIDE) -> np.nda
         raise ValueError(f"Cannot read the mask image {path.name}: {exc}") from None
     mask = _binarise(array, path.name)
     del array
-    if max_side is not None and max(mask.shape) > max_side:
-        mask = _reduce_mask(mask, math.ceil(max(mask.shape) / max_side))
+    if reduce and max(mask.shape) > MAX_MASK_SIDE:
+        mask = _reduce_mask(mask, math.ceil(max(mask.shape) / MAX_MASK_SIDE))
     return mask
 
 
@@ -981,7 +981,7 @@ def load_tissue_mask(path: str | os.PathLike[str]) -> TissueMask:
         png = meta.with_name(Path(str(info["png"])).name)  # a name beside the JSON, never a path elsewhere
     if not png.exists():
         raise FileNotFoundError(f"tissue mask image {png} not found")
-    mask = _read_mask_image(png, max_side=None)
+    mask = _read_mask_image(png, reduce=False)
     expected = info.get("shape") or list(_mask_shape(slide_size, slide_mpp, mpp))  # type: ignore[arg-type]
     if list(mask.shape) != [int(v) for v in expected]:
         raise ValueError(
@@ -1003,6 +1003,8 @@ def tissue_mask_from_geojson(
     slide_size: tuple[int, int],
     slide_mpp: float | tuple[float, float],
     mask_mpp: float = 8.0,
+    *,
+    source: str | None = None,
 ) -> TissueMask:
     """Rasterise GeoJSON polygons (level-0 pixels, e.g. from QuPath) into a tissue mask.
 
@@ -1016,14 +1018,18 @@ def tissue_mask_from_geojson(
         Level-0 um/px of the slide.
     mask_mpp : float
         Micrometres per pixel of the mask.
+    source : str, optional
+        Name of the file the parsed GeoJSON came from, for messages.
 
     Raises
     ------
     ValueError
-        For unreadable GeoJSON, no polygons, or polygons entirely off the slide.
+        For unreadable GeoJSON, no polygons, a ring with non-finite or absurd
+        coordinates or fewer than 3 vertices, or a polygon entirely off the
+        slide; the file and the feature are named.
 
     """
-    name = "GeoJSON"
+    name = source or "GeoJSON"
     if isinstance(geojson, str | os.PathLike):
         path = Path(geojson)
         name = path.name
@@ -1124,7 +1130,7 @@ def read_tissue_file(
     if suffix in (".geojson", ".json"):
         data = read_json_file(path, "tissue mask file")
         if isinstance(data, list) or (isinstance(data, dict) and "type" in data):
-            return tissue_mask_from_geojson(data, slide_size, slide_mpp, mask_mpp)
+            return tissue_mask_from_geojson(data, slide_size, slide_mpp, mask_mpp, source=path.name)
         mask = load_tissue_mask(path)
     elif suffix == ".png" and path.with_suffix(".json").exists():
         mask = load_tissue_mask(path)

@@ -72,14 +72,18 @@ def megapixels(pixels: float) -> str:
 
 
 def open_image_checked(
-    path: str | os.PathLike[str], what: str, max_bytes: int = 3 * MAX_DECODE_PIXELS
+    path: str | os.PathLike[str],
+    what: str,
+    max_bytes: int = 3 * MAX_DECODE_PIXELS,
+    bytes_per_pixel: int | None = None,
 ) -> Any:
     """Open an image with PIL after checking its decoded size; the caller closes it.
 
     PIL's own decompression-bomb check raises with a traceback-like message at a
     fixed size; here the size is checked against ``max_bytes`` of decoded
     pixels (a 1-bit or gray mask may be larger in pixels than an RGB image)
-    and refused with one line that names the file.
+    and refused with one line that names the file. ``bytes_per_pixel`` counts
+    what the caller converts the image to (by default, the image's bands).
 
     Raises
     ------
@@ -108,13 +112,13 @@ def open_image_checked(
             Image.MAX_IMAGE_PIXELS = saved
     width, height = image.size
     bands = max(1, len(image.getbands()))
-    decoded = width * height * bands
+    decoded = width * height * (bytes_per_pixel or bands)
     if width <= 0 or height <= 0 or decoded > max_bytes:
         image.close()
         raise ValueError(
-            f"{what} {path.name} is {width} x {height} px ({megapixels(width * height)}, {bands} band(s)): "
-            f"more than the {max_bytes / 2**20:,.0f} MiB of pixels read at once; save it smaller "
-            "(or as a tiled pyramidal TIFF)"
+            f"{what} {path.name} is {width} x {height} px ({megapixels(width * height)}): more than the "
+            f"{megapixels(max_bytes // (bytes_per_pixel or bands))} of this kind read at once; "
+            "save it smaller (or as a tiled pyramidal TIFF)"
         )
     return image
 
@@ -728,7 +732,7 @@ class ImageBackend(BaseBackend):
         self.path = str(path)
         name = Path(path).name
         try:
-            image = open_image_checked(self.path, "image", max_bytes=3 * MAX_DECODE_PIXELS)
+            image = open_image_checked(self.path, "image", 4 * MAX_DECODE_PIXELS, bytes_per_pixel=4)
         except ValueError as exc:
             unknown = "not an image file" in str(exc)
             raise (UnsupportedFormatError if unknown else SlideOpenError)(str(exc)) from None
@@ -758,7 +762,8 @@ class ImageBackend(BaseBackend):
     def _decoded(self) -> np.ndarray:
         with self._lock:
             if self._pixels is None:
-                with open_image_checked(self.path, "image", max_bytes=4 * MAX_DECODE_PIXELS) as image:
+                checked = open_image_checked(self.path, "image", 4 * MAX_DECODE_PIXELS, bytes_per_pixel=4)
+                with checked as image:
                     image.load()
                     mode = "RGBA" if "A" in image.getbands() or "transparency" in image.info else "RGB"
                     self._pixels = to_rgb_uint8(np.asarray(image.convert(mode)))
