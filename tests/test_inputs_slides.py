@@ -471,3 +471,26 @@ def test_tissue_geojson_with_bad_coordinates_is_refused_naming_the_feature(tmp_p
     path.write_text(json.dumps(_collection(good)))
     mask = read_tissue_file(path, (1000, 1000), 0.5)
     assert mask.mask.any()
+
+
+# --------------------------------------------------------------------------- numbers that become sizes
+
+
+def test_implausible_um_per_px_is_refused_by_name() -> None:
+    slide = Slide(InMemoryBackend([np.full((64, 64, 3), 240, np.uint8)], mpp=0.5, path="/x/a.svs"))
+    for bad in (1e-6, 1e9):
+        with pytest.raises(ValueError, match=r"a\.svs must be between 0\.01 and 50"):
+            slide.set_mpp(bad)
+    slide.set_mpp(0.25)
+    assert slide.mpp == (0.25, 0.25)
+
+
+def test_a_tile_grid_too_fine_for_the_slide_is_refused_not_allocated() -> None:
+    from conftest import procedural_levels
+    from napari_pathology.tiles import make_tile_grid
+
+    slide = Slide(InMemoryBackend(procedural_levels(100_000), mpp=0.25))
+    start = time.monotonic()
+    with pytest.raises(ValueError, match="larger stride"):
+        make_tile_grid(slide, 0.25, 224, stride=1)
+    assert time.monotonic() - start < 2

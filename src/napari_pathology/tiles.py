@@ -74,6 +74,8 @@ __all__ = [
 NORMALIZATIONS = ("imagenet", "liu", "unit")
 #: Relative um/px difference read without resampling (and by which a level may be coarser).
 MPP_TOLERANCE = 0.05
+#: Most cells a tile grid may have (a stride far too small for the slide is refused, not allocated).
+MAX_GRID_CELLS = 20_000_000
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -345,6 +347,12 @@ def make_tile_grid(
     cell_um = stride * target_mpp
     rows = max(1, math.ceil(height * mpp_y / cell_um - 1e-6))
     cols = max(1, math.ceil(width * mpp_x / cell_um - 1e-6))
+    if rows * cols > MAX_GRID_CELLS:
+        name = getattr(slide, "name", "the slide")
+        raise ValueError(
+            f"a stride of {stride} px at {target_mpp:g} um/px lays {cols} x {rows} tiles over {name}: "
+            f"more than {MAX_GRID_CELLS:,}; use a larger stride"
+        )
     rr, cc = np.meshgrid(np.arange(rows, dtype=np.int64), np.arange(cols, dtype=np.int64), indexing="ij")
     cells = np.stack([rr.ravel(), cc.ravel()], axis=1)
     if tissue is None:

@@ -14,6 +14,7 @@ from dask.base import tokenize
 
 from napari_pathology.fileio import require_regular_file
 from napari_pathology.slide.backends import (
+    PLAUSIBLE_MPP,
     ImageBackend,
     OpenSlideBackend,
     SlideBackend,
@@ -185,11 +186,18 @@ class Slide:
         Raises
         ------
         ValueError
-            For a value that is not a positive finite number.
+            For a value that is not a positive finite number within
+            :data:`~napari_pathology.slide.backends.PLAUSIBLE_MPP`.
 
         """
         if mpp is not None and (not math.isfinite(mpp) or mpp <= 0):
             raise ValueError(f"um/px must be a positive number, got {mpp!r}")
+        low, high = PLAUSIBLE_MPP
+        if mpp is not None and not low <= mpp <= high:
+            raise ValueError(
+                f"um/px of {self.name} must be between {low:g} and {high:g} (what slide scanners and "
+                f"microscopes give), got {mpp!r}"
+            )
         self._mpp_override = None if mpp is None else float(mpp)
 
     def require_mpp(self) -> tuple[float, float]:
