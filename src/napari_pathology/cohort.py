@@ -42,11 +42,10 @@ from typing import Any
 import numpy as np
 
 from napari_pathology.fileio import atomic_write, read_json_file, read_text_file
-from napari_pathology.geometry import Polygon, geojson_to_polygons
+from napari_pathology.geometry import MAX_COORDINATE, Polygon, geojson_to_polygons
 from napari_pathology.progress import Progress
 
 __all__ = [
-    "MAX_ANNOTATION_COORDINATE",
     "NORMAL_LABELS",
     "TUMOUR_LABELS",
     "CohortError",
@@ -62,9 +61,6 @@ __all__ = [
 TUMOUR_LABELS = ("tumour", "tumor", "positive", "1", "true", "cancer", "metastasis")
 #: Spellings of the normal class (lower case).
 NORMAL_LABELS = ("normal", "negative", "0", "false", "benign")
-
-#: Annotation coordinates past this (level-0 px, or um) are refused: wrong units or a corrupt file.
-MAX_ANNOTATION_COORDINATE = 1e7
 
 
 class CohortError(ValueError):
@@ -209,7 +205,7 @@ def read_annotations(
     """Validated polygons of an annotation GeoJSON in the file's own units, and those units.
 
     Every ring must have 3 distinct finite vertices and no coordinate past
-    :data:`MAX_ANNOTATION_COORDINATE`; with ``slide_size`` (level-0 px; and
+    :data:`napari_pathology.geometry.MAX_COORDINATE`; with ``slide_size`` (level-0 px; and
     ``slide_mpp`` for a file in um) a polygon entirely off the slide is refused.
 
     Returns
@@ -231,7 +227,7 @@ def read_annotations(
             extent = (float(slide_size[0]), float(slide_size[1]))
             if units == "um":
                 extent = None if slide_mpp is None else tuple(np.array(extent) * _mpp_pair(slide_mpp))
-        polygons = geojson_to_polygons(data, max_coordinate=MAX_ANNOTATION_COORDINATE, extent=extent)
+        polygons = geojson_to_polygons(data, max_coordinate=MAX_COORDINATE, extent=extent)
     except FileNotFoundError as error:
         raise CohortError(f"{prefix}{error}") from error
     except ValueError as error:

@@ -24,7 +24,11 @@ from skimage.measure import approximate_polygon, find_contours, points_in_poly
 Ring = np.ndarray
 Polygon = list[np.ndarray]
 
+#: Coordinates past this (level-0 px, or um) come from wrong units or a corrupt file, not a slide.
+MAX_COORDINATE = 1e7
+
 __all__ = [
+    "MAX_COORDINATE",
     "Polygon",
     "Ring",
     "field_to_polygons",
