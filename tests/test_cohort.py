@@ -75,6 +75,11 @@ def test_other_classes_need_the_caller_to_name_them(tmp_path) -> None:
         CohortError, match=r"line 2: unknown label 'LUDA'; did you mean 'LUAD'\? labels must be normal"
     ):
         read_slide_table(typo, classes=["normal", "LUAD", "LUSC"])
+    spelled = make_table(tmp_path, ["a.tif,tumor", "b.tif,benign", "c.tif,tumuor"])
+    with pytest.raises(CohortError, match=r"line 4: .*did you mean 'Tumor'\?"):
+        read_slide_table(spelled, classes=["Normal", "Tumor", "LUAD"])
+    plain = make_table(tmp_path, ["a.tif,tumour", "b.tif,benign"])
+    assert [e.label for e in read_slide_table(plain, classes=["Normal", "Tumor"])] == ["Tumor", "Normal"]
 
 
 def test_a_slide_listed_twice_is_refused_naming_the_rows(tmp_path) -> None:

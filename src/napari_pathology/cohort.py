@@ -97,7 +97,8 @@ def _checked_label(label: str | None, classes: Sequence[str] | None, where: str)
         return by_key[key]
     spellings = {**{s: "tumour" for s in TUMOUR_LABELS}, **{s: "normal" for s in NORMAL_LABELS}}
     if classes is not None:
-        spellings = {k: v for k, v in spellings.items() if v in by_key} | {c.lower(): c for c in known}
+        synonyms = {k: by_key[v] for k, v in spellings.items() if v in by_key}
+        spellings = synonyms | {c.lower(): c for c in known}
     close = difflib.get_close_matches(text.lower(), list(spellings), n=1, cutoff=0.5)
     hint = f"did you mean {spellings[close[0]]!r}? " if close else ""
     vocabulary = "tumour or normal" if classes is None else ", ".join(known)
