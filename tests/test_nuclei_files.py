@@ -27,7 +27,6 @@ from napari_pathology.nuclei import (
     sidecar_path,
     write_csv,
     write_geojson,
-    write_table_csv,
 )
 from napari_pathology.nuclei.points import free_path, refused_export_reason, sidecar_context
 
@@ -190,7 +189,7 @@ def test_a_table_cannot_hold_so_no_writer_can_write_an_empty_centroid(tmp_path: 
     with pytest.raises(ValueError, match="finite"):
         NucleusPoints.concat(_points(), NucleusPoints([1.0], [np.inf]))
     with pytest.raises(ValueError, match="nucleus 0"):
-        write_table_csv(NucleusTable([np.nan], [1.0], [1.0], [1.0], [1.0]), tmp_path / "t.csv")
+        NucleusTable([np.nan], [1.0], [1.0], [1.0], [1.0]).to_csv(tmp_path / "t.csv")
     assert not (tmp_path / "t.csv").exists()
 
 
@@ -292,7 +291,7 @@ def test_training_table_errors_name_the_file_and_the_row(tmp_path: Path, small_i
 def test_nuclei_table_csv_is_atomic_and_a_full_disk_names_the_folder(tmp_path: Path, monkeypatch) -> None:
     table = NucleusTable([1.0, 2.0], [3.0, 4.0], [30.0, 31.0], [0.5, 0.6], [0.1, 0.2])
     out = tmp_path / "out" / "nuclei.csv"
-    write_table_csv(table, out)
+    table.to_csv(out)
     assert out.read_text().splitlines()[0] == "x_um,y_um,area_um2,hematoxylin,eccentricity"
     back = read_csv(out)
     np.testing.assert_allclose(back.xy_um(), table.xy_um())
@@ -318,6 +317,6 @@ def test_nuclei_table_csv_is_atomic_and_a_full_disk_names_the_folder(tmp_path: P
 
     monkeypatch.setattr(fileio.os, "fdopen", fdopen_full)
     with pytest.raises(OutputError, match=rf"cannot write to {tmp_path / 'out'}: the disk is full"):
-        write_table_csv(NucleusTable(*[np.arange(1000.0)] * 5), out)
+        NucleusTable(*[np.arange(1000.0)] * 5).to_csv(out)
     assert out.read_bytes() == before
     assert [p.name for p in out.parent.iterdir()] == ["nuclei.csv"]

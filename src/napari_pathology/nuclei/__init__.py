@@ -44,7 +44,6 @@ from .run import (
     estimate_run_threshold,
     plan_chunks,
     sample_boxes,
-    write_table_csv,
 )
 
 __all__ = [
@@ -87,5 +86,4 @@ __all__ = [
     "to_geojson",
     "write_csv",
     "write_geojson",
-    "write_table_csv",
 ]

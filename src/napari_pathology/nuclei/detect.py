@@ -18,7 +18,8 @@ import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from os import PathLike
-from typing import Protocol
+from pathlib import Path
+from typing import IO, Any, Protocol
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -137,14 +138,37 @@ class NucleusTable:
         """Return centroids as an ``(N, 2)`` array of ``(x_um, y_um)``."""
         return np.column_stack([self.x_um, self.y_um]).reshape(-1, 2)
 
-    def to_csv(self, path: str | PathLike[str]) -> None:
-        """Write the table to ``path`` with columns ``x_um,y_um,area_um2,hematoxylin,eccentricity``."""
-        cols = [getattr(self, name) for name in CSV_COLUMNS]
-        with open(path, "w", newline="") as fh:
+    def to_csv(self, path: str | PathLike[str]) -> Path:
+        """Write the table to ``path`` (``x_um,y_um,area_um2,hematoxylin,eccentricity``), atomically.
+
+        Written through :func:`napari_pathology.fileio.atomic_write`: a full or
+        read-only disk leaves the previous file (or none), never a CSV cut mid-row.
+
+        Raises
+        ------
+        ValueError
+            When a centroid is not finite (nothing is written).
+        OutputError
+            When the file system refuses the write (one line naming the folder).
+
+        """
+        from napari_pathology.fileio import atomic_write
+
+        finite = np.isfinite(self.x_um) & np.isfinite(self.y_um)
+        if not finite.all():
+            i = int(np.flatnonzero(~finite)[0])
+            raise ValueError(
+                f"nucleus {i} has no finite centroid ({float(self.x_um[i])!r}, {float(self.y_um[i])!r}); "
+                "not written"
+            )
+        columns = [getattr(self, name) for name in CSV_COLUMNS]
+
+        def write(fh: IO[Any]) -> None:
             writer = csv.writer(fh)
             writer.writerow(CSV_COLUMNS)
-            for row in zip(*cols, strict=True):
-                writer.writerow([f"{v:.6g}" for v in row])
+            writer.writerows([f"{v:.6g}" for v in row] for row in zip(*columns, strict=True))
+
+        return atomic_write(path, write, text=True)
 
 
 class NucleusDetector(Protocol):

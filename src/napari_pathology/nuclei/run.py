@@ -17,19 +17,15 @@ No Qt, no napari.
 
 from __future__ import annotations
 
-import csv
 import math
-import os
 import threading
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
-from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
-from napari_pathology.fileio import atomic_write
 from napari_pathology.nuclei.detect import (
     CSV_COLUMNS,
     DETECTORS,
@@ -207,43 +203,6 @@ def resolve_detector(
     if detector != DEFAULT_DETECTOR:
         raise ValueError(f"NucleusParams apply to {DEFAULT_DETECTOR!r}, not {detector!r}")
     return partial(detect_nuclei, params=params)
-
-
-def write_table_csv(table: NucleusTable, path: str | os.PathLike[str]) -> Path:
-    """Write a detector's table as ``x_um,y_um,area_um2,hematoxylin,eccentricity`` CSV, atomically.
-
-    The same text as ``NucleusTable.to_csv``, through
-    :func:`napari_pathology.fileio.atomic_write`: a full or read-only disk leaves
-    the previous file (or none), never a CSV cut mid-row.
-
-    Returns
-    -------
-    Path
-        ``path``.
-
-    Raises
-    ------
-    ValueError
-        When a centroid is not finite (nothing is written).
-    OutputError
-        When the file system refuses the write (one line naming the folder).
-
-    """
-    finite = np.isfinite(table.x_um) & np.isfinite(table.y_um)
-    if not finite.all():
-        i = int(np.flatnonzero(~finite)[0])
-        raise ValueError(
-            f"nucleus {i} has no finite centroid ({float(table.x_um[i])!r}, {float(table.y_um[i])!r}); "
-            "not written"
-        )
-    columns = [getattr(table, name) for name in CSV_COLUMNS]
-
-    def write(fh: IO[Any]) -> None:
-        writer = csv.writer(fh)
-        writer.writerow(CSV_COLUMNS)
-        writer.writerows([f"{v:.6g}" for v in row] for row in zip(*columns, strict=True))
-
-    return atomic_write(path, write, text=True)
 
 
 def _concat(tables: list[NucleusTable]) -> NucleusTable:
