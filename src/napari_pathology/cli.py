@@ -609,29 +609,44 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    import time
+
     from napari_pathology.cohort import CohortError
     from napari_pathology.training import TrainingError
+    from napari_pathology.training.loop import check_output, checkpoint_paths
 
+    def chosen(value: Any, default: Any) -> Any:  # 0 is a value to check, not "use the default"
+        return default if value is None else value
+
+    common = {
+        "device": args.device, "seed": args.seed, "resume": args.resume,
+        "overwrite": args.overwrite, "threads": args.threads,
+    }  # fmt: skip
+    started = time.time()
     try:
         if args.family == "metastasis":
             from napari_pathology.training import MetastasisTraining, train_metastasis
 
             job = MetastasisTraining(
                 data=args.data, out=args.out, start=args.start or "metastasis-small-10x",
-                steps=args.steps or 2000, batch_size=args.batch_size or 32, lr=args.lr,
-                val_fraction=args.val_fraction, eval_every=args.eval_every, device=args.device,
-                seed=args.seed, resume=args.resume,
+                steps=chosen(args.steps, 2000), batch_size=chosen(args.batch_size, 32), lr=args.lr,
+                val_fraction=args.val_fraction, eval_every=chosen(args.eval_every, 100), **common,
             )  # fmt: skip
+            check_output(args.out, resume=args.resume, overwrite=args.overwrite)
             generator = train_metastasis(job)
         elif args.family == "nucleus-purity":
             from napari_pathology.training.nucleus_data import read_nucleus_training_data
             from napari_pathology.training.nucleus_purity import NucleusPurityTraining, train_nucleus_purity
 
-            chosen = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr}
+            given = {
+                "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+                "eval_every": args.eval_every,
+            }  # fmt: skip
             settings = NucleusPurityTraining(
-                validation_fraction=args.val_fraction, device=args.device, seed=args.seed, resume=args.resume,
-                **{k: v for k, v in chosen.items() if v is not None},
+                validation_fraction=args.val_fraction, **common,
+                **{k: v for k, v in given.items() if v is not None},
             )  # fmt: skip
+            check_output(args.out, resume=args.resume, overwrite=args.overwrite)
             data = read_nucleus_training_data(args.data)
             generator = train_nucleus_purity(data, args.out, settings, start=args.start)
         else:
@@ -639,16 +654,24 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
             job = TumorNormalTraining(
                 data=args.data, out=args.out, start=args.start or "tumor-normal-inception-v3",
-                trunk_from=args.trunk_from, epochs=args.epochs or 20, batch_size=args.batch_size or 512,
-                lr=args.lr or 1e-4, val_fraction=args.val_fraction, device=args.device, seed=args.seed,
-                resume=args.resume, normal_weight=args.normal_weight,
+                trunk_from=args.trunk_from, epochs=chosen(args.epochs, 20),
+                batch_size=chosen(args.batch_size, 512), lr=chosen(args.lr, 1e-4),
+                val_fraction=args.val_fraction, normal_weight=args.normal_weight, **common,
+                classes=tuple(args.classes.split(",")) if args.classes else None,
             )  # fmt: skip
+            check_output(args.out, resume=args.resume, overwrite=args.overwrite)
             generator = train_tumor_normal(job)
         result = run_training(generator, f"train {args.family}", args.quiet)
     except (TrainingError, CohortError) as error:
         raise CommandError(str(error)) from error
     except KeyboardInterrupt:
-        print(f"stopped: last checkpoint kept beside {args.out} (resume with --resume)", file=sys.stderr)
+        last = checkpoint_paths(args.out)[1]
+        if last.is_file() and last.stat().st_mtime >= started:
+            print(f"stopped: the last checkpoint {last} is saved (continue with --resume)", file=sys.stderr)
+        elif last.is_file():
+            print(f"stopped before a new checkpoint was saved; {last} is unchanged", file=sys.stderr)
+        else:
+            print("stopped before the first checkpoint was saved: nothing was kept", file=sys.stderr)
         return 130
     shown = ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items() if isinstance(v, float))
     print(f"best checkpoint: {result.best} ({shown})")
@@ -798,11 +821,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=TRAIN_BATCH_SIZE, default=None)
     train.add_argument("--lr", type=LEARNING_RATE, default=None, help="learning rate (default: the paper's)")
     train.add_argument("--val-fraction", type=VAL_FRACTION, default=0.2, help="share of slides held out")
-    train.add_argument("--eval-every", type=positive_int, default=100,
-                       help="metastasis: steps between validations")  # fmt: skip
+    train.add_argument("--eval-every", type=positive_int, default=None,
+                       help="steps between validations and saves (metastasis default 100; "
+                            "nucleus-purity default one epoch)")  # fmt: skip
     train.add_argument("--device", type=device_option, default="cpu", help="cpu, cuda:N or auto (default cpu)")  # noqa: E501
     train.add_argument("--seed", type=seed_int, default=0)
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint of --out")
+    train.add_argument("--classes", default=None,
+                       help="tumor-normal: comma-separated class names of a multi-class model "
+                            "(default: labels must be tumour or normal)")  # fmt: skip
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace an existing model at --out (refused otherwise)")  # fmt: skip
+    train.add_argument("--threads", type=positive_int, default=None,
+                       help="CPU threads for torch (default: the usable cores, at most 4)")  # fmt: skip
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=_cmd_train)
 

@@ -1,7 +1,15 @@
 """Training and fine-tuning: generators of events that the CLI and the Train panel drive (no Qt)."""
 
 from napari_pathology.training.events import TrainEvent, TrainingError, TrainResult
-from napari_pathology.training.loop import LoopSettings, checkpoint_paths, fit, resume_state
+from napari_pathology.training.loop import (
+    LoopSettings,
+    check_output,
+    check_resume,
+    checkpoint_paths,
+    fit,
+    resume_state,
+    torch_threads,
+)
 from napari_pathology.training.metastasis import MetastasisTraining, train_metastasis
 from napari_pathology.training.nucleus_purity import (
     LabelledNuclei,
@@ -17,9 +25,12 @@ __all__ = [
     "TrainEvent",
     "TrainResult",
     "TrainingError",
+    "check_output",
+    "check_resume",
     "checkpoint_paths",
     "fit",
     "resume_state",
+    "torch_threads",
     "train_metastasis",
     "train_nucleus_purity",
 ]

@@ -1,7 +1,8 @@
-"""Pieces the family trainers share: slide splits, starting models, checkpoint names."""
+"""Pieces the family trainers share: slide splits, starting models, checkpoint names, setting checks."""
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Generator, Sequence
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from napari_pathology.cohort import SlideEntry
+from napari_pathology.fileio import require_finite
 from napari_pathology.models.registry import (
     ModelError,
     PathologyModel,
@@ -19,7 +21,75 @@ from napari_pathology.models.registry import (
 )
 from napari_pathology.training.events import TrainEvent, TrainingError
 
-__all__ = ["model_name_for", "progress_as_log", "provenance_entries", "split_by_slide", "starting_model"]
+__all__ = [
+    "check_count",
+    "check_flag",
+    "check_number",
+    "model_name_for",
+    "progress_as_log",
+    "provenance_entries",
+    "split_by_slide",
+    "starting_model",
+]
+
+
+def check_count(settings: Any, name: str, minimum: int = 1, *, optional: bool = False) -> None:
+    """Refuse ``settings.<name>`` unless it is a whole number >= ``minimum`` (None too when ``optional``).
+
+    Raises
+    ------
+    TrainingError
+        Naming the setting and the value.
+
+    """
+    value = getattr(settings, name)
+    if optional and value is None:
+        return
+    whole = isinstance(value, int | float) and not isinstance(value, bool)
+    if not whole or not math.isfinite(value) or value != int(value) or value < minimum:
+        raise TrainingError(f"{name} must be a whole number >= {minimum}, got {value!r}")
+    object.__setattr__(settings, name, int(value))
+
+
+def check_number(
+    settings: Any,
+    name: str,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    *,
+    inclusive: bool = True,
+    below: float | None = None,
+    optional: bool = False,
+) -> None:
+    """Refuse ``settings.<name>`` unless it is a finite number in ``[minimum, maximum]`` (and ``< below``).
+
+    ``inclusive=False`` makes ``minimum`` exclusive (``> minimum``).
+
+    Raises
+    ------
+    TrainingError
+        Naming the setting and the value.
+
+    """
+    value = getattr(settings, name)
+    if optional and value is None:
+        return
+    try:
+        if isinstance(value, bool):
+            raise ValueError(f"{name} must be a number, got {value!r}")
+        number = require_finite(value, name, minimum=minimum, maximum=maximum, inclusive=inclusive)
+    except ValueError as error:
+        raise TrainingError(str(error)) from None
+    if below is not None and not number < below:
+        raise TrainingError(f"{name} must be below {below:g}, got {value!r}")
+    object.__setattr__(settings, name, number)
+
+
+def check_flag(settings: Any, name: str) -> None:
+    """Refuse ``settings.<name>`` unless it is True or False."""
+    value = getattr(settings, name)
+    if not isinstance(value, bool):
+        raise TrainingError(f"{name} must be true or false, got {value!r}")
 
 
 def split_by_slide(

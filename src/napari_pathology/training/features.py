@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 
 from napari_pathology.analysis.engine import weights_digest
 from napari_pathology.devices import resolve_device
+from napari_pathology.fileio import atomic_path
 from napari_pathology.models.registry import PathologyModel
 from napari_pathology.progress import Progress
 from napari_pathology.slide import Slide
@@ -152,17 +152,13 @@ def tile_features(
             yield Progress(done, len(grid), f"{slide.name}: features of {done}/{len(grid)} tiles")
     result = TileFeatures(rows, np.asarray(grid.cells), grid.shape, None)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
         try:
-            group = zarr.open_group(str(staging), mode="w")
-            group.create_array("features", data=rows, chunks=(min(len(rows), 4096), rows.shape[1]))
-            group.create_array("cells", data=result.cells)
-            group.attrs["grid"] = grid.to_dict()
-            os.replace(staging, path)
+            with atomic_path(path) as staging:  # a folder; the umask applies, a kill leaves no torn entry
+                group = zarr.open_group(str(staging), mode="w")
+                group.create_array("features", data=rows, chunks=(min(len(rows), 4096), rows.shape[1]))
+                group.create_array("cells", data=result.cells)
+                group.attrs["grid"] = grid.to_dict()
             result.path = path
-        except OSError:
-            shutil.rmtree(staging, ignore_errors=True)
-            if not path.exists():
-                raise
+        except OSError as error:  # the cache only saves time: train on, and say why it is missing
+            yield Progress(len(grid), len(grid), f"{slide.name}: feature cache not written ({error})")
     return result

@@ -4,10 +4,14 @@
 driving any :class:`~napari_pathology.models.PathologyModel` over an
 iterator of ``(x, y)`` batches. It validates every ``eval_every`` steps,
 keeps the best checkpoint (highest validation ``score``) and the last one,
-both written atomically with their spec, provenance and metrics, plus the
-optimiser state beside the last one so a stopped or crashed job resumes
-where its last save left it (:func:`resume_state`). Setting the ``stop``
-event ends the job after the current step, saved. An out-of-memory error
+both written atomically with their spec, provenance, metrics and weight
+digest, plus the optimiser state beside the last one so a stopped or crashed
+job resumes where its last save left it (:func:`check_resume`, called by the
+trainers before they start any reader thread). Setting the ``stop`` event
+ends the job after the current step, saved. :func:`check_output` refuses an
+unwritable output folder and an existing model (unless resuming or told to
+overwrite) before any work; :func:`torch_threads` holds torch's CPU threads
+at the job's setting for its duration. An out-of-memory error
 splits the batch into halves with gradient accumulation (same effective
 batch, half the memory) and says so. Mixed precision on CUDA (bf16 where
 supported, fp16 with a gradient scaler otherwise).
@@ -17,11 +21,12 @@ No Qt, no napari.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,18 +35,33 @@ import torch
 import torch.nn.functional as F
 
 from napari_pathology.devices import is_out_of_memory, resolve_device
-from napari_pathology.models.registry import PathologyModel, save_checkpoint
+from napari_pathology.fileio import OutputError, ensure_writable_dir
+from napari_pathology.models.registry import (
+    ModelError,
+    PathologyModel,
+    load_untrusted,
+    save_checkpoint,
+    save_torch_file,
+    tensors_digest,
+)
 from napari_pathology.training.events import TrainEvent, TrainingError, TrainResult
 
 __all__ = [
     "LoopSettings",
+    "check_output",
+    "check_resume",
     "checkpoint_paths",
+    "default_threads",
     "fit",
     "load_last_checkpoint",
     "recalibrate_batch_norm",
     "resume_state",
     "seed_everything",
+    "torch_threads",
 ]
+
+#: Most CPU threads a job uses by default (more contend with each other on a shared machine).
+MAX_DEFAULT_THREADS = 4
 
 
 @dataclass(frozen=True)
@@ -94,34 +114,119 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed))
 
 
+def default_threads() -> int:
+    """CPU threads for a job by default: the usable cores, at most :data:`MAX_DEFAULT_THREADS`."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, MAX_DEFAULT_THREADS))
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[int]:
+    """Run the block with ``torch.set_num_threads(threads)`` (None: :func:`default_threads`), then restore.
+
+    On a shared CPU, more threads than free cores make small networks much
+    slower (threads wait on each other), so every job sets its own count.
+    """
+    n = default_threads() if threads is None else int(threads)
+    if n < 1:
+        raise TrainingError(f"threads must be at least 1, got {threads!r}")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(previous)
+
+
+def check_output(out: str | os.PathLike[str], *, resume: bool = False, overwrite: bool = False) -> Path:
+    """Refuse, before any work, an output that cannot be written or that would replace a trained model.
+
+    Returns the best checkpoint path.
+
+    Raises
+    ------
+    OutputError
+        When the folder cannot be created or written (one line naming it).
+    TrainingError
+        When ``out`` (or its last checkpoint) exists and neither ``resume`` nor ``overwrite`` is set.
+
+    """
+    best, last, _state = checkpoint_paths(out)
+    ensure_writable_dir(best.parent)
+    if not (resume or overwrite):
+        existing = next((p for p in (best, last) if p.exists()), None)
+        if existing is not None:
+            raise TrainingError(
+                f"{existing} exists; use --resume to continue it or choose another --out, "
+                "or --overwrite to replace it"
+            )
+    return best
+
+
 def load_last_checkpoint(out: str | os.PathLike[str]) -> PathologyModel:
     """The last checkpoint of a job writing ``out``, to resume; :class:`TrainingError` if there is none."""
     from napari_pathology.models.registry import load_checkpoint
 
     last = checkpoint_paths(out)[1]
     if not last.is_file():
-        raise TrainingError(f"nothing to resume: {last} does not exist")
-    return load_checkpoint(last)
-
-
-def resume_state(out: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The optimiser state and step saved beside the last checkpoint of ``out``, or None."""
-    _, last, state = checkpoint_paths(out)
-    if not (last.is_file() and state.is_file()):
-        return None
+        raise TrainingError(
+            f"cannot resume: {last} does not exist (no checkpoint was saved); start without --resume"
+        )
     try:
-        return torch.load(state, map_location="cpu", weights_only=True)
-    except Exception as error:  # a torn or foreign file: say so instead of guessing
-        raise TrainingError(f"cannot resume from {state}: {error}") from error
+        return load_checkpoint(last)
+    except ModelError as error:
+        raise TrainingError(f"cannot resume: {error}") from error
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def resume_state(out: str | os.PathLike[str]) -> dict[str, Any]:
+    """The optimiser state and step saved beside the last checkpoint of ``out``, checked.
+
+    Raises
+    ------
+    TrainingError
+        One line naming the file when it is missing, holds code, is torn,
+        lacks the optimiser state or step, or its tensors do not match their digest.
+
+    """
+    _, last, state_path = checkpoint_paths(out)
+    if not state_path.is_file():
+        raise TrainingError(
+            f"cannot resume: the optimiser state {state_path} is missing (it is written beside "
+            f"{last.name}); start without --resume, or with --overwrite to train {Path(out).name} afresh"
+        )
     try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        state = load_untrusted(state_path, f"cannot resume from {state_path}")
+    except ModelError as error:
+        raise TrainingError(str(error)) from error
+    where = f"cannot resume from {state_path}"
+    if not isinstance(state, Mapping) or not isinstance(state.get("optimizer"), Mapping):
+        raise TrainingError(f"{where}: it holds no optimiser state (not a file written by a training job)")
+    step = state.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise TrainingError(f"{where}: its step {step!r} is not a whole number >= 0")
+    digest = state.get("sha256")
+    if digest is not None and digest != tensors_digest(state.get("optimizer")):
+        raise TrainingError(
+            f"{where}: the file is damaged: its tensors do not match the digest saved with them"
+        )
+    return dict(state)
+
+
+def check_resume(out: str | os.PathLike[str]) -> tuple[PathologyModel, dict[str, Any]]:
+    """The last checkpoint and optimiser state of ``out``, both checked; call it before any other work.
+
+    Raises
+    ------
+    TrainingError
+        One line, when either is missing, damaged or holds code.
+
+    """
+    state = resume_state(out)
+    model = load_last_checkpoint(out)
+    return model, state
 
 
 def _autocast(device: torch.device, amp: bool) -> tuple[Any, torch.amp.GradScaler | None]:
@@ -179,19 +284,26 @@ def fit(
     """
     device = resolve_device(settings.device)
     best_path, last_path, state_path = checkpoint_paths(settings.out)
-    best_path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_writable_dir(best_path.parent)
     forward = forward or (lambda m, x: m(x))
     model.to(device).train()
     context, scaler = _autocast(device, settings.amp)
     step, history, best_score, best_metrics = 0, [], -math.inf, {}
     if resume:
-        optimizer.load_state_dict(resume["optimizer"])
-        step = int(resume["step"])
-        history = list(resume.get("history", []))
-        best_score = float(resume.get("best_score", -math.inf))
-        best_metrics = dict(resume.get("best_metrics", {}))
-        if scheduler is not None and "scheduler" in resume:
-            scheduler.load_state_dict(resume["scheduler"])
+        try:
+            optimizer.load_state_dict(resume["optimizer"])
+            step = int(resume["step"])
+            history = list(resume.get("history", []))
+            best_score = float(resume.get("best_score", -math.inf))
+            best_metrics = dict(resume.get("best_metrics", {}))
+            if scheduler is not None and "scheduler" in resume:
+                scheduler.load_state_dict(resume["scheduler"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+            raise TrainingError(
+                f"cannot resume from {state_path}: its optimiser state does not fit this model "
+                f"({str(error).splitlines()[0] if str(error) else type(error).__name__})"
+            ) from error
+    saved_step = step  # the step of the last checkpoint on disk
     provenance = {**(provenance or {}), "loop": {**asdict(settings), "out": str(settings.out)}}
     started = time.perf_counter()
     split = 1  # micro-batches per batch (doubled on out-of-memory)
@@ -202,16 +314,31 @@ def fit(
     def event(kind: str, **kw: Any) -> TrainEvent:
         return TrainEvent(kind, step, settings.steps, elapsed=time.perf_counter() - started, **kw)
 
+    def kept() -> str:
+        if last_path.is_file():
+            return f"the last good checkpoint {last_path} is intact"
+        return "no checkpoint was written yet"
+
+    def saving(write: Callable[[], Any]) -> None:
+        try:
+            write()
+        except OutputError as error:  # full or read-only disk: one line, and what is still there
+            raise OutputError(error.errno or 0, f"{error}; {kept()}") from error
+
     def save_last(metrics: dict[str, Any]) -> TrainEvent:
+        nonlocal saved_step
         prov = {**provenance, "step": step, "stopped": stopped}
-        save_checkpoint(model, last_path, provenance=prov, metrics=metrics)
+        optimizer_state = optimizer.state_dict()
         state = {
-            "optimizer": optimizer.state_dict(), "step": step, "history": history,
+            "optimizer": optimizer_state, "step": step, "history": history,
             "best_score": best_score, "best_metrics": best_metrics,
+            "sha256": tensors_digest(optimizer_state),
         }  # fmt: skip
         if scheduler is not None:
             state["scheduler"] = scheduler.state_dict()
-        _atomic_torch_save(state, state_path)
+        saving(lambda: save_checkpoint(model, last_path, provenance=prov, metrics=metrics))
+        saving(lambda: save_torch_file(state, state_path))
+        saved_step = step
         return event("checkpoint", path=str(last_path), metrics=metrics, message=f"saved {last_path.name}")
 
     def run_validation() -> list[TrainEvent]:
@@ -235,7 +362,11 @@ def fit(
             history.append(dict(metrics))
         if score > best_score or not best_path.exists():
             best_score, best_metrics = score, dict(metrics)
-            save_checkpoint(model, best_path, provenance={**provenance, "step": step}, metrics=metrics)
+            saving(
+                lambda: save_checkpoint(
+                    model, best_path, provenance={**provenance, "step": step}, metrics=metrics
+                )
+            )
             events.append(
                 event(
                     "checkpoint", path=str(best_path), metrics=metrics, message=f"new best: {best_path.name}"
@@ -275,8 +406,7 @@ def fit(
                     ))  # fmt: skip
             if not math.isfinite(loss):
                 raise TrainingError(
-                    f"the loss became {loss} at step {step + 1}; lower the learning rate "
-                    f"(the last good checkpoint is {last_path})"
+                    f"the loss became {loss} at step {step + 1}; lower the learning rate ({kept()})"
                 )
             if scheduler is not None:
                 scheduler.step()
@@ -293,9 +423,10 @@ def fit(
                     message = after_validation(model, step)
                     if message:
                         yield event("log", message=message)
-    except GeneratorExit:  # the consumer went away (viewer closed): keep the steps done
+    except GeneratorExit:  # the consumer went away (viewer closed, Ctrl-C): keep the steps done
         stopped = True
-        save_last(last_metrics)
+        if step > saved_step:
+            save_last(last_metrics)
         raise
     if stopped and step > 0:
         yield save_last(last_metrics)

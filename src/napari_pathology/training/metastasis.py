@@ -8,6 +8,11 @@ with RMSProp (momentum 0.9, decay 0.9, epsilon 1.0; learning rate 0.05
 halved every 2M examples, or 0.002 when fine-tuning), validates on a fixed
 balanced set of patches from the held-out slides (AUC, accuracy, loss) and
 writes the best (lowest validation loss) and last checkpoints.
+
+Every setting is checked when the job is made; the output folder, an
+existing model and the state to resume are checked before any slide is read
+or any reader thread starts, and every thread the job starts is closed when
+it ends, however it ends.
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ from napari_pathology.cohort import read_slide_table
 from napari_pathology.models.registry import PathologyModel
 from napari_pathology.training.augment import Augmentation
 from napari_pathology.training.common import (
+    check_count,
+    check_flag,
+    check_number,
     model_name_for,
     progress_as_log,
     provenance_entries,
@@ -36,10 +44,12 @@ from napari_pathology.training.common import (
 from napari_pathology.training.events import TrainEvent, TrainingError, TrainResult
 from napari_pathology.training.loop import (
     LoopSettings,
+    check_output,
+    check_resume,
+    checkpoint_paths,
     fit,
-    load_last_checkpoint,
-    resume_state,
     seed_everything,
+    torch_threads,
 )
 from napari_pathology.training.patches import (
     BatchStream,
@@ -94,6 +104,15 @@ class MetastasisTraining:
         Normal patches scored per mining round.
     log_every : int
         Steps between ``step`` events (loss curve points).
+    threads : int, optional
+        CPU threads torch uses for the job (default: the usable cores, at most 4).
+    overwrite : bool
+        Replace an existing model at ``out`` (otherwise refused unless ``resume``).
+
+    Raises
+    ------
+    TrainingError
+        For any setting out of range (naming it), when the job is made.
     """
 
     data: Path
@@ -114,6 +133,23 @@ class MetastasisTraining:
     hard_negative_fraction: float = 0.0
     hard_negative_candidates: int = 768
     log_every: int = 5
+    threads: int | None = None
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data", Path(self.data))
+        object.__setattr__(self, "out", Path(self.out))
+        for name in ("steps", "batch_size", "val_patches", "eval_every", "workers"):
+            check_count(self, name)
+        for name in ("hard_negative_candidates", "log_every"):
+            check_count(self, name)
+        check_count(self, "seed", 0)
+        check_count(self, "threads", optional=True)
+        check_number(self, "lr", 0, inclusive=False, optional=True)
+        check_number(self, "val_fraction", 0, below=1)
+        check_number(self, "hard_negative_fraction", 0, 1)
+        for name in ("amp", "resume", "overwrite"):
+            check_flag(self, name)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready settings for provenance."""
@@ -126,10 +162,15 @@ def train_metastasis(
     job: MetastasisTraining, stop: threading.Event | None = None
 ) -> Generator[TrainEvent, None, TrainResult]:
     """Run a metastasis training job (see :class:`MetastasisTraining`); yields events, returns the result."""
-    if job.steps < 1 or job.batch_size < 1:
-        raise TrainingError("steps and batch size must be at least 1")
+    with torch_threads(job.threads):
+        return (yield from _train(job, stop))
+
+
+def _train(job: MetastasisTraining, stop: threading.Event | None) -> Generator[TrainEvent, None, TrainResult]:
+    check_output(job.out, resume=job.resume, overwrite=job.overwrite)
+    resume = check_resume(job.out) if job.resume else None  # before any reader thread starts
     seed_everything(job.seed)
-    model, pretrained = _start(job)
+    model, pretrained = _start(job, resume[0] if resume else None)
     spec = model.spec
     entries = read_slide_table(job.data)
     train, val = split_by_slide(entries, job.val_fraction, job.seed)
@@ -150,11 +191,11 @@ def train_metastasis(
     )
     halve_every = max(1, math.ceil(2_000_000 / job.batch_size))
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=halve_every, gamma=0.5)
-    yield TrainEvent(
-        "log", 0, job.steps, message=f"initialisation: {'checkpoint ' + job.start if pretrained else init}"
-    )
-    sampler = PatchSampler(regions, spec, margin=job.augmentation.jitter, seed=job.seed, workers=job.workers)
-    stream = BatchStream(sampler, job.batch_size, job.augmentation, seed=job.seed)
+    if resume:
+        started = f"resumed from {checkpoint_paths(job.out)[1].name} at step {resume[1]['step']}"
+    else:
+        started = f"checkpoint {job.start}" if pretrained else init
+    yield TrainEvent("log", 0, job.steps, message=f"initialisation: {started}")
     provenance = {
         "family": "metastasis", "job": job.to_dict(), "lr": lr, "optimizer": "RMSProp(0.9, 0.9, eps 1.0)",
         "initialisation": f"checkpoint {job.start}" if pretrained else init,
@@ -177,21 +218,26 @@ def train_metastasis(
                 f"{job.hard_negative_fraction:.0%} of normal patches now come from them"
             )
 
-    resume = resume_state(job.out) if job.resume else None
+    sampler = PatchSampler(regions, spec, margin=job.augmentation.jitter, seed=job.seed, workers=job.workers)
     try:
-        result = yield from fit(
-            model, stream, optimizer, settings, validate=validate, scheduler=scheduler,
-            provenance=provenance, stop=stop, resume=resume,
-            after_validation=after_validation,
-        )  # fmt: skip
+        stream = BatchStream(sampler, job.batch_size, job.augmentation, seed=job.seed)
+        try:
+            return (
+                yield from fit(
+                    model, stream, optimizer, settings, validate=validate, scheduler=scheduler,
+                    provenance=provenance, stop=stop, resume=resume[1] if resume else None,
+                    after_validation=after_validation,
+                )
+            )  # fmt: skip
+        finally:
+            stream.close()
     finally:
-        stream.close()
-    return result
+        sampler.close()
 
 
-def _start(job: MetastasisTraining) -> tuple[PathologyModel, bool]:
-    if job.resume:
-        model, pretrained = load_last_checkpoint(job.out), True
+def _start(job: MetastasisTraining, resumed: PathologyModel | None) -> tuple[PathologyModel, bool]:
+    if resumed is not None:
+        model, pretrained = resumed, True
     else:
         model, pretrained = starting_model(job.start)
     if model.spec.family != "metastasis":

@@ -55,14 +55,22 @@ from napari_pathology.nuclei.classify import NucleusClassifyError, iter_nucleus_
 from napari_pathology.progress import Progress
 from napari_pathology.slide import open_slide
 from napari_pathology.tiles import dihedral, to_tensor
-from napari_pathology.training.common import model_name_for, progress_as_log, starting_model
+from napari_pathology.training.common import (
+    check_count,
+    check_flag,
+    check_number,
+    model_name_for,
+    progress_as_log,
+    starting_model,
+)
 from napari_pathology.training.events import TrainEvent, TrainingError, TrainResult
 from napari_pathology.training.loop import (
     LoopSettings,
+    check_output,
+    check_resume,
     fit,
-    load_last_checkpoint,
-    resume_state,
     seed_everything,
+    torch_threads,
 )
 
 __all__ = [
@@ -190,6 +198,15 @@ class NucleusPurityTraining:
         Steps between validations and saves (default: one epoch).
     resume : bool
         Continue from the last checkpoint of ``out``.
+    threads : int, optional
+        CPU threads torch uses for the job (default: the usable cores, at most 4).
+    overwrite : bool
+        Replace an existing model at ``out`` (otherwise refused unless ``resume``).
+
+    Raises
+    ------
+    TrainingError
+        For any setting out of range (naming it), when the settings are made.
 
     """
 
@@ -210,21 +227,22 @@ class NucleusPurityTraining:
     log_every: int = 10
     eval_every: int | None = None
     resume: bool = False
+    threads: int | None = None
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
-        context_ok = self.context_um is None or (math.isfinite(self.context_um) and self.context_um > 0)
-        checks = (
-            ("epochs", self.epochs >= 1), ("batch_size", self.batch_size >= 1), ("lr", self.lr > 0),
-            ("weight_decay", self.weight_decay >= 0), ("block_um", self.block_um > 0),
-            ("min_per_class", self.min_per_class >= 1), ("min_region_nuclei", self.min_region_nuclei >= 1),
-            ("log_every", self.log_every >= 1), ("eval_every", (self.eval_every or 1) >= 1),
-            ("context_um", context_ok),
-        )  # fmt: skip
-        for name, ok in checks:
-            if not ok:
-                raise TrainingError(f"{name} must be positive, got {getattr(self, name)!r}")
-        if not 0.0 <= self.validation_fraction < 1.0:
-            raise TrainingError(f"validation_fraction must be in [0, 1), got {self.validation_fraction!r}")
+        for name in ("epochs", "batch_size", "min_per_class", "min_region_nuclei", "log_every"):
+            check_count(self, name)
+        check_count(self, "eval_every", optional=True)
+        check_count(self, "threads", optional=True)
+        check_count(self, "seed", 0)
+        for name in ("lr", "block_um"):
+            check_number(self, name, 0, inclusive=False)
+        check_number(self, "context_um", 0, inclusive=False, optional=True)
+        check_number(self, "weight_decay", 0)
+        check_number(self, "validation_fraction", 0, below=1)
+        for name in ("dihedral", "amp", "resume", "overwrite"):
+            check_flag(self, name)
         if self.optimizer not in ("adam", "sgd"):
             raise TrainingError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
 
@@ -416,10 +434,13 @@ def evaluate_nucleus_purity(
 
 
 def _starting_model(
-    start: str | os.PathLike[str] | None, out: Path, settings: NucleusPurityTraining
+    start: str | os.PathLike[str] | None,
+    out: Path,
+    settings: NucleusPurityTraining,
+    resumed: PathologyModel | None = None,
 ) -> tuple[PathologyModel, str]:
-    if settings.resume:
-        model, init = load_last_checkpoint(out), f"resumed from {out.stem}.last.pt"
+    if resumed is not None:
+        model, init = resumed, f"resumed from {out.stem}.last.pt"
     else:
         model, pretrained = starting_model(str(start) if start is not None else DEFAULT_START)
         init = f"checkpoint {start}" if pretrained else getattr(model.net, "init", "random initialisation")
@@ -525,7 +546,19 @@ def train_nucleus_purity(
 
     """
     settings = settings or NucleusPurityTraining()
-    out = Path(out)
+    with torch_threads(settings.threads):
+        return (yield from _train(data, Path(out), settings, start, stop))
+
+
+def _train(
+    data: Sequence[LabelledNuclei],
+    out: Path,
+    settings: NucleusPurityTraining,
+    start: str | os.PathLike[str] | None,
+    stop: threading.Event | None,
+) -> Generator[TrainEvent, None, TrainResult]:
+    check_output(out, resume=settings.resume, overwrite=settings.overwrite)
+    resume = check_resume(out) if settings.resume else None
     data = list(data)
     if not data or not all(isinstance(d, LabelledNuclei) for d in data):
         raise TrainingError("train_nucleus_purity needs a list of LabelledNuclei (one per slide)")
@@ -542,7 +575,7 @@ def train_nucleus_purity(
             f"{settings.min_per_class} of each class"
         )
     seed_everything(settings.seed)
-    model, init = _starting_model(start, out, settings)
+    model, init = _starting_model(start, out, settings, resume[0] if resume else None)
     spec = model.spec
     context = float(spec.config["context_um"])
     equalize = str(spec.config.get("equalize", "channel"))
@@ -604,7 +637,6 @@ def train_nucleus_purity(
         total, out, eval_every=settings.eval_every or steps_per_epoch, device=settings.device,
         amp=settings.amp, log_every=settings.log_every,
     )  # fmt: skip
-    resume = resume_state(out) if settings.resume else None
     return (
         yield from fit(
             model,
@@ -615,6 +647,6 @@ def train_nucleus_purity(
             scheduler=scheduler,
             provenance=provenance,
             stop=stop,
-            resume=resume,
+            resume=resume[1] if resume else None,
         )
     )

@@ -190,8 +190,8 @@ class PatchSampler:
         return self.read(self.positions(n))
 
     def close(self) -> None:
-        """Stop the reading threads."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Stop the reading threads: queued reads are cancelled, running ones finish (idempotent)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def mine_hard_negatives(
@@ -289,7 +289,19 @@ class BatchStream(Iterator[tuple[torch.Tensor, torch.Tensor]]):
                 raise item
             return item
 
-    def close(self) -> None:
-        """Stop producing batches."""
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop producing batches and wait for the producer thread and the readers to end (idempotent).
+
+        Leaving them running while the interpreter exits aborts the process
+        (a reader inside torch or a slide library when its state is torn down).
+        """
         self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
         self.sampler.close()
+
+    def __enter__(self) -> BatchStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -37,6 +37,9 @@ from napari_pathology.progress import run_to_completion
 from napari_pathology.slide import open_slide
 from napari_pathology.tissue import TissueParams, detect_tissue
 from napari_pathology.training.common import (
+    check_count,
+    check_flag,
+    check_number,
     model_name_for,
     progress_as_log,
     provenance_entries,
@@ -47,11 +50,12 @@ from napari_pathology.training.events import TrainEvent, TrainingError, TrainRes
 from napari_pathology.training.features import tile_features
 from napari_pathology.training.loop import (
     LoopSettings,
+    check_output,
+    check_resume,
     checkpoint_paths,
     fit,
-    load_last_checkpoint,
-    resume_state,
     seed_everything,
+    torch_threads,
 )
 
 __all__ = ["TumorNormalTraining", "slide_classes", "train_tumor_normal"]
@@ -93,6 +97,19 @@ class TumorNormalTraining:
         Split, sampling and initialisation seed.
     resume : bool
         Continue from the last checkpoint of ``out``.
+    threads : int, optional
+        CPU threads torch uses for the job (default: the usable cores, at most 4).
+    overwrite : bool
+        Replace an existing model at ``out`` (otherwise refused unless ``resume``).
+    classes : tuple of str, optional
+        Class names of a multi-class model (e.g. ``("LUAD", "LUSC")``); without
+        them every slide label must be tumour or normal, so a typo is refused
+        instead of becoming a class.
+
+    Raises
+    ------
+    TrainingError
+        For any setting out of range (naming it), when the job is made.
     """
 
     data: Path
@@ -110,6 +127,30 @@ class TumorNormalTraining:
     cache_dir: Path | None = None
     seed: int = 0
     resume: bool = False
+    threads: int | None = None
+    overwrite: bool = False
+    classes: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data", Path(self.data))
+        object.__setattr__(self, "out", Path(self.out))
+        if self.classes is not None:
+            names = tuple(str(c).strip() for c in self.classes)
+            if len(names) < 2 or not all(names) or len({n.lower() for n in names}) != len(names):
+                raise TrainingError(f"classes must be two or more distinct names, got {list(self.classes)}")
+            object.__setattr__(self, "classes", names)
+        if self.cache_dir is not None:
+            object.__setattr__(self, "cache_dir", Path(self.cache_dir))
+        for name in ("epochs", "batch_size"):
+            check_count(self, name)
+        check_count(self, "seed", 0)
+        check_count(self, "threads", optional=True)
+        check_number(self, "lr", 0, inclusive=False)
+        check_number(self, "normal_weight", 0, inclusive=False)
+        check_number(self, "val_fraction", 0, below=1)
+        check_number(self, "min_tissue_fraction", 0, 1)
+        for name in ("amp", "resume", "overwrite"):
+            check_flag(self, name)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready settings for provenance."""
@@ -137,9 +178,16 @@ def _label_of(entry: SlideEntry, classes: tuple[str, ...]) -> int:
     return classes.index(canonical.get(label.lower(), label))
 
 
-def _build_model(job: TumorNormalTraining, classes: tuple[str, ...]) -> tuple[PathologyModel, bool, str]:
-    if job.resume:
-        return load_last_checkpoint(job.out), True, f"resumed from {checkpoint_paths(job.out)[1]}"
+def _build_model(
+    job: TumorNormalTraining, classes: tuple[str, ...], resumed: PathologyModel | None = None
+) -> tuple[PathologyModel, bool, str]:
+    if resumed is not None:
+        if tuple(resumed.spec.classes) != classes:
+            raise TrainingError(
+                f"cannot resume {checkpoint_paths(job.out)[1]}: its classes are "
+                f"{', '.join(resumed.spec.classes)}, the slide table's {', '.join(classes)}"
+            )
+        return resumed, True, f"resumed from {checkpoint_paths(job.out)[1]}"
     start, pretrained = starting_model(job.start)
     if start.spec.family != "tumor-normal":
         raise TrainingError(f"{job.start!r} is a {start.spec.family!r} model, not a tumour/normal classifier")
@@ -176,11 +224,20 @@ def train_tumor_normal(
     job: TumorNormalTraining, stop: threading.Event | None = None
 ) -> Generator[TrainEvent, None, TrainResult]:
     """Run a tumour/normal job (see :class:`TumorNormalTraining`); yields events, returns the result."""
+    with torch_threads(job.threads):
+        return (yield from _train(job, stop))
+
+
+def _train(
+    job: TumorNormalTraining, stop: threading.Event | None
+) -> Generator[TrainEvent, None, TrainResult]:
+    check_output(job.out, resume=job.resume, overwrite=job.overwrite)
+    resume = check_resume(job.out) if job.resume else None  # before minutes of feature extraction
     generator = seed_everything(job.seed)
-    entries = read_slide_table(job.data)
+    entries = read_slide_table(job.data, classes=job.classes)
     classes = slide_classes(entries)
     weights = _class_weights(classes, job.normal_weight)
-    model, _pretrained, init = _build_model(job, classes)
+    model, _pretrained, init = _build_model(job, classes, resume[0] if resume else None)
     train, val = split_by_slide(entries, job.val_fraction, job.seed)
     cache = job.cache_dir or Path(job.out).parent / "features"
     spec = model.spec
@@ -216,7 +273,6 @@ def train_tumor_normal(
     settings = LoopSettings(
         total, Path(job.out), eval_every=max(1, steps_per_epoch), device=job.device, amp=job.amp
     )
-    resume = resume_state(job.out) if job.resume else None
     return (
         yield from fit(
             model,
@@ -227,7 +283,7 @@ def train_tumor_normal(
             forward=lambda m, f: m.net.head(f),
             provenance=provenance,
             stop=stop,
-            resume=resume,
+            resume=resume[1] if resume else None,
         )
     )
 
