@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -469,11 +471,28 @@ class _ComputedLevelReader:
         width, height = backend.level_dimensions[level]
         self.source_shape = (height, width)
         self.shape = (math.ceil(height / factor), math.ceil(width / factor), 3)
+        self._cache: OrderedDict[tuple[int, int, int, int], np.ndarray] = OrderedDict()
+        self._cache_lock = threading.Lock()
 
     def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
-        f = self.factor
         oy0, oy1, _ = key[0].indices(self.shape[0])
         ox0, ox1, _ = key[1].indices(self.shape[1])
+        region = (oy0, oy1, ox0, ox1)
+        with self._cache_lock:
+            out = self._cache.get(region)
+            if out is not None:
+                self._cache.move_to_end(region)
+        if out is None:
+            out = self._compute(oy0, oy1, ox0, ox1)
+            out.setflags(write=False)
+            with self._cache_lock:  # napari asks for the small levels again and again (thumbnail, redraws)
+                self._cache[region] = out
+                while sum(a.nbytes for a in self._cache.values()) > _CACHE_BYTES and len(self._cache) > 1:
+                    self._cache.popitem(last=False)
+        return out[:, :, key[2]] if len(key) > 2 else out
+
+    def _compute(self, oy0: int, oy1: int, ox0: int, ox1: int) -> np.ndarray:
+        f = self.factor
         out = np.full((max(0, oy1 - oy0), max(0, ox1 - ox0), 3), 255, np.uint8)
         step = max(1, _SOURCE_BLOCK // f)  # output pixels per block side
         src_h, src_w = self.source_shape
@@ -491,11 +510,14 @@ class _ComputedLevelReader:
                     self.on_error(exc)
                     block = np.full((sy1 - sy0, sx1 - sx0, 3), UNREADABLE_FILL, np.uint8)
                 out[by - oy0 : by1 - oy0, bx - ox0 : bx1 - ox0] = downsample_mean(block, f)
-        return out[:, :, key[2]] if len(key) > 2 else out
+        return out
 
 
 #: Side of the source blocks a computed level reads at once (pixels).
 _SOURCE_BLOCK = 2048
+
+#: Bytes of computed chunks each computed level keeps (the top level is kept whole).
+_CACHE_BYTES = 3 * TOP_LEVEL_SIDE**2 + 2**20
 
 
 def downsample_mean(block: np.ndarray, factor: int) -> np.ndarray:
