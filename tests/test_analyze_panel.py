@@ -146,3 +146,52 @@ def test_nucleus_purity_model_runs_through_the_engine(
     # the slide score counts every detection, matched or not
     assert summary["predicted_purity"] == pytest.approx(float(nuclei.probability.mean()), abs=1e-6)
     assert "Predicted purity" in panel.score_label.text()
+
+
+def test_resumed_run_shows_the_saved_partial_heatmap_at_once(panel_on_slide, qtbot) -> None:
+    viewer, panel, slide_layer = panel_on_slide
+    panel.batch_spin.setValue(2)
+    painted = panel._on_progress
+    shown: list[int] = []
+    stop_after = [3]
+
+    def watch(event) -> None:  # the panel's own slot, then what it shows (wired before the worker starts)
+        painted(event)
+        if isinstance(event.payload, HeatmapBlock):
+            shown.append(int(np.isfinite(panel._heatmap_layer.data).sum()))
+            if len(shown) == stop_after[0]:
+                panel.cancel()
+
+    panel._on_progress = watch
+    panel.run_button.click()
+    qtbot.waitUntil(lambda: panel.run_button.isEnabled(), timeout=120_000)
+    heatmap = viewer.layers[f"{slide_layer.name} {MODEL} heatmap"]
+    saved = int(np.isfinite(heatmap.data).sum())
+    assert "partial" in panel.status.text() and 0 < saved < heatmap.data.size
+    assert shown[0] == 2
+
+    shown.clear()
+    stop_after[0] = 1
+    panel.run_button.click()
+    qtbot.waitUntil(lambda: panel.run_button.isEnabled(), timeout=120_000)
+    assert shown and shown[0] >= saved  # the kept tiles are on screen before any new tile
+    assert np.isfinite(viewer.layers[f"{slide_layer.name} {MODEL} heatmap"].data).sum() >= saved
+
+
+def test_refused_run_does_not_leave_the_previous_score(panel_on_slide, qtbot, tmp_path, monkeypatch) -> None:
+    import tifffile
+
+    viewer, panel, _slide_layer = panel_on_slide
+    panel.run_button.click()
+    qtbot.waitUntil(lambda: panel.run_button.isEnabled(), timeout=120_000)
+    assert "Slide score" in panel.score_label.text()
+    messages = []
+    monkeypatch.setattr("napari.utils.notifications.show_error", messages.append)
+    plain = tmp_path / "plain.tif"
+    tifffile.imwrite(plain, np.full((256, 256, 3), 220, np.uint8), photometric="rgb")
+    [other] = viewer.open(str(plain), plugin=PLUGIN)
+    panel.slide_combo.setCurrentText(other.name)
+    panel.run_button.click()
+    assert panel.score_label.text() == ""
+    assert "not started" in panel.status.text() and "Slide panel" in panel.status.text()
+    assert any("Slide panel" in m for m in messages)

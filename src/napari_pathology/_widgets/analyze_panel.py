@@ -24,7 +24,13 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_pathology._layers import overlay_geometry, slide_from_metadata
+from napari_pathology._layers import (
+    PLACED_SCALE_KEY,
+    follow_slide_scale,
+    link_metadata,
+    overlay_geometry,
+    slide_from_metadata,
+)
 from napari_pathology._widgets._common import (
     SlideLayerCombo,
     choose_checkpoint,
@@ -105,6 +111,7 @@ class AnalyzePanel(QWidget):
 
         self.viewer = napari_viewer
         self.slide_combo = SlideLayerCombo(napari_viewer)
+        self.slide_combo.changed.connect(self._slide_changed)
 
         self.model_combo = QComboBox()
         for spec in sorted_for_analysis(list_models()):
@@ -174,6 +181,8 @@ class AnalyzePanel(QWidget):
         layout.addStretch(1)
 
         self.worker: Any = None
+        self._slide_layer: Any = None
+        self._run_scale: tuple[float, float] = (1.0, 1.0)
         self._cancel = threading.Event()
         self._heatmap_layer: Any = None
         self._nuclei_overlay: Any = None
@@ -241,16 +250,20 @@ class AnalyzePanel(QWidget):
     def run(self) -> None:
         """Start a run in a worker thread (Run button)."""
         from napari.qt.threading import create_worker
-        from napari.utils.notifications import show_error
 
         layer = self.slide_combo.current_layer()
+        self.score_label.setText("")  # never leave a previous slide's score beside a refusal
         if layer is None:
-            show_error("Open a slide first (File > Open).")
+            self._refuse("Open a slide first (File > Open).")
             return
         if layer.metadata.get("mpp_missing"):
-            show_error(f"{layer.name} has no um/px: set it in the Slide panel before running a model.")
+            self._refuse(f"{layer.name} has no um/px: set it in the Slide panel before running a model.")
             return
-        tissue = self._painted_tissue(layer)
+        try:
+            tissue = self._painted_tissue(layer)
+        except ValueError as exc:
+            self._refuse(f"{layer.name}: {exc}")
+            return
         self._cancel = threading.Event()
         self._heatmap_layer = None
         job = analysis_job(
@@ -266,12 +279,30 @@ class AnalyzePanel(QWidget):
         # close it so the engine saves the finished tiles as a partial result.
         self.worker.aborted.connect(job.close)
         self._slide_layer = layer
+        self._run_scale = tuple(link_metadata(layer.metadata)[PLACED_SCALE_KEY])
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         self.score_label.setText("")
         self.status.setText("starting...")
         self.progress.setRange(0, 0)
         self.worker.start()
+
+    def _refuse(self, message: str) -> None:
+        """Say why Run did not start, in the panel and as a notification; no stale score stays."""
+        from napari.utils.notifications import show_error
+
+        self.score_label.setText("")
+        self.status.setText(f"not started: {message}")
+        show_error(message)
+
+    def _slide_changed(self) -> None:
+        """A score shown belongs to the slide it was computed on: clear it when another is chosen."""
+        running = self.worker is not None and not self.run_button.isEnabled()
+        if not running and self.score_label.text():
+            layer = self.slide_combo.current_layer()
+            if layer is None or layer is not getattr(self, "_slide_layer", None):
+                self.score_label.setText("")
+                self.status.setText("Pick a slide and a model, then Run.")
 
     def cancel(self) -> None:
         """Stop after the current batch; finished tiles are kept and saved as partial."""
@@ -297,6 +328,7 @@ class AnalyzePanel(QWidget):
             self.status.setText(event.message)
         if isinstance(event.payload, TileGrid):
             self._show_empty_heatmap(event.payload)
+            self._last_paint = 0.0  # the next block (a resumed run's kept cells) is shown at once
         elif isinstance(event.payload, HeatmapBlock) and self._heatmap_layer is not None:
             rows, cols = event.payload.cells[:, 0], event.payload.cells[:, 1]
             self._heatmap_layer.data[rows, cols] = event.payload.values
@@ -312,23 +344,43 @@ class AnalyzePanel(QWidget):
         text = self.model_combo.currentText()
         return text.split(" (")[0]
 
+    def _run_mpp(self) -> tuple[float, float]:
+        """The slide's ``(mpp_x, mpp_y)`` the job computes with (Run needs a um/px)."""
+        sy, sx = self._run_scale
+        return (sx, sy)
+
+    def _link(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Metadata tying a result layer to the run's slide, placed at the run's um/px."""
+        return {**(extra or {}), **link_metadata(self._slide_layer.metadata, self._run_scale)}
+
+    def _follow_slide(self, *layers: Any) -> None:
+        """Move freshly made result layers if the slide's um/px changed while the job ran."""
+        follow_slide_scale(layers, self._slide_layer)
+
     def _show_empty_heatmap(self, grid: Any) -> None:
-        geometry = overlay_geometry(grid.cell_um, grid.first_centre_um, _mpp_of(self._slide_layer))
+        geometry = overlay_geometry(grid.cell_um, grid.first_centre_um, self._run_mpp())
         data = np.full(grid.shape, np.nan, np.float32)
         name = self._layer_name("heatmap")
         old = self.viewer.layers[name] if name in self.viewer.layers else None
-        if old is not None and old.data.shape == data.shape and np.allclose(old.scale, geometry["scale"]):
+        if (
+            old is not None
+            and old.data.shape == data.shape
+            and np.allclose(old.scale, geometry["scale"])
+            and np.allclose(old.translate, geometry["translate"])
+        ):
             old.data = data  # a re-run on the same grid: reuse the layer (no removal, no gc pass)
+            old.metadata = self._link()
             self._heatmap_layer = old
         else:
             self._heatmap_layer = self._upsert_image(name, data, geometry)
+        self._follow_slide(self._heatmap_layer)
 
     def _upsert_image(self, name: str, data: np.ndarray, geometry: dict[str, Any]) -> Any:
         if name in self.viewer.layers:
             self.viewer.layers.remove(name)
         return self.viewer.add_image(
             data, name=name, colormap=heatmap_colormap(), contrast_limits=(0.0, 1.0), opacity=0.5,
-            blending="translucent", units=self._slide_layer.units, **geometry,
+            blending="translucent", units=self._slide_layer.units, metadata=self._link(), **geometry,
         )  # fmt: skip
 
     def _on_result(self, result: AnalysisResult) -> None:
@@ -337,14 +389,17 @@ class AnalyzePanel(QWidget):
         if isinstance(result, NucleusAnalysisResult):
             self._show_nuclei(result)
             return
-        geometry = overlay_geometry(result.cell_um, result.first_centre_um, _mpp_of(self._slide_layer))
+        geometry = overlay_geometry(result.cell_um, result.first_centre_um, self._run_mpp())
         layer = self._heatmap_layer
         if layer is not None and layer in self.viewer.layers and layer.data.shape == result.heatmap.shape:
             layer.data = result.heatmap  # in place: removing a layer costs napari a full gc pass (~0.4 s)
         else:
             layer = self._upsert_image(self._layer_name("heatmap"), result.heatmap, geometry)
         self._heatmap_layer = layer
-        self._heatmap_layer.metadata = {"napari_pathology_result": str(result.out_dir), "spec": result.spec}
+        placed = layer.metadata.get(PLACED_SCALE_KEY)  # kept: the layer may have moved since
+        metadata = self._link({"napari_pathology_result": str(result.out_dir), "spec": result.spec})
+        layer.metadata = {**metadata, PLACED_SCALE_KEY: placed or metadata[PLACED_SCALE_KEY]}
+        self._follow_slide(layer)
         self._show_detections(result)
         state = "partial (cancelled)" if result.partial else "complete"
         scores = ", ".join(f"{k} {v:.3f}" for k, v in result.scores.items())
@@ -364,6 +419,7 @@ class AnalyzePanel(QWidget):
             self._nuclei_overlay.remove()
         name = f"{self._slide_layer.name} {self._model_name()}"
         self._nuclei_overlay = PredictionOverlay(self.viewer, self._slide_layer, result.nuclei, name)
+        self._link_overlay(self._nuclei_overlay)
         state = "partial (cancelled)" if result.partial else "complete"
         purity = "-" if result.predicted_purity is None else f"{result.predicted_purity:.3f}"
         self.score_label.setText(f"Predicted purity (mean tumour probability): {purity}")
@@ -373,7 +429,7 @@ class AnalyzePanel(QWidget):
         name = self._layer_name("detections")
         if name in self.viewer.layers:
             self.viewer.layers.remove(name)
-        mpp = _mpp_of(self._slide_layer)
+        mpp = self._run_mpp()
         half_x, half_y = (mpp[0] / 2, mpp[1] / 2) if mpp else (0.5, 0.5)
         points = result.detections[:, [1, 0]] - np.array([half_y, half_x]) if len(result.detections) else []
         scores = result.detections[:, 2] if len(result.detections) else np.zeros(0)
@@ -381,10 +437,39 @@ class AnalyzePanel(QWidget):
             points, name=name, features={"score": scores}, size=result.cell_um * 2,
             face_color="score", face_colormap="viridis", face_contrast_limits=(0.5, 1.0),
             border_color="white", border_width=0.1, opacity=0.9, units=self._slide_layer.units,
+            metadata=self._link(),
         )  # fmt: skip
         layer.face_contrast_limits = (0.5, 1.0)
+        self._follow_slide(layer)
+
+    def _link_overlay(self, overlay: Any) -> None:
+        """Tie a prediction overlay's layers to the slide and keep its in-view points on it.
+
+        :func:`follow_slide_scale` moves the layers; the overlay itself redraws its points
+        from micrometres computed at the run's um/px, so those are rescaled with them.
+        """
+        from napari_pathology._widgets.nuclei_layers import slide_mpp_xy
+
+        slide_layer = self._slide_layer
+        for layer in (overlay.density_layer, overlay.points_layer):  # laid out at the slide's um/px now
+            layer.metadata = {**dict(layer.metadata), **link_metadata(slide_layer.metadata)}
+
+        def follow(event: Any = None) -> None:
+            if overlay.density_layer not in self.viewer.layers:
+                overlay.density_layer.events.scale.disconnect(follow)
+                return
+            new = slide_mpp_xy(slide_layer)
+            old = tuple(overlay.mpp)
+            if np.allclose(new, old, rtol=1e-12, atol=0):
+                return
+            _rescale_overlay_points(overlay, new[0] / old[0], new[1] / old[1])
+            overlay.mpp = new
+
+        overlay.density_layer.events.scale.connect(follow)
+        self._follow_slide(overlay.density_layer, overlay.points_layer)
 
     def _on_error(self, error: BaseException) -> None:
+        self.score_label.setText("")  # no score from an earlier run beside a failure
         show_failure(self.status, error)
 
     def _on_finished(self) -> None:
@@ -394,9 +479,20 @@ class AnalyzePanel(QWidget):
             self.progress.setRange(0, 1)
 
 
-def _mpp_of(layer: Any) -> tuple[float, float] | None:
-    meta = layer.metadata
-    return (meta["mpp_x"], meta["mpp_y"]) if meta.get("mpp_x") else None
+def _rescale_overlay_points(overlay: Any, factor_x: float, factor_y: float) -> None:
+    """Scale a prediction overlay's nuclei (micrometres at the old um/px) and their index."""
+    import dataclasses
+
+    from napari_pathology.nuclei.density import PointIndex
+
+    points = overlay.points
+    overlay.points = dataclasses.replace(
+        points,
+        x_um=points.x_um * factor_x,
+        y_um=points.y_um * factor_y,
+        area_um2=points.area_um2 * (factor_x * factor_y),
+    )
+    overlay.index = PointIndex(overlay.points.xy_um())
 
 
 def _spec_of(info: dict[str, Any]) -> Any:
