@@ -7,6 +7,12 @@ micrometres and whose ``metadata`` carries the slide's facts under plain keys
 ``objective_power``...) plus the marker key :data:`SLIDE_MARKER`. Later steps
 (tissue, analysis, annotation) find the slide again with
 :func:`slide_from_metadata`, so a um/px set by the user is used everywhere.
+
+Layers derived from a slide (heatmaps, detections, tissue, nuclei, regions) carry
+:func:`link_metadata`; :func:`follow_slide_scale` is the one place that moves them
+when the slide's um/px changes. A um/px the user sets is remembered per slide in
+``<slide file>.napari-pathology.json`` (:func:`remember_mpp`, :func:`remembered_mpp`)
+and applied again when the slide is reopened.
 """
 
 from __future__ import annotations
