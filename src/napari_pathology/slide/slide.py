@@ -1,4 +1,23 @@
-"""Open a slide file with the right backend and expose it as a lazy pyramid."""
+"""Open a slide file with the right backend and expose it as a lazy pyramid.
+
+What is refused, and why (issue 11):
+
+- anything but a regular file (a FIFO, socket or device would block or stream
+  forever), and empty files;
+- a TIFF whose full-resolution level is truncated; a truncated or undecodable
+  lower level is dropped and named in :attr:`Slide.warnings` (and ``info``);
+- a slide whose coarsest level exceeds :data:`MAX_UNPYRAMIDED_PIXELS`: the
+  viewer's small levels are computed from it (:data:`TOP_LEVEL_SIDE`), which
+  reads all of it, in bounded memory; larger ones need a real pyramid;
+- region reads above :data:`~napari_pathology.slide.backends.MAX_REGION_PIXELS`
+  and images that must be decoded whole above
+  :data:`~napari_pathology.slide.backends.MAX_DECODE_PIXELS`;
+- a user um/px outside the range scanners give.
+
+:attr:`Slide.brightfield` tells fluorescence (dark-field) slides from
+brightfield ones; :meth:`Slide.require_brightfield` refuses them for the H&E
+models and tissue masks.
+"""
 
 from __future__ import annotations
 
