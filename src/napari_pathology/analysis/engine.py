@@ -4,9 +4,16 @@
 whose ``payload`` is the :class:`HeatmapBlock` just finished, and returns an
 :class:`~napari_pathology.analysis.result.AnalysisResult`. The GUI runs it in
 a worker and paints blocks as they arrive; the CLI drives it with a progress
-bar. Cancelling (the ``cancel`` event, or closing the generator) keeps what
-was finished, marked partial, and a later run with the same settings resumes
-from it.
+bar. Cancelling (the ``cancel`` event, closing the generator, Ctrl-C or the
+CLI's SIGTERM inside the run) keeps what was finished, marked partial, and a
+later run with the same settings resumes from it. While a run goes on its
+partial result is saved atomically every :data:`PARTIAL_SAVE_SECONDS`, so a
+kill -9 loses at most one interval.
+
+Before any work the settings (:class:`RunSettings`) and the slide
+(:func:`check_run`) are checked and the result folder is proved writable;
+NaN model outputs are an error (:class:`ModelOutputError`), never a cell
+"not done yet".
 """
 
 from __future__ import annotations
