@@ -443,29 +443,7 @@ class AnalyzePanel(QWidget):
         self._follow_slide(layer)
 
     def _link_overlay(self, overlay: Any) -> None:
-        """Tie a prediction overlay's layers to the slide and keep its in-view points on it.
-
-        :func:`follow_slide_scale` moves the layers; the overlay itself redraws its points
-        from micrometres computed at the run's um/px, so those are rescaled with them.
-        """
-        from napari_pathology._widgets.nuclei_layers import slide_mpp_xy
-
-        slide_layer = self._slide_layer
-        for layer in (overlay.density_layer, overlay.points_layer):  # laid out at the slide's um/px now
-            layer.metadata = {**dict(layer.metadata), **link_metadata(slide_layer.metadata)}
-
-        def follow(event: Any = None) -> None:
-            if overlay.density_layer not in self.viewer.layers:
-                overlay.density_layer.events.scale.disconnect(follow)
-                return
-            new = slide_mpp_xy(slide_layer)
-            old = tuple(overlay.mpp)
-            if np.allclose(new, old, rtol=1e-12, atol=0):
-                return
-            _rescale_overlay_points(overlay, new[0] / old[0], new[1] / old[1])
-            overlay.mpp = new
-
-        overlay.density_layer.events.scale.connect(follow)
+        """Move an overlay made while the um/px changed mid-run (later changes it follows itself)."""
         self._follow_slide(overlay.density_layer, overlay.points_layer)
 
     def _on_error(self, error: BaseException) -> None:
@@ -477,22 +455,6 @@ class AnalyzePanel(QWidget):
         self.cancel_button.setEnabled(False)
         if self.progress.maximum() == 0:
             self.progress.setRange(0, 1)
-
-
-def _rescale_overlay_points(overlay: Any, factor_x: float, factor_y: float) -> None:
-    """Scale a prediction overlay's nuclei (micrometres at the old um/px) and their index."""
-    import dataclasses
-
-    from napari_pathology.nuclei.density import PointIndex
-
-    points = overlay.points
-    overlay.points = dataclasses.replace(
-        points,
-        x_um=points.x_um * factor_x,
-        y_um=points.y_um * factor_y,
-        area_um2=points.area_um2 * (factor_x * factor_y),
-    )
-    overlay.index = PointIndex(overlay.points.xy_um())
 
 
 def _spec_of(info: dict[str, Any]) -> Any:

@@ -9,6 +9,7 @@ the Analyze panel.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -243,9 +244,10 @@ class PredictionOverlay:
     ) -> None:
         from qtpy.QtCore import QTimer
 
-        from napari_pathology._layers import overlay_geometry
+        from napari_pathology._layers import link_metadata, overlay_geometry
 
         self.viewer = viewer
+        self.slide_layer = slide_layer
         self.mpp = slide_mpp_xy(slide_layer)
         self.points = points
         self.max_points = max_points
@@ -259,7 +261,7 @@ class PredictionOverlay:
         limits = (
             (0.0, 1.0) if classified else (0.0, float(np.nanmax(image)) if np.isfinite(image).any() else 1.0)
         )
-        marker = {PREDICTIONS_MARKER: meta.get("path")}
+        marker = {PREDICTIONS_MARKER: meta.get("path"), **link_metadata(meta)}
         self.density_layer = viewer.add_image(
             image,
             name=f"{name} {'tumour probability' if classified else 'density'}",
@@ -287,7 +289,29 @@ class PredictionOverlay:
         self._timer.timeout.connect(self.update)
         viewer.camera.events.center.connect(self._schedule)
         viewer.camera.events.zoom.connect(self._schedule)
+        self.density_layer.events.scale.connect(self._follow_slide_mpp)
         self.update()
+
+    def _follow_slide_mpp(self, event: Any = None) -> None:
+        """Keep the nuclei (micrometres at the old um/px) on the slide after its um/px changed.
+
+        :func:`napari_pathology._layers.follow_slide_scale` moves both layers; the
+        overlay redraws its points from micrometres, so those and their index scale too.
+        """
+        new = slide_mpp_xy(self.slide_layer)
+        factor_x, factor_y = new[0] / self.mpp[0], new[1] / self.mpp[1]
+        if np.isclose(factor_x, 1.0, rtol=1e-12, atol=0) and np.isclose(factor_y, 1.0, rtol=1e-12, atol=0):
+            return
+        self.points = dataclasses.replace(
+            self.points,
+            x_um=self.points.x_um * factor_x,
+            y_um=self.points.y_um * factor_y,
+            area_um2=self.points.area_um2 * (factor_x * factor_y),
+        )
+        self.index = PointIndex(self.points.xy_um())
+        self.mpp = new
+        self.shown = np.zeros(0, np.int64)
+        self._schedule()
 
     def _schedule(self, event: Any = None) -> None:
         self._timer.start()
@@ -329,5 +353,6 @@ class PredictionOverlay:
     def disconnect(self) -> None:
         """Stop following the camera (the layers were removed)."""
         self._timer.stop()
+        self.density_layer.events.scale.disconnect(self._follow_slide_mpp)
         self.viewer.camera.events.center.disconnect(self._schedule)
         self.viewer.camera.events.zoom.disconnect(self._schedule)
