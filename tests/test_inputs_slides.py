@@ -239,6 +239,23 @@ def test_truncated_tiff_with_level_zero_cut_is_refused_with_one_clear_line(tmp_p
     assert "Task exception" not in err and "Traceback" not in err, err
 
 
+def test_an_undecodable_lower_level_is_dropped_by_validate_with_a_warning(tmp_path) -> None:
+    path = _pyramid_tiff(tmp_path / "bad.tif")
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[1]
+        offset, count = int(page.dataoffsets[0]), int(page.databytecounts[0])
+    data = bytearray(path.read_bytes())
+    data[offset : offset + count] = b"\x00" * count  # the tile is there but is not JPEG
+    path.write_bytes(bytes(data))
+    slide = open_slide(path)
+    assert slide.level_count == 3
+    slide.validate()
+    assert slide.level_count == 2 and slide.level_dimensions[1] == (256, 256)
+    assert any("level(s) 1 (512x512) cannot be decoded" in w for w in slide.info().warnings)
+    assert slide.pyramid()[-1].shape == (256, 256, 3)
+    slide.close()
+
+
 def test_tiff_reads_are_synchronous_and_match_the_decoded_file(tmp_path) -> None:
     path = _pyramid_tiff(tmp_path / "p.tif")
     expected = tifffile.imread(path, level=0)  # whole decode by tifffile

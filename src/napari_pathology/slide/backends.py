@@ -376,8 +376,26 @@ class OpenSlideBackend(BaseBackend):
     def _read(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
         ds = self.level_downsamples[level]
         location = (round(x * ds), round(y * ds))
-        region = self._slide.read_region(location, self._source_levels[level], (width, height))
+        handle = self._slide
+        try:
+            region = handle.read_region(location, self._source_levels[level], (width, height))
+        except Exception:
+            self._reopen(handle)  # OpenSlide errors are sticky: one bad tile would break every later read
+            raise
         return rgba_to_rgb_on_white(np.asarray(region))
+
+    def _reopen(self, failed: Any) -> None:
+        """Replace a handle that reported an error by a fresh one (once, whatever the threads)."""
+        import openslide
+
+        with self._count_lock:
+            if self._slide is not failed:
+                return
+            try:
+                self._slide = openslide.OpenSlide(self.path)
+            except Exception:  # the file went away: keep the failed handle, reads keep failing clearly
+                return
+        # the failed handle is not closed: another thread may still be inside it
 
     def read_associated_image(self, name: str) -> np.ndarray:
         """Read ``label``, ``macro``, ``thumbnail``... as RGB uint8."""
