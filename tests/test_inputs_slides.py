@@ -142,6 +142,11 @@ def test_fifo_given_as_a_tissue_mask_is_refused_without_blocking(tmp_path) -> No
                 _in_thread(lambda fifo=fifo: read_tissue_file(fifo, (1000, 1000), 0.5), timeout=10)
         finally:
             _release_fifo(fifo)
+    meta = tmp_path / "saved.json"  # a saved mask whose JSON names a FIFO as its image
+    facts = {"mpp": 8, "slide_size": [100, 100], "slide_mpp": [0.5, 0.5], "png": "mask.png"}
+    meta.write_text(json.dumps(facts))
+    with pytest.raises(ValueError, match=r"mask\.png is not a regular file"):
+        _in_thread(lambda: read_tissue_file(meta, (100, 100), 0.5), timeout=10)
 
 
 # --------------------------------------------------------------------------- 2. huge claimed sizes

@@ -88,15 +88,17 @@ def open_image_checked(
     Raises
     ------
     ValueError
-        When the image would decode to more than ``max_bytes`` (or PIL cannot
-        read its header).
+        When the image would decode to more than ``max_bytes``, PIL cannot
+        read its header, or it is not a regular file.
     FileNotFoundError
         When nothing is there.
 
     """
     from PIL import Image, UnidentifiedImageError
 
-    path = Path(path)
+    from napari_pathology.fileio import require_regular_file
+
+    path = require_regular_file(path, what)  # a FIFO would block PIL forever
     with _PIL_LOCK:  # only the header is parsed while PIL's global limit is lifted
         saved = Image.MAX_IMAGE_PIXELS
         Image.MAX_IMAGE_PIXELS = None
