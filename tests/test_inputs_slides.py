@@ -275,6 +275,18 @@ def test_tiff_reads_are_synchronous_and_match_the_decoded_file(tmp_path) -> None
     backend.close()
 
 
+def test_planar_rgb_tiff_is_read_in_colour(tmp_path) -> None:
+    from napari_pathology.slide import TiffBackend
+
+    planes = np.random.default_rng(1).integers(0, 256, (3, 300, 200), dtype=np.uint8)
+    path = tmp_path / "planar.tif"
+    tifffile.imwrite(path, planes, photometric="rgb", planarconfig="separate", tile=(64, 64))
+    backend = TiffBackend(path)
+    region = backend.read_region(0, 10, 20, 100, 50)
+    np.testing.assert_array_equal(region, np.moveaxis(planes, 0, -1)[20:70, 10:110])
+    backend.close()
+
+
 def test_truncated_real_svs_is_refused(tmp_path) -> None:
     source = real_file("slides/cmu_small_region.svs")
     cut = tmp_path / "cut.svs"

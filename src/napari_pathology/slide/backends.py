@@ -617,7 +617,11 @@ class TiffBackend(BaseBackend):
                 index.append(slice(None))
             else:
                 index.append(0)
-        return to_rgb_uint8(np.asarray(array[tuple(index)]))
+        pixels = np.asarray(array[tuple(index)])
+        kept = [axis for axis in self._series_axes if axis in "YXS"]
+        if kept != sorted(kept, key="YXS".index):  # planar RGB (SYX): samples last
+            pixels = np.transpose(pixels, [kept.index(axis) for axis in "YXS" if axis in kept])
+        return to_rgb_uint8(pixels)
 
     def _read_segments(self, page: Any, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
         """Decode only the tiles (or strips) under the region, synchronously."""
