@@ -129,14 +129,18 @@ def test_stop_saves_and_resume_continues(viewer_with_slide, qtbot, synthetic_sli
     panel.job_event.connect(stop_at_first_step)
     panel.start_button.click()
     first = panel.current_job
-    qtbot.waitUntil(lambda: first.done and "stopped" in panel.status.text(), timeout=WAIT_MS)
+    # the state reaches the panel (a queued signal) after the job's "done" event: wait for the buttons
+    qtbot.waitUntil(
+        lambda: first.done and not panel.stop_button.isEnabled() and panel.resume_button.isEnabled(),
+        timeout=WAIT_MS,
+    )
+    assert "stopped" in panel.status.text()
     panel.job_event.disconnect(stop_at_first_step)
     best, last, _state = checkpoint_paths(tmp_path / "tuned.pt")
     saved = load_checkpoint(last)
     assert saved.provenance["stopped"] is True
     stopped_at = saved.provenance["step"]
     assert 5 <= stopped_at < 20 and first.result.step == stopped_at
-    assert not panel.stop_button.isEnabled() and panel.resume_button.isEnabled()
 
     panel.resume_button.click()
     resumed = panel.current_job
@@ -186,6 +190,25 @@ def test_bad_set_ups_are_refused_without_a_job(
     panel.select_family("tumor-normal")
     assert panel.source == "table" and panel.steps_spin.value() == 20  # epochs
     refused("choose a slide table")
+
+
+def test_a_trained_model_of_the_same_name_is_kept_and_jobs_use_one_thread(
+    viewer_with_slide, qtbot, synthetic_slide, tmp_path
+):
+    from napari_pathology.models import create_model, save_checkpoint
+
+    viewer, slide_layer = viewer_with_slide
+    add_regions(viewer, slide_layer, synthetic_slide)
+    panel = TrainPanel(viewer)
+    qtbot.addWidget(panel)
+    configure(panel, tmp_path, steps=4)
+    existing = save_checkpoint(create_model("metastasis-small-10x"), tmp_path / "tuned.pt")
+    before = existing.read_bytes()
+    family, settings = panel.job_settings()
+    assert family == "metastasis" and settings.out == tmp_path / "tuned-2.pt"
+    assert settings.threads == 1 and not settings.overwrite
+    assert "tuned.pt exists" in panel.status.text() and "tuned-2.pt" in panel.status.text()
+    assert existing.read_bytes() == before
 
 
 def test_closing_the_viewer_stops_the_job_and_saves(make_napari_viewer, qtbot, synthetic_slide, tmp_path):

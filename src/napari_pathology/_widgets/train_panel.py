@@ -89,6 +89,9 @@ REDRAW_INTERVAL = 0.25
 #: best checkpoint is chosen by (metastasis: validation loss; tumour/normal: slide AUC).
 CURVE_METRICS = ("val_loss", "slide_auc", "auc", "tile_accuracy", "accuracy")
 REGION_LABELS = ("tumour", "normal")
+#: torch CPU threads of a job the panel runs: the viewer needs the other cores (and more threads
+#: than free cores make small networks slower, not faster).
+PANEL_THREADS = 1
 
 
 def default_models_dir() -> Path:
@@ -737,6 +740,7 @@ class TrainPanel(QWidget):
             With a message for the user when the set-up cannot train.
         """
         from napari_pathology.cohort import CohortError, read_slide_table
+        from napari_pathology.fileio import ensure_writable_dir
         from napari_pathology.models import ModelError, checkpoint_info
         from napari_pathology.training.common import split_by_slide
         from napari_pathology.training.events import TrainingError
@@ -763,6 +767,7 @@ class TrainPanel(QWidget):
         if lr_value is not None and not lr_value > 0:
             raise TrainingError("the learning rate must be positive")
         folder = Path(self.out_edit.text().strip() or default_models_dir()).expanduser()
+        ensure_writable_dir(folder)  # OutputError (one line naming it) before anything is written
         name = self._job_name(family, folder)
         out = folder / f"{name}.pt"
         busy = [r.job.name for r in self._records if not r.job.done and Path(r.settings.out) == out]
@@ -798,7 +803,7 @@ class TrainPanel(QWidget):
         values: dict[str, Any] = {
             "data": table, "out": out, "start": start, "batch_size": self.batch_spin.value(),
             "val_fraction": self.val_spin.value(), "device": str(self.device_combo.currentData()),
-            "amp": self.amp_check.isChecked(),
+            "amp": self.amp_check.isChecked(), "threads": PANEL_THREADS,
         }  # fmt: skip
         if lr_value is not None:
             values["lr"] = lr_value
@@ -812,23 +817,38 @@ class TrainPanel(QWidget):
         return family, settings_cls(**values)
 
     def _job_name(self, family: str, folder: Path) -> str:
-        """The name field, or ``family-data-time`` made unique in ``folder``."""
+        """The name field (or ``family-data-time``), made unique in ``folder``: no model is replaced.
+
+        When the name typed is taken (a model of that name exists, or a job of
+        this panel writes it), the job gets ``<name>-2`` (``-3``...) and the log says so.
+        """
         from napari_pathology.training.common import model_name_for
+        from napari_pathology.training.loop import checkpoint_paths
 
         text = self.name_edit.text().strip()
         if text:
-            return model_name_for(text)
-        if self.source == SOURCE_VIEWER:
-            layer = self.slide_combo.current_layer()
-            data = layer.name if layer is not None else "slide"
+            name = model_name_for(text)
         else:
-            data = Path(self.table_edit.text().strip() or "table").stem
-        name = model_name_for(f"{family}-{data}-{time.strftime('%Y%m%d-%H%M%S')}")
+            if self.source == SOURCE_VIEWER:
+                layer = self.slide_combo.current_layer()
+                data = layer.name if layer is not None else "slide"
+            else:
+                data = Path(self.table_edit.text().strip() or "table").stem
+            name = model_name_for(f"{family}-{data}-{time.strftime('%Y%m%d-%H%M%S')}")
         taken = {Path(r.settings.out).stem for r in self._records}
+
+        def free(candidate: str) -> bool:
+            best, last, state = checkpoint_paths(folder / f"{candidate}.pt")
+            return candidate not in taken and not any(p.exists() for p in (best, last, state))
+
         unique, k = name, 1
-        while unique in taken or (folder / f"{unique}.pt").exists():
+        while not free(unique):
             k += 1
             unique = f"{name}-{k}"
+        if text and unique != name:
+            message = f"{name}.pt exists in {folder}: this job writes {unique}.pt (the model is kept)"
+            self._append_log(message)
+            self.status.setText(message)
         return unique
 
     def _write_viewer_data(self, folder: Path, name: str) -> Path:
@@ -836,6 +856,7 @@ class TrainPanel(QWidget):
         import json
 
         from napari_pathology.cohort import SlideEntry, write_slide_table
+        from napari_pathology.fileio import atomic_write, ensure_writable_dir
         from napari_pathology.geometry import polygons_to_geojson
         from napari_pathology.training.events import TrainingError
 
@@ -864,7 +885,7 @@ class TrainPanel(QWidget):
                 f"{shapes.name} has normal regions only: a metastasis detector needs both classes; "
                 "draw at least one tumour region (label 'tumour')"
             )
-        folder.mkdir(parents=True, exist_ok=True)
+        ensure_writable_dir(folder)
         files = {}
         for label, classification, color in (
             ("tumour", "Tumor", (200, 0, 0)),
@@ -872,7 +893,7 @@ class TrainPanel(QWidget):
         ):
             if regions[label]:
                 path = folder / f"{name}.{label}.geojson"
-                path.write_text(json.dumps(polygons_to_geojson(regions[label], classification, color)))
+                atomic_write(path, json.dumps(polygons_to_geojson(regions[label], classification, color)))
                 files[label] = path
         user_mpp = float(meta["mpp_x"]) if meta.get("mpp_source") == "user" else None
         entry = SlideEntry(
@@ -910,9 +931,12 @@ class TrainPanel(QWidget):
         if not record.job.done:
             self._refuse(f"{record.job.name} is still {record.job.state.value}")
             return None
-        last = checkpoint_paths(record.settings.out)[1]
+        _best, last, state = checkpoint_paths(record.settings.out)
         if not last.is_file():
             self._refuse(f"nothing to resume: {last.name} was not written")
+            return None
+        if not state.is_file():
+            self._refuse(f"cannot resume: the optimiser state {state.name} beside {last.name} is missing")
             return None
         return self._submit(record.family, replace(record.settings, resume=True))
 
@@ -922,7 +946,9 @@ class TrainPanel(QWidget):
         if job is None or job.done:
             return
         job.stop()
-        self.status.setText(f"stopping {job.name} after this step (the last checkpoint is saved)...")
+        self.status.setText(
+            f"stopping {job.name} after this step (saving its last checkpoint if it has begun)..."
+        )
         self.stop_button.setEnabled(False)
 
     def stop_all(self) -> None:

@@ -432,7 +432,8 @@ def fit(
         yield save_last(last_metrics)
     elif step > 0 and not last_path.exists():
         yield from run_validation()
-    message = f"{'stopped' if stopped else 'finished'} at step {step}; best {best_path.name}"
+    best = f"best {best_path.name}" if best_path.exists() else "no best checkpoint yet (no validation ran)"
+    message = f"{'stopped' if stopped else 'finished'} at step {step}; {best}"
     yield event("done", metrics=best_metrics, path=str(best_path), message=message)
     return TrainResult(
         best=best_path if best_path.exists() else None, last=last_path if last_path.exists() else None,
