@@ -87,15 +87,16 @@ def run_in_thread(
 ) -> Any:
     """Run ``function(*args)`` in napari's thread pool; call back on the Qt thread.
 
-    Errors are shown as a napari notification unless ``on_error`` is given.
+    Errors are shown as a napari notification unless ``on_error`` is given;
+    either way they are not re-raised on the Qt thread as tracebacks.
     """
     from napari.qt.threading import create_worker
     from napari.utils.notifications import show_error
 
-    worker = create_worker(function, *args, _start_thread=False)
+    handler = on_error or (lambda exc: show_error(str(exc)))
+    worker = create_worker(function, *args, _start_thread=False, _connect={"errored": handler})
     if on_done is not None:
         worker.returned.connect(on_done)
-    worker.errored.connect(on_error or (lambda exc: show_error(str(exc))))
     worker.start()
     return worker
 

@@ -81,13 +81,14 @@ def analysis_job(
     cancel: threading.Event,
 ) -> Generator[Progress, None, AnalysisResult]:
     """Everything a Run does, off the Qt thread: load model, find tissue, run the engine."""
-    from napari_pathology.analysis import result_folder, run_analysis, tissue_or_detect
+    from napari_pathology.analysis import check_run, result_folder, run_analysis, tissue_or_detect
     from napari_pathology.models import resolve_model
 
     slide = slide_from_metadata(metadata)
     slide.require_mpp()
     yield Progress(0, 0, f"loading {Path(model_source).name}...")
     model = resolve_model(model_source)
+    check_run(slide, model.spec, settings)  # the real cause (um/px, stride...) before "no tissue"
     tissue = yield from tissue_or_detect(slide, tissue)
     out_dir = result_folder(out_root, slide, model.spec.name)
     if model.spec.output == "nuclei":  # a nucleus purity classifier: detect, then classify every nucleus
@@ -270,10 +271,12 @@ class AnalyzePanel(QWidget):
             dict(layer.metadata), self.model_source, self.settings(), tissue,
             Path(self.out_edit.text()), self._cancel,
         )  # fmt: skip
-        self.worker = create_worker(passthrough, job, _start_thread=False)
+        # errors go to the panel only (an "errored" connection given here stops superqt re-raising them)
+        self.worker = create_worker(
+            passthrough, job, _start_thread=False, _connect={"errored": self._on_error}
+        )
         self.worker.yielded.connect(self._on_progress)
         self.worker.returned.connect(self._on_result)
-        self.worker.errored.connect(self._on_error)
         self.worker.finished.connect(self._on_finished)
         # Closing the viewer aborts the worker between two yields, leaving the job suspended:
         # close it so the engine saves the finished tiles as a partial result.

@@ -589,10 +589,12 @@ class NucleiPanel(QWidget):
     def _start_worker(self, job: Generator[Progress, None, Any], on_done: Any) -> None:
         from napari.qt.threading import create_worker
 
-        self.worker = create_worker(passthrough, job, _start_thread=False)
+        # errors go to the panel only (an "errored" connection given here stops superqt re-raising them)
+        self.worker = create_worker(
+            passthrough, job, _start_thread=False, _connect={"errored": self._on_error}
+        )
         self.worker.yielded.connect(self._on_progress)
         self.worker.returned.connect(on_done)
-        self.worker.errored.connect(self._on_error)
         self.worker.finished.connect(self._on_finished)
         self.worker.aborted.connect(job.close)
         self.detect_button.setEnabled(False)

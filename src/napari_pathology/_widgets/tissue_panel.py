@@ -405,10 +405,11 @@ class TissuePanel(QWidget):
             self._set_status(str(exc), warning=True)
             show_error(str(exc))
             return
-        worker = create_worker(detect_tissue, slide, params, _start_thread=False)
+        worker = create_worker(
+            detect_tissue, slide, params, _start_thread=False, _connect={"errored": self._on_error}
+        )
         worker.yielded.connect(self._on_progress)
         worker.returned.connect(lambda mask, layer=layer, slide=slide: self._on_detected(mask, layer, slide))
-        worker.errored.connect(self._on_error)
         worker.finished.connect(self._on_finished)
         self._worker = worker
         self.detect_button.setEnabled(False)

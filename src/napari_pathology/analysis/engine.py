@@ -44,6 +44,7 @@ from napari_pathology.devices import is_out_of_memory, resolve_device
 from napari_pathology.fileio import ensure_writable_dir, require_finite, safe_name
 from napari_pathology.progress import Progress
 from napari_pathology.slide import Slide
+from napari_pathology.slide.backends import PLAUSIBLE_MPP
 
 AGGREGATORS = ("max", "mean", "fraction")
 
@@ -53,7 +54,7 @@ PARTIAL_SAVE_SECONDS = 30.0
 MAX_STRIDE = 1_000_000
 MAX_BATCH_SIZE = 65_536
 #: Level-0 um/px finer than this is not a light-microscope slide (the slides' PLAUSIBLE_MPP floor).
-MIN_PLAUSIBLE_MPP = 0.01
+MIN_PLAUSIBLE_MPP = PLAUSIBLE_MPP[0]
 
 
 class NoTissueError(ValueError):
