@@ -50,6 +50,13 @@ def read_slides(path: PathOrPaths) -> list:
             show_error(str(exc))
             continue
         restore_mpp(slide)
+        for warning in slide.warnings:  # e.g. pyramid levels a truncated file lost
+            show_warning(f"{slide.name}: {warning}")
+        if slide.brightfield is False:
+            show_warning(
+                f"{slide.name} looks like a fluorescence (dark-field) slide: it can be viewed, but the "
+                "H&E models and tissue masks do not apply to it."
+            )
         if slide.mpp is None:
             show_warning(
                 f"{slide.name}: {slide.backend.mpp_note}. Showing it in pixels; set um/px in the "

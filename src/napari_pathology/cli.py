@@ -232,6 +232,9 @@ def format_info(info: dict[str, Any]) -> str:
         f"levels:        {info['levels']}: {levels}",
         f"associated:    {', '.join(info['associated_images']) or 'none'}",
     ]
+    if info.get("brightfield") is False:
+        lines.append("stain:         fluorescence (dark-field): the H&E models and tissue masks do not apply")
+    lines += [f"warning:       {warning}" for warning in info.get("warnings", ())]
     return "\n".join(lines)
 
 

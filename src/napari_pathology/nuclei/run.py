@@ -372,7 +372,8 @@ def detect_in_slide(
     Raises
     ------
     SlideOpenError
-        When the slide has no um/px (the message says how to set it).
+        When the slide has no um/px (the message says how to set it), or is a
+        fluorescence slide given to the built-in (haematoxylin) detector.
     ValueError
         For a bad region, chunk size, overlap or detector.
 
@@ -387,6 +388,8 @@ def detect_in_slide(
 
     """
     mpp_x, mpp_y = slide.require_mpp()
+    if detector == DEFAULT_DETECTOR and hasattr(slide, "require_brightfield"):
+        slide.require_brightfield()  # the haematoxylin channel exists only in brightfield H&E
     run = resolve_detector(detector, params)
     chunks = plan_chunks(slide, region_um, tissue, chunk_px, overlap_um)
     _, box_um = region_box_px(slide, region_um)
