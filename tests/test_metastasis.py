@@ -151,6 +151,31 @@ def test_stop_saves_and_resume_continues(tiny_cohort, tmp_path) -> None:
     assert [h["step"] for h in resumed.history if "loss" in h] == list(range(1, 9))
 
 
+def _reader_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith(("batch-stream", "patches"))]
+
+
+def test_every_reader_thread_ends_with_the_job_however_it_ends(tiny_cohort, tmp_path) -> None:
+    job = MetastasisTraining(
+        data=tiny_cohort, out=tmp_path / "met.pt", steps=50, batch_size=2, val_fraction=0.0,
+        eval_every=100, log_every=1, threads=1,
+    )  # fmt: skip
+    generator = train_metastasis(job)
+    for event in generator:  # closed by its consumer mid-training (Ctrl-C, viewer closed)
+        if event.kind == "step":
+            assert _reader_threads() and torch.get_num_threads() == 1
+            break
+    generator.close()
+    assert _reader_threads() == []
+    # a resume state that does not fit the model fails inside the loop: the readers still end
+    state = torch.load(tmp_path / "met.last.state.pt", weights_only=True)
+    state["optimizer"]["param_groups"] = []
+    torch.save(state, tmp_path / "met.last.state.pt")
+    with pytest.raises(TrainingError, match="optimiser state does not fit"):
+        run_to_completion(train_metastasis(MetastasisTraining(**{**job.__dict__, "resume": True})))
+    assert _reader_threads() == []
+
+
 def test_tumour_slide_without_annotations_is_refused(tiny_cohort, tmp_path) -> None:
     table = tmp_path / "table.csv"
     tumour = next(e for e in read_slide_table(tiny_cohort) if e.is_tumour)

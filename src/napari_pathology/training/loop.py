@@ -224,6 +224,11 @@ def check_resume(out: str | os.PathLike[str]) -> tuple[PathologyModel, dict[str,
         One line, when either is missing, damaged or holds code.
 
     """
+    last = checkpoint_paths(out)[1]
+    if not last.is_file():
+        raise TrainingError(
+            f"cannot resume: {last} does not exist (no checkpoint was saved); start without --resume"
+        )
     state = resume_state(out)
     model = load_last_checkpoint(out)
     return model, state
