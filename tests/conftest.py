@@ -15,8 +15,9 @@ SLIDES = SHARED_DATA / "slides"
 
 @pytest.fixture(autouse=True, scope="session")
 def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Never write demo slides into the user's cache during tests."""
+    """Never write demo slides, settings or autosaves into the user's own folders during tests."""
     os.environ["NAPARI_PATHOLOGY_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    os.environ["NAPARI_PATHOLOGY_DATA"] = str(tmp_path_factory.mktemp("user-data"))  # settings, autosaves
 
 
 def real_file(relative: str) -> Path:

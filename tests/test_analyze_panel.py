@@ -200,7 +200,7 @@ def test_refused_run_does_not_leave_the_previous_score(panel_on_slide, qtbot, tm
 def test_a_stride_past_the_slide_is_named_not_called_no_tissue(panel_on_slide, qtbot, monkeypatch) -> None:
     messages = []
     monkeypatch.setattr("napari.utils.notifications.show_error", messages.append)
-    viewer, panel, slide_layer = panel_on_slide
+    viewer, panel, _slide_layer = panel_on_slide
     panel.stride_spin.setValue(4096)  # 4096 px at the model's 2 um/px: far past the 1.5 mm slide
     panel.run_button.click()
     qtbot.waitUntil(lambda: panel.run_button.isEnabled(), timeout=60_000)

@@ -22,7 +22,7 @@ PLUGIN = "napari-pathology"
 
 @pytest.fixture(autouse=True)
 def _private_settings(monkeypatch, tmp_path) -> None:
-    monkeypatch.setattr("napari_pathology._layers.user_settings_dir", lambda: tmp_path / "user-settings")
+    monkeypatch.setenv("NAPARI_PATHOLOGY_DATA", str(tmp_path / "user-data"))
 
 
 def _slide_layer(path: str, mpp: float):

@@ -8,15 +8,15 @@ import os
 import numpy as np
 import pytest
 
-from napari_pathology._layers import remember_mpp, remembered_mpp, settings_paths
+from napari_pathology.slide.settings import remember_mpp, remembered_mpp, settings_paths
 
 PLUGIN = "napari-pathology"
 
 
 @pytest.fixture(autouse=True)
 def user_dir(monkeypatch, tmp_path):
-    folder = tmp_path / "user-settings"
-    monkeypatch.setattr("napari_pathology._layers.user_settings_dir", lambda: folder)
+    monkeypatch.setenv("NAPARI_PATHOLOGY_DATA", str(tmp_path / "user-data"))
+    folder = tmp_path / "user-data" / "slides"
     return folder
 
 
@@ -128,3 +128,34 @@ def test_override_is_restored_on_reopen_and_nuclei_land_in_place(
     viewer3 = make_napari_viewer()
     [layer3] = viewer3.open(str(plain_slide), plugin=PLUGIN)
     assert tuple(layer3.scale) == (1.0, 1.0) and layer3.metadata["mpp_missing"]
+
+
+def test_open_slide_and_the_cli_use_the_remembered_mpp(plain_slide, capsys) -> None:
+    from napari_pathology.cli import main
+    from napari_pathology.slide import open_slide
+
+    remember_mpp(plain_slide, 0.5)
+    slide = open_slide(plain_slide)
+    assert slide.mpp == (0.5, 0.5) and slide.mpp_source == "user"
+    assert slide.mpp_restored_from == settings_paths(plain_slide)[0]
+    assert open_slide(plain_slide, remembered=False).mpp is None
+    assert open_slide(plain_slide, mpp=0.25).mpp == (0.25, 0.25)  # an explicit value wins
+    assert main(["info", str(plain_slide)]) == 0
+    assert "0.5 x 0.5 um/px" in capsys.readouterr().out
+    settings_paths(plain_slide)[0].write_text('{"mpp": "abc"}')
+    slide = open_slide(plain_slide)
+    assert slide.mpp is None and any("abc" in w for w in slide.warnings)
+
+
+def test_read_only_slides_with_one_name_never_share_an_autosave(
+    tmp_path, monkeypatch
+) -> None:
+    from napari_pathology.nuclei.points import sidecar_path
+
+    first, second = tmp_path / "a" / "case.svs", tmp_path / "b" / "case.svs"
+    monkeypatch.setattr(os, "access", lambda p, mode: False)  # both slide folders read-only
+    assert sidecar_path(first) != sidecar_path(second)
+    assert sidecar_path(first).parent == tmp_path / "user-data" / "nuclei"
+    legacy = tmp_path / "user-data" / "nuclei" / "case.svs.nuclei.csv"
+    legacy.write_text("x_um,y_um,label\n")  # an autosave from before: still found when it is the only one
+    assert sidecar_path(first) == legacy

@@ -46,7 +46,7 @@ def test_add_associated_image_as_layer(make_napari_viewer, qtbot) -> None:
 @pytest.fixture(autouse=True)
 def _private_settings(monkeypatch, tmp_path) -> None:
     """A um/px override is remembered per slide: never in the user's data folder during tests."""
-    monkeypatch.setattr("napari_pathology._layers.user_settings_dir", lambda: tmp_path / "user-settings")
+    monkeypatch.setenv("NAPARI_PATHOLOGY_DATA", str(tmp_path / "user-data"))
 
 
 def test_mpp_override_for_a_slide_without_mpp(make_napari_viewer, qtbot, tmp_path) -> None:

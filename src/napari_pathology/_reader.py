@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from napari_pathology._layers import LayerData, remembered_mpp, slide_layer_data
+from napari_pathology._layers import LayerData, slide_layer_data
 from napari_pathology.slide import (
     Slide,
     SlideOpenError,
@@ -49,7 +49,7 @@ def read_slides(path: PathOrPaths) -> list:
         except SlideOpenError as exc:  # includes unsupported contents behind a known ending
             show_error(str(exc))
             continue
-        restore_mpp(slide)
+        announce_restored_mpp(slide)
         for warning in slide.warnings:  # e.g. pyramid levels a truncated file lost
             show_warning(f"{slide.name}: {warning}")
         if slide.brightfield is False:
@@ -66,36 +66,18 @@ def read_slides(path: PathOrPaths) -> list:
     return layers or NO_LAYERS
 
 
-def restore_mpp(slide: Slide) -> float | None:
-    """Apply the um/px the user set for this slide in an earlier session (its settings file).
+def announce_restored_mpp(slide: Slide) -> None:
+    """Say that :func:`open_slide` applied the um/px the user set for this slide earlier.
 
-    Annotations saved then are in that um/px's micrometres, so the slide must open with it
-    again. Says so in a notification; a settings file that cannot be used is a warning.
-
-    Returns
-    -------
-    float or None
-        The restored um/px, or None when there was none.
+    Annotations saved then are in that um/px's micrometres, which is why it is restored.
     """
-    from napari.utils.notifications import show_info, show_warning
+    from napari.utils.notifications import show_info
 
-    if not slide.path:
-        return None
-    mpp, where, problem = remembered_mpp(slide.path)
-    if problem:
-        show_warning(f"{slide.name}: {problem}")
-    if mpp is None:
-        return None
-    try:
-        slide.set_mpp(mpp)
-    except ValueError as exc:
-        show_warning(f"{slide.name}: the um/px kept in {where} was not used: {exc}")
-        return None
-    show_info(
-        f"{slide.name}: restored the um/px you set, {mpp:g} um/px (kept in {where}); "
-        'press "Use file\'s" in the Slide panel to forget it.'
-    )
-    return mpp
+    if slide.mpp_restored_from is not None:
+        show_info(
+            f"{slide.name}: restored the um/px you set, {slide.mpp[0]:g} um/px (kept in "
+            f"{slide.mpp_restored_from}); press \"Use file's\" in the Slide panel to forget it."
+        )
 
 
 def _read_error_reporter(name: str) -> Callable[[SlideReadError], None]:

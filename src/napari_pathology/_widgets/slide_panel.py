@@ -19,14 +19,9 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_pathology._layers import (
-    apply_mpp,
-    follow_slide_scale,
-    is_slide_metadata,
-    remember_mpp,
-    slide_from_metadata,
-)
+from napari_pathology._layers import apply_mpp, follow_slide_scale, is_slide_metadata, slide_from_metadata
 from napari_pathology._widgets._common import SlideLayerCombo, run_in_thread
+from napari_pathology.slide.settings import remember_mpp
 
 if TYPE_CHECKING:
     import napari

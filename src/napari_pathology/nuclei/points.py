@@ -1025,7 +1025,10 @@ def sidecar_path(slide_path: str | os.PathLike[str], out_dir: str | os.PathLike[
     file name keeps it apart from a synthetic slide's ``case1.nuclei.csv``
     ground truth) beside the slide, or inside ``out_dir`` when it is given or
     when the slide's folder is not writable. Without ``out_dir`` the fallback is
-    the user data folder (``platformdirs.user_data_dir("napari-pathology")/nuclei``).
+    ``nuclei/`` in the user data folder, under a name that carries a digest of the
+    slide's full path, so two read-only slides with the same name never share an
+    autosave (an autosave from before that change, named after the slide alone, is
+    still used when it is the only one).
 
     Parameters
     ----------
@@ -1050,15 +1053,22 @@ def sidecar_path(slide_path: str | os.PathLike[str], out_dir: str | os.PathLike[
         folder = slide_path.parent
         if os.access(folder, os.W_OK):
             return folder / name
-        from platformdirs import user_data_dir
+        from napari_pathology.slide.settings import user_data_folder, user_file_for
 
-        out_dir = Path(user_data_dir("napari-pathology")) / "nuclei"
-    out_dir = Path(out_dir)
+        out_dir = user_data_folder() / "nuclei"
+        legacy, unique = out_dir / name, user_file_for(slide_path, out_dir, SIDECAR_SUFFIX)
+        return legacy if legacy.is_file() and not unique.exists() else _made(unique)
+    return _made(Path(out_dir) / name)
+
+
+def _made(path: Path) -> Path:
+    """``path`` once its folder exists (OutputError naming the folder otherwise)."""
+    out_dir = path.parent
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise output_error(error, out_dir) from error
-    return out_dir / name
+    return path
 
 
 def save_atomic(

@@ -153,6 +153,10 @@ class Slide:
         self._mpp_override: float | None = None
         self._pyramid: list[da.Array] | None = None
         self._brightfield: tuple[bool | None, str] | None = None
+        #: The settings file whose remembered um/px :func:`open_slide` applied, if any.
+        self.mpp_restored_from: Path | None = None
+        #: Problems met while opening that are not the file's (an unusable settings file).
+        self.notes: list[str] = []
         if mpp is not None:
             self.set_mpp(mpp)
 
@@ -232,7 +236,7 @@ class Slide:
     @property
     def warnings(self) -> tuple[str, ...]:
         """Problems found in the file that did not stop it from opening (missing levels...)."""
-        return tuple(getattr(self.backend, "warnings", ()))
+        return (*getattr(self.backend, "warnings", ()), *self.notes)
 
     @property
     def brightfield(self) -> bool | None:
@@ -629,7 +633,7 @@ def _file_stamp(path: str | None) -> tuple[float, int] | None:
 # --------------------------------------------------------------------------- opening
 
 
-def open_slide(path: str | Path, *, mpp: float | None = None) -> Slide:
+def open_slide(path: str | Path, *, mpp: float | None = None, remembered: bool = True) -> Slide:
     """Open a whole-slide image or plain image with the first backend that reads it.
 
     Reads only headers: no pixel is decoded.
@@ -641,6 +645,11 @@ def open_slide(path: str | Path, *, mpp: float | None = None) -> Slide:
         OME-TIFF and other TIFF, PNG or JPEG.
     mpp : float, optional
         um/px to use instead of (or in the absence of) the file's own.
+    remembered : bool
+        Without ``mpp``, use the um/px the user set for this slide earlier (kept
+        by :mod:`napari_pathology.slide.settings`); :attr:`Slide.mpp_restored_from`
+        then names the settings file, and a settings file that cannot be used is
+        named in :attr:`Slide.warnings`.
 
     Returns
     -------
@@ -677,7 +686,25 @@ def open_slide(path: str | Path, *, mpp: float | None = None) -> Slide:
     except BaseException:
         backend.close()
         raise
-    return Slide(backend, mpp=mpp)
+    slide = Slide(backend, mpp=mpp)
+    if mpp is None and remembered:
+        _restore_mpp(slide, path)
+    return slide
+
+
+def _restore_mpp(slide: Slide, path: Path) -> None:
+    """Apply the um/px the user set for this slide earlier, if any (see :mod:`.settings`)."""
+    from napari_pathology.slide.settings import remembered_mpp
+
+    value, where, problem = remembered_mpp(path)
+    if value is not None:
+        try:
+            slide.set_mpp(value)
+            slide.mpp_restored_from = where
+        except ValueError as exc:
+            problem = f"the um/px kept in {where} was not used: {exc}"
+    if problem:
+        slide.notes.append(problem)
 
 
 def _check_pyramid(backend: SlideBackend) -> None:
