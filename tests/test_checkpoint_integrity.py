@@ -172,3 +172,33 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_names_the_folder(tmp_path
     assert str(caught.value) == f"cannot write to {tmp_path}: the disk is full"
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
+
+
+def test_a_fifo_named_like_a_checkpoint_is_refused_without_blocking(tmp_path: Path) -> None:
+    import threading
+
+    fifo = tmp_path / "model.pt"
+    os.mkfifo(fifo)
+    errors: list[str] = []
+
+    def load() -> None:
+        try:
+            load_checkpoint(fifo)
+        except ModelError as error:
+            errors.append(str(error))
+
+    worker = threading.Thread(target=load, daemon=True)
+    worker.start()
+    worker.join(20)
+    assert not worker.is_alive(), "loading a FIFO blocked"
+    assert errors and "not a regular file" in errors[0]
+
+
+def test_a_spec_named_dot_dot_is_refused(tmp_path: Path) -> None:
+    path = save_checkpoint(create_model("nuclear-density"), tmp_path / "m.pt")
+    data = torch.load(path, weights_only=True)
+    data["spec"]["name"] = ".."
+    del data["weights_sha256"]
+    torch.save(data, path)
+    with pytest.raises(ModelError, match=r"invalid model spec.*not a usable name"):
+        load_checkpoint(path)

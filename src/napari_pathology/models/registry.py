@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from napari_pathology.fileio import atomic_write
+from napari_pathology.fileio import atomic_write, require_regular_file
 from napari_pathology.tiles import NORMALIZATIONS
 
 __all__ = [
@@ -197,6 +197,10 @@ class ModelSpec:
             fix(name, value)
         if "/" in self.name or "\\" in self.name:
             raise ValueError(f"model name {self.name!r} must not contain path separators")
+        if self.name in (".", "..") or any(ord(c) < 32 for c in self.name):
+            raise ValueError(
+                f"model name {self.name!r} is not a usable name (a dot name or control characters)"
+            )
         classes = self.classes
         if isinstance(classes, str) or not isinstance(classes, list | tuple):
             raise ValueError(f"model spec 'classes' must be a list of names, got {classes!r}")
@@ -735,6 +739,10 @@ def load_untrusted(path: str | os.PathLike[str], where: str) -> Any:
 
     """
     try:
+        require_regular_file(path, "file")  # a FIFO or device would block the read forever
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{where}: {exc}") from exc
+    try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         if refused_as_code(exc, path):
@@ -759,6 +767,10 @@ def _read_checkpoint(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]
         raise ModelError(f"{where}: no such file ({path})")
     if path.is_dir():
         raise ModelError(f"{where}: it is a folder, not a checkpoint file ({path})")
+    try:
+        require_regular_file(path, "checkpoint")  # a FIFO or device would block the read forever
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{where}: {exc}") from exc
     try:
         with open(path, "rb") as fh:
             magic = fh.read(4)
