@@ -612,6 +612,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    import signal
+    import threading
     import time
 
     from napari_pathology.cohort import CohortError
@@ -626,6 +628,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
         "overwrite": args.overwrite, "threads": args.threads,
     }  # fmt: skip
     started = time.time()
+    received: dict[str, int] = {}
+
+    def terminate(signum: int, frame: Any) -> None:  # SIGTERM takes the path of Ctrl-C: save, then stop
+        received["signal"] = signum
+        raise KeyboardInterrupt
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, terminate)
     try:
         if args.family == "metastasis":
             from napari_pathology.training import MetastasisTraining, train_metastasis
@@ -675,9 +686,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
             print(f"stopped before a new checkpoint was saved; {last} is unchanged", file=sys.stderr)
         else:
             print("stopped before the first checkpoint was saved: nothing was kept", file=sys.stderr)
-        return 130
+        return 143 if received.get("signal") == signal.SIGTERM else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     shown = ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items() if isinstance(v, float))
-    print(f"best checkpoint: {result.best} ({shown})")
+    if result.best is not None:
+        print(f"best checkpoint: {result.best} ({shown})" if shown else f"best checkpoint: {result.best}")
+    else:
+        print("best checkpoint: none yet (no validation ran before the job stopped)")
     print(f"last checkpoint: {result.last} (step {result.step})")
     return 0
 
