@@ -202,3 +202,14 @@ def test_a_spec_named_dot_dot_is_refused(tmp_path: Path) -> None:
     torch.save(data, path)
     with pytest.raises(ModelError, match=r"invalid model spec.*not a usable name"):
         load_checkpoint(path)
+
+
+def test_non_finite_weights_are_refused_naming_them(tmp_path: Path) -> None:
+    model = create_model("nuclear-density")
+    with torch.no_grad():
+        model.net.head.weight.fill_(float("nan"))
+    path = save_checkpoint(model, tmp_path / "diverged.pt")
+    with pytest.raises(
+        ModelError, match=r"diverged\.pt: its weights hold NaN or infinite values \(net\.head\.weight"
+    ):
+        load_checkpoint(path)

@@ -155,3 +155,9 @@ def test_threads_are_set_for_the_job_and_restored() -> None:
     assert torch.get_num_threads() == before
     with pytest.raises(TrainingError, match="threads"), torch_threads(0):
         pass
+
+
+def test_loop_settings_are_checked(tmp_path: Path) -> None:
+    for name, value in (("steps", 0), ("eval_every", 0), ("log_every", 0), ("precise_bn_batches", -1)):
+        with pytest.raises(TrainingError, match=name):
+            LoopSettings(**{"steps": 1, "out": tmp_path / "m.pt", name: value})

@@ -813,6 +813,12 @@ def _read_checkpoint(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]
             f"checkpoint {path} is damaged: its weights do not match the digest saved with them "
             "(a byte changed after it was written); use an intact copy or train it again"
         )
+    broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        raise ModelError(
+            f"{where}: its weights hold NaN or infinite values ({_few(broken)}); the model cannot give "
+            "meaningful outputs (a training run that diverged?): use an earlier checkpoint"
+        )
     return path, data, spec
 
 

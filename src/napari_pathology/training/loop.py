@@ -44,6 +44,7 @@ from napari_pathology.models.registry import (
     save_torch_file,
     tensors_digest,
 )
+from napari_pathology.training.common import check_count, check_flag
 from napari_pathology.training.events import TrainEvent, TrainingError, TrainResult
 
 __all__ = [
@@ -96,6 +97,13 @@ class LoopSettings:
     amp: bool = True
     log_every: int = 5
     precise_bn_batches: int = 16
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out", Path(self.out))
+        for name in ("steps", "eval_every", "log_every"):
+            check_count(self, name)
+        check_count(self, "precise_bn_batches", 0)
+        check_flag(self, "amp")
 
 
 def checkpoint_paths(out: str | os.PathLike[str]) -> tuple[Path, Path, Path]:
