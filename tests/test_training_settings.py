@@ -161,3 +161,14 @@ def test_loop_settings_are_checked(tmp_path: Path) -> None:
     for name, value in (("steps", 0), ("eval_every", 0), ("log_every", 0), ("precise_bn_batches", -1)):
         with pytest.raises(TrainingError, match=name):
             LoopSettings(**{"steps": 1, "out": tmp_path / "m.pt", name: value})
+
+
+@pytest.mark.parametrize(
+    ("row", "line"), [("nan,3,tumour", "line 3: x_um"), ("1,abc,normal", "line 3: y_um")]
+)
+def test_a_bad_row_of_a_synthetic_nucleus_table_is_named(tmp_path: Path, row: str, line: str) -> None:
+    from napari_pathology.training.nucleus_purity import synthetic_labelled_nuclei
+
+    (tmp_path / "s.nuclei.csv").write_text(f"x_um,y_um,kind\n1,2,tumour\n{row}\n")
+    with pytest.raises(TrainingError, match=f"s.nuclei.csv, {line}"):
+        synthetic_labelled_nuclei(tmp_path / "s.tif")

@@ -36,6 +36,7 @@ Stop, resume, checkpoints and out-of-memory retries are those of
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import threading
@@ -49,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from napari_pathology.analysis.metrics import roc_auc
+from napari_pathology.fileio import read_text_file, require_finite
 from napari_pathology.models.nucleus_purity import FAMILY, INPUT_SIZE
 from napari_pathology.models.registry import PathologyModel, create_model
 from napari_pathology.nuclei.classify import NucleusClassifyError, iter_nucleus_patches
@@ -271,11 +273,18 @@ def synthetic_labelled_nuclei(slide_path: str | os.PathLike[str]) -> LabelledNuc
     path = truth_paths(slide_path)["nuclei_csv"]
     if not path.is_file():
         raise TrainingError(f"no nucleus table beside {Path(slide_path).name} ({path.name} is missing)")
-    with open(path, newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
+    try:
+        rows = list(csv.DictReader(io.StringIO(read_text_file(path, "nucleus table"), newline="")))
+    except (ValueError, csv.Error) as error:
+        raise TrainingError(f"{path.name}: {error}") from None
     if rows and not {"x_um", "y_um", "kind"} <= set(rows[0]):
         raise TrainingError(f"{path.name} needs x_um, y_um and kind columns")
-    xy = np.array([[float(r["x_um"]), float(r["y_um"])] for r in rows], np.float64).reshape(-1, 2)
+    xy = np.zeros((len(rows), 2), np.float64)
+    for k, row in enumerate(rows):
+        try:
+            xy[k] = [require_finite(row["x_um"], "x_um"), require_finite(row["y_um"], "y_um")]
+        except ValueError as error:
+            raise TrainingError(f"{path.name}, line {k + 2}: {error}") from None
     tumour = np.array([r["kind"] == "tumour" for r in rows], bool)
     return LabelledNuclei(Path(slide_path), xy, tumour)
 
