@@ -149,3 +149,25 @@ def test_shutdown_stops_everything() -> None:
 @pytest.mark.parametrize(("given", "key"), [("cpu", "cpu"), ("cuda", "cuda:0"), ("CUDA:1", "cuda:1")])
 def test_device_key(given: str, key: str) -> None:
     assert device_key(given) == key
+
+
+@pytest.mark.parametrize(("per_job", "expected"), [(1, 1), (None, None)])
+def test_jobs_beside_the_gui_default_to_one_torch_thread(per_job, expected) -> None:
+    import torch
+
+    from napari_pathology.training.loop import default_threads, torch_threads
+
+    seen = []
+
+    def factory(stop: threading.Event):
+        with torch_threads(None):  # as a trainer whose settings leave threads unset
+            seen.append(torch.get_num_threads())
+            yield TrainEvent("start", 0, 1)
+        return TrainResult(None, None, 1, False, {})
+
+    before = torch.get_num_threads()
+    queue = TrainingQueue(threads_per_job=per_job)
+    job = queue.submit(factory, "cpu")
+    assert job.wait(10) and job.state is JobState.FINISHED
+    assert seen == [expected or default_threads()]
+    assert torch.get_num_threads() == before

@@ -53,6 +53,7 @@ __all__ = [
     "check_resume",
     "checkpoint_paths",
     "default_threads",
+    "default_threads_here",
     "fit",
     "load_last_checkpoint",
     "recalibrate_batch_norm",
@@ -122,8 +123,32 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed))
 
 
+_JOB_THREADS = threading.local()
+
+
+@contextlib.contextmanager
+def default_threads_here(threads: int | None) -> Iterator[None]:
+    """Within the block, on this thread, :func:`default_threads` is ``threads`` (None: unchanged).
+
+    A queue that runs jobs beside a GUI sets 1, so that a job whose settings
+    leave ``threads`` unset does not compete with the viewer for the cores.
+    """
+    previous = getattr(_JOB_THREADS, "threads", None)
+    _JOB_THREADS.threads = threads if threads is not None else previous
+    try:
+        yield
+    finally:
+        _JOB_THREADS.threads = previous
+
+
 def default_threads() -> int:
-    """CPU threads for a job by default: the usable cores, at most :data:`MAX_DEFAULT_THREADS`."""
+    """CPU threads for a job by default: the usable cores, at most :data:`MAX_DEFAULT_THREADS`.
+
+    Inside :func:`default_threads_here` (a training queue's jobs), its value.
+    """
+    override = getattr(_JOB_THREADS, "threads", None)
+    if override is not None:
+        return max(1, int(override))
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):

@@ -15,6 +15,11 @@ returns; during set-up (reading slides, computing features), which does not
 watch the event, the generator is closed at its next event. A queued job
 that is stopped never starts.
 
+Jobs run beside a GUI, so a job whose settings leave ``threads`` unset uses
+``threads_per_job`` torch threads (1 by default): on a shared CPU more threads
+than free cores make small networks several times slower, and the viewer
+stays responsive.
+
 No Qt, no napari.
 """
 
@@ -156,6 +161,12 @@ def _call(callback: Callable[..., None] | None, *args: Any) -> None:
 class TrainingQueue:
     """Runs training jobs: serially per device, in parallel across devices.
 
+    Parameters
+    ----------
+    threads_per_job : int, optional
+        torch CPU threads of a job whose settings leave ``threads`` unset
+        (default 1: jobs run beside a GUI); None keeps the usual default.
+
     Examples
     --------
     >>> queue = TrainingQueue()
@@ -164,7 +175,8 @@ class TrainingQueue:
     <JobState.FINISHED: 'finished'>
     """
 
-    def __init__(self) -> None:
+    def __init__(self, threads_per_job: int | None = 1) -> None:
+        self.threads_per_job = threads_per_job
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._jobs: list[TrainingJob] = []
@@ -266,6 +278,12 @@ class TrainingQueue:
             self._run(job)
 
     def _run(self, job: TrainingJob) -> None:
+        from napari_pathology.training.loop import default_threads_here
+
+        with default_threads_here(self.threads_per_job):
+            self._run_job(job)
+
+    def _run_job(self, job: TrainingJob) -> None:
         if job.stop_event.is_set():
             job._set_state(JobState.STOPPED)
             return
