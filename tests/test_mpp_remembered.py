@@ -147,9 +147,7 @@ def test_open_slide_and_the_cli_use_the_remembered_mpp(plain_slide, capsys) -> N
     assert slide.mpp is None and any("abc" in w for w in slide.warnings)
 
 
-def test_read_only_slides_with_one_name_never_share_an_autosave(
-    tmp_path, monkeypatch
-) -> None:
+def test_read_only_slides_with_one_name_never_share_an_autosave(tmp_path, monkeypatch) -> None:
     from napari_pathology.nuclei.points import sidecar_path
 
     first, second = tmp_path / "a" / "case.svs", tmp_path / "b" / "case.svs"

@@ -304,8 +304,10 @@ def test_sidecar_path_beside_the_slide_or_in_a_folder(tmp_path: Path, monkeypatc
     assert sidecar_path(slide, out) == out / "case 1.svs.nuclei.csv" and out.is_dir()
     fallback = tmp_path / "user-data"
     monkeypatch.setattr(points_module.os, "access", lambda *a, **k: False)
-    monkeypatch.setattr("platformdirs.user_data_dir", lambda *a, **k: str(fallback))
-    assert sidecar_path(slide) == fallback / "nuclei" / "case 1.svs.nuclei.csv"
+    monkeypatch.setenv("NAPARI_PATHOLOGY_DATA", str(fallback))
+    kept = sidecar_path(slide)  # named after the slide and a digest of its full path
+    assert kept.parent == fallback / "nuclei" and kept.name.startswith("case 1.svs.")
+    assert kept.name.endswith(".nuclei.csv") and kept != fallback / "nuclei" / "case 1.svs.nuclei.csv"
 
 
 def test_autosave_survives_a_crash_mid_write(tmp_path: Path, monkeypatch) -> None:

@@ -76,7 +76,7 @@ def announce_restored_mpp(slide: Slide) -> None:
     if slide.mpp_restored_from is not None:
         show_info(
             f"{slide.name}: restored the um/px you set, {slide.mpp[0]:g} um/px (kept in "
-            f"{slide.mpp_restored_from}); press \"Use file's\" in the Slide panel to forget it."
+            f'{slide.mpp_restored_from}); press "Use file\'s" in the Slide panel to forget it.'
         )
 
 

@@ -9,11 +9,14 @@ non-zero exit status, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
+import signal
 import sys
-from collections.abc import Callable, Generator, Sequence
+import threading
+from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -173,6 +176,35 @@ def run_with_progress(job: Generator[Progress, None, T], description: str, quiet
             bar.refresh()
 
         return run_to_completion(job, update)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[dict[str, int]]:
+    """While the block runs, SIGTERM takes the path of Ctrl-C (save, then stop).
+
+    Yields a dict that holds ``{"signal": SIGTERM}`` once one arrived; see
+    :func:`interrupted_status`. Only the main thread can install handlers; elsewhere
+    this does nothing.
+    """
+    received: dict[str, int] = {}
+
+    def terminate(signum: int, frame: Any) -> None:
+        received["signal"] = signum
+        raise KeyboardInterrupt
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield received
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def interrupted_status(received: dict[str, int]) -> int:
+    """Exit status of an interrupted command: 143 after SIGTERM, 130 after Ctrl-C."""
+    return 128 + signal.SIGTERM if received.get("signal") == signal.SIGTERM else 130
 
 
 def run_training(job: Generator[Any, None, T], description: str, quiet: bool = False) -> T:
@@ -516,9 +548,6 @@ def _load_tissue_for_run(args: argparse.Namespace, slide):
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    import signal
-    import threading
-
     from napari_pathology.analysis import (
         RunSettings,
         RunSettingsError,
@@ -544,7 +573,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except RunSettingsError as error:
         raise CommandError(f"{options.get(error.field, error.field)}: {error}") from None
     ensure_writable_dir(args.out)  # a read-only or full disk is said now, not after the run
-    received: dict[str, int] = {}
 
     def kept_message(out: Path, saved: list[Any]) -> str:
         """What an interrupted run kept, said only after checking that it is on disk and loads."""
@@ -562,14 +590,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 )
         return f"interrupted: nothing was kept in {out} (no finished tiles were saved); a rerun starts over"
 
-    def terminate(signum: int, frame: Any) -> None:  # SIGTERM takes the path of Ctrl-C: save, then stop
-        received["signal"] = signum
-        raise KeyboardInterrupt
-
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, terminate)
-    try:
+    with sigterm_as_interrupt() as received:
         slide = open_slide(args.slide, mpp=args.mpp)
         slide.validate()
         slide.require_mpp()
@@ -599,10 +620,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             except OSError as error:
                 problem = f" (saving failed: {error})"
             print(kept_message(out, saved) + problem, file=sys.stderr)
-            return 143 if received.get("signal") == signal.SIGTERM else 130
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+            return interrupted_status(received)
     print(result.summary())
     print(f"results: {out}")
     return 0
@@ -612,70 +630,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    import signal
-    import threading
     import time
 
     from napari_pathology.cohort import CohortError
     from napari_pathology.training import TrainingError
-    from napari_pathology.training.loop import check_output, checkpoint_paths
-
-    def chosen(value: Any, default: Any) -> Any:  # 0 is a value to check, not "use the default"
-        return default if value is None else value
+    from napari_pathology.training.loop import checkpoint_paths
 
     common = {
         "device": args.device, "seed": args.seed, "resume": args.resume,
         "overwrite": args.overwrite, "threads": args.threads,
     }  # fmt: skip
     started = time.time()
-    received: dict[str, int] = {}
-
-    def terminate(signum: int, frame: Any) -> None:  # SIGTERM takes the path of Ctrl-C: save, then stop
-        received["signal"] = signum
-        raise KeyboardInterrupt
-
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, terminate)
     try:
-        if args.family == "metastasis":
-            from napari_pathology.training import MetastasisTraining, train_metastasis
-
-            job = MetastasisTraining(
-                data=args.data, out=args.out, start=args.start or "metastasis-small-10x",
-                steps=chosen(args.steps, 2000), batch_size=chosen(args.batch_size, 32), lr=args.lr,
-                val_fraction=args.val_fraction, eval_every=chosen(args.eval_every, 100), **common,
-            )  # fmt: skip
-            check_output(args.out, resume=args.resume, overwrite=args.overwrite)
-            generator = train_metastasis(job)
-        elif args.family == "nucleus-purity":
-            from napari_pathology.training.nucleus_data import read_nucleus_training_data
-            from napari_pathology.training.nucleus_purity import NucleusPurityTraining, train_nucleus_purity
-
-            given = {
-                "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-                "eval_every": args.eval_every,
-            }  # fmt: skip
-            settings = NucleusPurityTraining(
-                validation_fraction=args.val_fraction, **common,
-                **{k: v for k, v in given.items() if v is not None},
-            )  # fmt: skip
-            check_output(args.out, resume=args.resume, overwrite=args.overwrite)
-            data = read_nucleus_training_data(args.data)
-            generator = train_nucleus_purity(data, args.out, settings, start=args.start)
-        else:
-            from napari_pathology.training.tumor_normal import TumorNormalTraining, train_tumor_normal
-
-            job = TumorNormalTraining(
-                data=args.data, out=args.out, start=args.start or "tumor-normal-inception-v3",
-                trunk_from=args.trunk_from, epochs=chosen(args.epochs, 20),
-                batch_size=chosen(args.batch_size, 512), lr=chosen(args.lr, 1e-4),
-                val_fraction=args.val_fraction, normal_weight=args.normal_weight, **common,
-                classes=tuple(args.classes.split(",")) if args.classes else None,
-            )  # fmt: skip
-            check_output(args.out, resume=args.resume, overwrite=args.overwrite)
-            generator = train_tumor_normal(job)
-        result = run_training(generator, f"train {args.family}", args.quiet)
+        with sigterm_as_interrupt() as received:
+            result = _train_job(args, common)
     except (TrainingError, CohortError) as error:
         raise CommandError(str(error)) from error
     except KeyboardInterrupt:
@@ -686,10 +654,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             print(f"stopped before a new checkpoint was saved; {last} is unchanged", file=sys.stderr)
         else:
             print("stopped before the first checkpoint was saved: nothing was kept", file=sys.stderr)
-        return 143 if received.get("signal") == signal.SIGTERM else 130
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        return interrupted_status(received)
     shown = ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items() if isinstance(v, float))
     if result.best is not None:
         print(f"best checkpoint: {result.best} ({shown})" if shown else f"best checkpoint: {result.best}")
@@ -697,6 +662,53 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print("best checkpoint: none yet (no validation ran before the job stopped)")
     print(f"last checkpoint: {result.last} (step {result.step})")
     return 0
+
+
+def _train_job(args: argparse.Namespace, common: dict[str, Any]) -> Any:
+    """Build the family's training job from the options and drive it with a progress bar."""
+    from napari_pathology.training.loop import check_output
+
+    def chosen(value: Any, default: Any) -> Any:  # 0 is a value to check, not "use the default"
+        return default if value is None else value
+
+    if args.family == "metastasis":
+        from napari_pathology.training import MetastasisTraining, train_metastasis
+
+        job = MetastasisTraining(
+            data=args.data, out=args.out, start=args.start or "metastasis-small-10x",
+            steps=chosen(args.steps, 2000), batch_size=chosen(args.batch_size, 32), lr=args.lr,
+            val_fraction=args.val_fraction, eval_every=chosen(args.eval_every, 100), **common,
+        )  # fmt: skip
+        check_output(args.out, resume=args.resume, overwrite=args.overwrite)
+        generator = train_metastasis(job)
+    elif args.family == "nucleus-purity":
+        from napari_pathology.training.nucleus_data import read_nucleus_training_data
+        from napari_pathology.training.nucleus_purity import NucleusPurityTraining, train_nucleus_purity
+
+        given = {
+            "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+            "eval_every": args.eval_every,
+        }  # fmt: skip
+        settings = NucleusPurityTraining(
+            validation_fraction=args.val_fraction, **common,
+            **{k: v for k, v in given.items() if v is not None},
+        )  # fmt: skip
+        check_output(args.out, resume=args.resume, overwrite=args.overwrite)
+        data = read_nucleus_training_data(args.data)
+        generator = train_nucleus_purity(data, args.out, settings, start=args.start)
+    else:
+        from napari_pathology.training.tumor_normal import TumorNormalTraining, train_tumor_normal
+
+        job = TumorNormalTraining(
+            data=args.data, out=args.out, start=args.start or "tumor-normal-inception-v3",
+            trunk_from=args.trunk_from, epochs=chosen(args.epochs, 20),
+            batch_size=chosen(args.batch_size, 512), lr=chosen(args.lr, 1e-4),
+            val_fraction=args.val_fraction, normal_weight=args.normal_weight, **common,
+            classes=tuple(args.classes.split(",")) if args.classes else None,
+        )  # fmt: skip
+        check_output(args.out, resume=args.resume, overwrite=args.overwrite)
+        generator = train_tumor_normal(job)
+    return run_training(generator, f"train {args.family}", args.quiet)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -844,7 +856,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--eval-every", type=positive_int, default=None,
                        help="steps between validations and saves (metastasis default 100; "
                             "nucleus-purity default one epoch)")  # fmt: skip
-    train.add_argument("--device", type=device_option, default="cpu", help="cpu, cuda:N or auto (default cpu)")  # noqa: E501
+    train.add_argument(
+        "--device", type=device_option, default="cpu", help="cpu, cuda:N or auto (default cpu)"
+    )
     train.add_argument("--seed", type=seed_int, default=0)
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint of --out")
     train.add_argument("--classes", default=None,
