@@ -461,7 +461,7 @@ def test_synth_never_leaves_a_torn_slide_or_removes_an_old_one(tmp_path, monkeyp
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(synthetic, "_write_truth", full_disk)
+    monkeypatch.setattr(synthetic.writer, "_write_truth", full_disk)
     with pytest.raises(OutputError, match="disk is full"):
         synthetic.write_synthetic_slide(target, size=256, seed=1)
     assert target.read_bytes() == b"the user's old slide"

@@ -174,7 +174,7 @@ def test_determinism_same_seed_identical_different_seed_differs(
 ) -> None:
     a = write_synthetic_slide(tmp_path / "a.tif", 2048, seed=11, pen_mark=True)
     # Independent of thread scheduling: one worker gives the same bytes as several.
-    monkeypatch.setattr(synthetic, "_n_workers", lambda: 1)
+    monkeypatch.setattr(synthetic.writer, "_n_workers", lambda: 1)
     b = write_synthetic_slide(tmp_path / "b.tif", 2048, seed=11, pen_mark=True)
     monkeypatch.undo()
     c = write_synthetic_slide(tmp_path / "c.tif", 2048, seed=12, pen_mark=True)

@@ -1,0 +1,64 @@
+"""Procedurally generated H&E-like whole-slide images with exact ground truth.
+
+:func:`generate_synthetic_slide` writes a pyramidal, tiled, JPEG-compressed
+TIFF that OpenSlide opens as ``generic-tiff`` (level 0 first, then each 2x
+reduced level as its own top-level page), plus sidecar files with the ground
+truth beside it (for ``OUT.tif``):
+
+``OUT.truth.json``
+    Label, geometry, counts and generator options.
+``OUT.tumour.geojson``
+    QuPath-style tumour annotations in level-0 pixel coordinates.
+``OUT.tissue.png`` / ``OUT.tumour.png``
+    Boolean masks (0/255) at ``mask_mpp`` um/px.
+``OUT.nuclei.csv``
+    Every rendered nucleus: ``x_um,y_um,label,radius_um,kind``.
+
+How it works
+------------
+All regions (tissue, tumour, lymphoid aggregates, epithelium, fat, pen ink,
+out-of-focus patch) are smooth fields sampled on the mask grid (one node per
+mask pixel centre) in approximately signed micrometres. The same bilinear
+interpolation of these fields is used to colour pixels, to label nuclei, to
+write the PNG masks (the field at the nodes) and to trace the polygons (the
+zero contour), so all ground truth agrees. Nuclei are placed once for the
+whole slide (jittered lattices and Poisson points in micrometres) and splatted
+per block, fibre and chromatin textures are periodic and sampled by global
+pixel coordinates, so blocks rendered in any order by any thread are seamless
+and the output is deterministic for a given set of arguments.
+
+Colour follows Beer-Lambert: ``RGB = 255 * exp(-(H * h + E * e + ...))`` with
+per-slide random stain vectors and intensities.
+
+Modules
+-------
+``fields``   the mask grid and the region fields (tissue, tumour, glands, pen, blur)
+``textures`` periodic fibre, chromatin, mottle and fat textures
+``nuclei``   nucleus kinds, shape parameters and placement
+``scene``    everything a block renderer needs, built once per slide
+``render``   level-0 blocks to RGB
+``truth``    the ground-truth sidecar files (paths, reading, writing)
+``writer``   the streamed pyramidal TIFF and the public entry points
+"""
+
+# private names re-exported for tests that rebuild the generator's own fields
+from napari_pathology.slide.synthetic.fields import _F_PEN as _F_PEN
+from napari_pathology.slide.synthetic.nuclei import NUCLEUS_KINDS
+from napari_pathology.slide.synthetic.scene import _build_scene as _build_scene
+from napari_pathology.slide.synthetic.truth import (
+    GENERATOR,
+    SyntheticTruth,
+    load_truth,
+    truth_paths,
+)
+from napari_pathology.slide.synthetic.writer import generate_synthetic_slide, write_synthetic_slide
+
+__all__ = [
+    "GENERATOR",
+    "NUCLEUS_KINDS",
+    "SyntheticTruth",
+    "generate_synthetic_slide",
+    "load_truth",
+    "truth_paths",
+    "write_synthetic_slide",
+]
