@@ -30,7 +30,7 @@ from napari_pathology.nuclei import (
     write_csv,
     write_geojson,
 )
-from napari_pathology.nuclei import points as points_module
+from napari_pathology.nuclei.points import autosave as autosave_module
 
 T, N, OTH, U = LABELS.index("tumour"), LABELS.index("normal"), LABELS.index("other"), 0
 
@@ -303,7 +303,7 @@ def test_sidecar_path_beside_the_slide_or_in_a_folder(tmp_path: Path, monkeypatc
     out = tmp_path / "results" / "nested"
     assert sidecar_path(slide, out) == out / "case 1.svs.nuclei.csv" and out.is_dir()
     fallback = tmp_path / "user-data"
-    monkeypatch.setattr(points_module.os, "access", lambda *a, **k: False)
+    monkeypatch.setattr(autosave_module.os, "access", lambda *a, **k: False)
     monkeypatch.setenv("NAPARI_PATHOLOGY_DATA", str(fallback))
     kept = sidecar_path(slide)  # named after the slide and a digest of its full path
     assert kept.parent == fallback / "nuclei" and kept.name.startswith("case 1.svs.")
@@ -327,7 +327,7 @@ def test_autosave_survives_a_crash_mid_write(tmp_path: Path, monkeypatch) -> Non
         raise OSError("disk full (simulated)")
 
     with monkeypatch.context() as m:
-        m.setattr(points_module, "_write_rows", crash_half_way)
+        m.setattr(autosave_module, "_write_rows", crash_half_way)
         with pytest.raises(OSError, match="simulated"):
             save_atomic(bigger, path)
     assert path.read_bytes() == before
@@ -337,7 +337,7 @@ def test_autosave_survives_a_crash_mid_write(tmp_path: Path, monkeypatch) -> Non
         raise OSError("power cut before rename (simulated)")
 
     with monkeypatch.context() as m:
-        m.setattr(points_module.os, "replace", no_replace)
+        m.setattr(autosave_module.os, "replace", no_replace)
         with pytest.raises(OSError, match="power cut"):
             save_atomic(bigger, path)
     assert path.read_bytes() == before
