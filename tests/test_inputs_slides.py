@@ -32,7 +32,7 @@ from napari_pathology.slide import (
     UnsupportedFormatError,
     open_slide,
 )
-from napari_pathology.slide.slide import TOP_LEVEL_SIDE, downsample_mean
+from napari_pathology.slide.pyramid import TOP_LEVEL_SIDE, downsample_mean
 from napari_pathology.tissue import (
     TissueParams,
     detect_tissue,

@@ -17,13 +17,14 @@ What is refused, and why (issue 11):
 :attr:`Slide.brightfield` tells fluorescence (dark-field) slides from
 brightfield ones; :meth:`Slide.require_brightfield` refuses them for the H&E
 models and tissue masks.
+
+The lazy pyramid lives in :mod:`napari_pathology.slide.pyramid`, the
+brightfield judgement in :mod:`napari_pathology.slide.brightfield`.
 """
 
 from __future__ import annotations
 
 import math
-import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +32,6 @@ from typing import Any
 
 import dask.array as da
 import numpy as np
-from dask.base import tokenize
 
 from napari_pathology.fileio import require_regular_file
 from napari_pathology.slide.backends import (
@@ -43,10 +43,34 @@ from napari_pathology.slide.backends import (
     SlideReadError,
     TiffBackend,
     UnsupportedFormatError,
-    megapixels,
     quiet_tifffile,
     tiff_damage,
 )
+from napari_pathology.slide.brightfield import NotBrightfieldError, _slide_brightfield, judge_brightfield
+from napari_pathology.slide.pyramid import (
+    MAX_UNPYRAMIDED_PIXELS,
+    TOP_LEVEL_SIDE,
+    _check_pyramid,
+    computed_levels,
+    downsample_mean,
+    file_level,
+)
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "MAX_UNPYRAMIDED_PIXELS",
+    "OPENSLIDE_SUFFIXES",
+    "SUPPORTED_SUFFIXES",
+    "TIFF_SUFFIXES",
+    "TOP_LEVEL_SIDE",
+    "NotBrightfieldError",
+    "Slide",
+    "SlideInfo",
+    "downsample_mean",
+    "is_supported_path",
+    "judge_brightfield",
+    "open_slide",
+]
 
 #: File endings OpenSlide reads (vendor formats, generic tiled TIFF, DICOM WSI).
 OPENSLIDE_SUFFIXES = (
@@ -59,27 +83,6 @@ TIFF_SUFFIXES = (".tif", ".tiff", ".ome.tif", ".ome.tiff", ".btf", ".tf8", ".tf2
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 #: Everything :func:`open_slide` accepts.
 SUPPORTED_SUFFIXES = tuple(dict.fromkeys(OPENSLIDE_SUFFIXES + TIFF_SUFFIXES + IMAGE_SUFFIXES))
-
-#: Grey shown where a tile could not be decoded (never white: that means "no tissue").
-UNREADABLE_FILL = 190
-
-#: Smallest chunk side; files with tiny tiles get chunks of several tiles.
-MIN_CHUNK = 256
-
-#: The viewer's pyramid ends with a level no larger than this on its longer side;
-#: levels the file lacks are computed on the fly from its coarsest level.
-TOP_LEVEL_SIDE = 2048
-
-#: Chunk side of computed levels.
-COMPUTED_CHUNK = 512
-
-#: Largest coarsest level a slide may have (pixels): computing the pyramid's
-#: small levels from it reads all of it. Larger slides without a pyramid are refused.
-MAX_UNPYRAMIDED_PIXELS = 2**30
-
-
-class NotBrightfieldError(SlideOpenError):
-    """A fluorescence (dark-field) slide was given to a step made for brightfield H&E."""
 
 
 def is_supported_path(path: str | Path) -> bool:
@@ -371,53 +374,10 @@ class Slide:
         """
         if on_error is None and self._pyramid is not None:
             return self._pyramid
-        levels = [self._level_array(level, on_error) for level in range(self.level_count)]
-        levels += self._computed_levels(on_error)
+        levels = [file_level(self.backend, self.name, level, on_error) for level in range(self.level_count)]
+        levels += computed_levels(self.backend, self.name, on_error)
         if on_error is None:
             self._pyramid = levels
-        return levels
-
-    def _level_array(self, level: int, on_error: Callable[[SlideReadError], None] | None) -> da.Array:
-        width, height = self.level_dimensions[level]
-        tile_w, tile_h = self.backend.tile_sizes[level]
-        chunk_w = tile_w * max(1, math.ceil(MIN_CHUNK / tile_w))
-        chunk_h = tile_h * max(1, math.ceil(MIN_CHUNK / tile_h))
-        reader = _LevelReader(self.backend, level, on_error)
-        token = tokenize(self.path, _file_stamp(self.path), id(self.backend), level, on_error)
-        return da.from_array(
-            reader,
-            chunks=(min(chunk_h, height), min(chunk_w, width), 3),
-            name=f"slide-{Path(self.name).stem}-L{level}-{token}",
-            asarray=False,
-            fancy=False,
-            lock=False,
-            inline_array=True,
-            meta=np.empty((0, 0, 3), np.uint8),
-        )
-
-    def _computed_levels(self, on_error: Callable[[SlideReadError], None] | None) -> list[da.Array]:
-        """Levels the file lacks, down to :data:`TOP_LEVEL_SIDE`, computed from the coarsest level."""
-        source = self.level_count - 1
-        width, height = self.level_dimensions[source]
-        levels: list[da.Array] = []
-        factor = 1
-        while max(math.ceil(width / factor), math.ceil(height / factor)) > TOP_LEVEL_SIDE:
-            factor *= 2
-            reader = _ComputedLevelReader(self.backend, source, factor, on_error)
-            h, w = reader.shape[:2]
-            token = tokenize(self.path, _file_stamp(self.path), id(self.backend), source, factor, on_error)
-            levels.append(
-                da.from_array(
-                    reader,
-                    chunks=(min(COMPUTED_CHUNK, h), min(COMPUTED_CHUNK, w), 3),
-                    name=f"slide-{Path(self.name).stem}-L{source}x{factor}-{token}",
-                    asarray=False,
-                    fancy=False,
-                    lock=False,
-                    inline_array=True,
-                    meta=np.empty((0, 0, 3), np.uint8),
-                )
-            )
         return levels
 
     # ------------------------------------------------------------------ lifetime
@@ -435,199 +395,6 @@ class Slide:
         w, h = self.dimensions
         mpp = f"{self.mpp[0]:.3g} um/px" if self.mpp else "no um/px"
         return f"<Slide {self.name} {w}x{h} {self.level_count} levels {mpp} via {self.backend.name}>"
-
-
-class _LevelReader:
-    """Array-like view of one level: dask slices it chunk by chunk."""
-
-    dtype = np.dtype(np.uint8)
-    ndim = 3
-
-    def __init__(
-        self,
-        backend: SlideBackend,
-        level: int,
-        on_error: Callable[[SlideReadError], None] | None,
-    ) -> None:
-        self.backend = backend
-        self.level = level
-        self.on_error = on_error
-        width, height = backend.level_dimensions[level]
-        self.shape = (height, width, 3)
-
-    def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
-        ys, xs = key[0], key[1]
-        y0, y1, _ = ys.indices(self.shape[0])
-        x0, x1, _ = xs.indices(self.shape[1])
-        try:
-            region = self.backend.read_region(self.level, x0, y0, x1 - x0, y1 - y0)
-        except SlideReadError as exc:
-            if self.on_error is None:
-                raise
-            self.on_error(exc)
-            region = np.full((y1 - y0, x1 - x0, 3), UNREADABLE_FILL, np.uint8)
-        return region[:, :, key[2]] if len(key) > 2 else region
-
-
-class _ComputedLevelReader:
-    """A level the file lacks: each read area-averages ``factor`` x ``factor`` pixels of a file level.
-
-    Only the part of the source level under the request is read, in blocks of
-    at most about :data:`_SOURCE_BLOCK` pixels per side, so memory stays bounded
-    whatever the slide's size.
-    """
-
-    dtype = np.dtype(np.uint8)
-    ndim = 3
-
-    def __init__(
-        self,
-        backend: SlideBackend,
-        level: int,
-        factor: int,
-        on_error: Callable[[SlideReadError], None] | None,
-    ) -> None:
-        self.backend = backend
-        self.level = level
-        self.factor = int(factor)
-        self.on_error = on_error
-        width, height = backend.level_dimensions[level]
-        self.source_shape = (height, width)
-        self.shape = (math.ceil(height / factor), math.ceil(width / factor), 3)
-        self._cache: OrderedDict[tuple[int, int, int, int], np.ndarray] = OrderedDict()
-        self._cache_lock = threading.Lock()
-
-    def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
-        oy0, oy1, _ = key[0].indices(self.shape[0])
-        ox0, ox1, _ = key[1].indices(self.shape[1])
-        region = (oy0, oy1, ox0, ox1)
-        with self._cache_lock:
-            out = self._cache.get(region)
-            if out is not None:
-                self._cache.move_to_end(region)
-        if out is None:
-            out = self._compute(oy0, oy1, ox0, ox1)
-            out.setflags(write=False)
-            with self._cache_lock:  # napari asks for the small levels again and again (thumbnail, redraws)
-                self._cache[region] = out
-                while sum(a.nbytes for a in self._cache.values()) > _CACHE_BYTES and len(self._cache) > 1:
-                    self._cache.popitem(last=False)
-        return out[:, :, key[2]] if len(key) > 2 else out
-
-    def _compute(self, oy0: int, oy1: int, ox0: int, ox1: int) -> np.ndarray:
-        f = self.factor
-        out = np.full((max(0, oy1 - oy0), max(0, ox1 - ox0), 3), 255, np.uint8)
-        step = max(1, _SOURCE_BLOCK // f)  # output pixels per block side
-        src_h, src_w = self.source_shape
-        for by in range(oy0, oy1, step):
-            by1 = min(oy1, by + step)
-            for bx in range(ox0, ox1, step):
-                bx1 = min(ox1, bx + step)
-                sy0, sy1 = by * f, min(src_h, by1 * f)
-                sx0, sx1 = bx * f, min(src_w, bx1 * f)
-                try:
-                    block = self.backend.read_region(self.level, sx0, sy0, sx1 - sx0, sy1 - sy0)
-                except SlideReadError as exc:
-                    if self.on_error is None:
-                        raise
-                    self.on_error(exc)
-                    block = np.full((sy1 - sy0, sx1 - sx0, 3), UNREADABLE_FILL, np.uint8)
-                out[by - oy0 : by1 - oy0, bx - ox0 : bx1 - ox0] = downsample_mean(block, f)
-        return out
-
-
-#: Side of the source blocks a computed level reads at once (pixels).
-_SOURCE_BLOCK = 2048
-
-#: Bytes of computed chunks each computed level keeps (the top level is kept whole).
-_CACHE_BYTES = 3 * TOP_LEVEL_SIDE**2 + 2**20
-
-
-def downsample_mean(block: np.ndarray, factor: int) -> np.ndarray:
-    """Area-average ``factor`` x ``factor`` pixels of an ``(H, W, C)`` uint8 image (partial edge windows)."""
-    h, w = block.shape[:2]
-    rows, cols = np.arange(0, h, factor), np.arange(0, w, factor)
-    wide = np.uint32 if factor * factor * 255 < 2**32 else np.uint64
-    acc = np.add.reduceat(np.add.reduceat(block.astype(wide), rows, axis=0), cols, axis=1)
-    count = np.diff(np.append(rows, h))[:, None] * np.diff(np.append(cols, w))[None, :]
-    count = count.astype(wide)[..., None]
-    return ((acc + count // 2) // count).astype(np.uint8)
-
-
-def judge_brightfield(rgb: np.ndarray, border: np.ndarray | None = None) -> tuple[bool | None, str]:
-    """Whether a low-resolution view of a slide looks brightfield (light glass) or dark-field.
-
-    A fluorescence slide is mostly black with a few bright spots (nuclei);
-    an H&E slide is light glass around pink and purple tissue.
-
-    Parameters
-    ----------
-    rgb : ndarray
-        ``(..., 3)`` uint8 pixels of the slide (a thumbnail or samples of one).
-        Pure white pixels (outside the scanned area) are ignored.
-    border : ndarray, optional
-        Pixels of the slide's border (background); by default not used.
-
-    Returns
-    -------
-    tuple
-        ``(True | False | None, reason)``; None when the view is blank.
-
-    """
-    px = np.asarray(rgb, np.uint8).reshape(-1, 3)
-    seen = px[px.min(axis=1) < 255]
-    if len(seen) < max(16, 0.01 * len(px)):
-        return None, "the slide is blank"
-    brightest = seen.max(axis=1)
-    dark = float((brightest < 50).mean())
-    glass = float((seen.min(axis=1) > 200).mean())
-    signal = float(np.percentile(brightest, 99.5)) - float(np.median(brightest))
-    if border is not None and len(border):
-        b = np.asarray(border, np.uint8).reshape(-1, 3)
-        b = b[b.min(axis=1) < 255]
-        if len(b) and float(np.median(b.max(axis=1))) >= 50:
-            return True, "light background"
-    if dark >= 0.5 and glass < 0.1:
-        if signal < 30:
-            return None, f"{dark:.0%} of a low-resolution view is black, with no signal"
-        return False, f"{dark:.0%} of a low-resolution view is black background"
-    return True, "light background"
-
-
-def _slide_brightfield(slide: Slide) -> tuple[bool | None, str]:
-    """:func:`judge_brightfield` on a small sample of the coarsest level (and OME metadata)."""
-    description = str(slide.backend.properties.get("tiff.ImageDescription", ""))
-    if "Epifluorescence" in description or 'IlluminationType="Fluorescence"' in description:
-        return False, "its OME metadata says epifluorescence"
-    level = slide.level_count - 1
-    width, height = slide.level_dimensions[level]
-    try:
-        if width * height <= 2**21:
-            image = slide.read_region(level, 0, 0, width, height)
-            edge = max(1, min(width, height) // 20)
-            border = np.concatenate(
-                [image[:edge].reshape(-1, 3), image[-edge:].reshape(-1, 3),
-                 image[:, :edge].reshape(-1, 3), image[:, -edge:].reshape(-1, 3)]
-            )  # fmt: skip
-            return judge_brightfield(image, border)
-        side = 64
-        xs = np.linspace(0, max(0, width - side), 8).astype(int)
-        ys = np.linspace(0, max(0, height - side), 8).astype(int)
-        w, h = min(side, width), min(side, height)
-        patches = [slide.read_region(level, int(x), int(y), w, h) for y in ys for x in xs]
-        return judge_brightfield(np.concatenate([p.reshape(-1, 3) for p in patches]))
-    except (SlideReadError, ValueError):
-        return None, "its pixels could not be read"
-
-
-def _file_stamp(path: str | None) -> tuple[float, int] | None:
-    if not path:
-        return None
-    try:
-        stat = Path(path).stat()
-    except OSError:
-        return None
-    return stat.st_mtime, stat.st_size
 
 
 # --------------------------------------------------------------------------- opening
@@ -705,21 +472,6 @@ def _restore_mpp(slide: Slide, path: Path) -> None:
             problem = f"the um/px kept in {where} was not used: {exc}"
     if problem:
         slide.notes.append(problem)
-
-
-def _check_pyramid(backend: SlideBackend) -> None:
-    """Refuse a slide whose coarsest level is too large to compute a small pyramid from."""
-    width, height = backend.level_dimensions[-1]
-    if max(width, height) > TOP_LEVEL_SIDE and width * height > MAX_UNPYRAMIDED_PIXELS:
-        w0, h0 = backend.level_dimensions[0]
-        single = len(backend.level_dimensions) == 1
-        levels = "a single level" if single else f"no level under {width}x{height} px"
-        name = Path(backend.path).name if backend.path else "the slide"
-        raise SlideOpenError(
-            f"Cannot open {name}: it is {w0}x{h0} px with {levels} ({megapixels(width * height)}); "
-            f"without a pyramid it can be shown only up to {megapixels(MAX_UNPYRAMIDED_PIXELS)}. "
-            "Convert it to a tiled pyramidal TIFF (e.g. vips tiffsave IN OUT.tif --tile --pyramid)"
-        )
 
 
 def _check_file_levels(backend: SlideBackend, path: Path) -> None:

@@ -1,0 +1,82 @@
+"""Brightfield (H&E-like) or fluorescence (dark-field): judged from a small low-resolution read."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from napari_pathology.slide.backends import SlideOpenError, SlideReadError
+
+if TYPE_CHECKING:
+    from napari_pathology.slide.slide import Slide
+
+
+class NotBrightfieldError(SlideOpenError):
+    """A fluorescence (dark-field) slide was given to a step made for brightfield H&E."""
+
+
+def judge_brightfield(rgb: np.ndarray, border: np.ndarray | None = None) -> tuple[bool | None, str]:
+    """Whether a low-resolution view of a slide looks brightfield (light glass) or dark-field.
+
+    A fluorescence slide is mostly black with a few bright spots (nuclei);
+    an H&E slide is light glass around pink and purple tissue.
+
+    Parameters
+    ----------
+    rgb : ndarray
+        ``(..., 3)`` uint8 pixels of the slide (a thumbnail or samples of one).
+        Pure white pixels (outside the scanned area) are ignored.
+    border : ndarray, optional
+        Pixels of the slide's border (background); by default not used.
+
+    Returns
+    -------
+    tuple
+        ``(True | False | None, reason)``; None when the view is blank.
+
+    """
+    px = np.asarray(rgb, np.uint8).reshape(-1, 3)
+    seen = px[px.min(axis=1) < 255]
+    if len(seen) < max(16, 0.01 * len(px)):
+        return None, "the slide is blank"
+    brightest = seen.max(axis=1)
+    dark = float((brightest < 50).mean())
+    glass = float((seen.min(axis=1) > 200).mean())
+    signal = float(np.percentile(brightest, 99.5)) - float(np.median(brightest))
+    if border is not None and len(border):
+        b = np.asarray(border, np.uint8).reshape(-1, 3)
+        b = b[b.min(axis=1) < 255]
+        if len(b) and float(np.median(b.max(axis=1))) >= 50:
+            return True, "light background"
+    if dark >= 0.5 and glass < 0.1:
+        if signal < 30:
+            return None, f"{dark:.0%} of a low-resolution view is black, with no signal"
+        return False, f"{dark:.0%} of a low-resolution view is black background"
+    return True, "light background"
+
+
+def _slide_brightfield(slide: Slide) -> tuple[bool | None, str]:
+    """:func:`judge_brightfield` on a small sample of the coarsest level (and OME metadata)."""
+    description = str(slide.backend.properties.get("tiff.ImageDescription", ""))
+    if "Epifluorescence" in description or 'IlluminationType="Fluorescence"' in description:
+        return False, "its OME metadata says epifluorescence"
+    level = slide.level_count - 1
+    width, height = slide.level_dimensions[level]
+    try:
+        if width * height <= 2**21:
+            image = slide.read_region(level, 0, 0, width, height)
+            edge = max(1, min(width, height) // 20)
+            border = np.concatenate(
+                [image[:edge].reshape(-1, 3), image[-edge:].reshape(-1, 3),
+                 image[:, :edge].reshape(-1, 3), image[:, -edge:].reshape(-1, 3)]
+            )  # fmt: skip
+            return judge_brightfield(image, border)
+        side = 64
+        xs = np.linspace(0, max(0, width - side), 8).astype(int)
+        ys = np.linspace(0, max(0, height - side), 8).astype(int)
+        w, h = min(side, width), min(side, height)
+        patches = [slide.read_region(level, int(x), int(y), w, h) for y in ys for x in xs]
+        return judge_brightfield(np.concatenate([p.reshape(-1, 3) for p in patches]))
+    except (SlideReadError, ValueError):
+        return None, "its pixels could not be read"
