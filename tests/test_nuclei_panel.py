@@ -14,8 +14,8 @@ from qtpy.QtCore import Qt
 from scipy.spatial import cKDTree
 
 from napari_pathology._widgets.nuclei_layers import points_from_layer
-from napari_pathology._widgets.nuclei_panel import NucleiPanel, merge_detections
-from napari_pathology.nuclei.points import LABELS, NucleusPoints, load_sidecar, read_geojson
+from napari_pathology._widgets.nuclei_panel import NucleiPanel
+from napari_pathology.nuclei.points import LABELS, NucleusPoints, load_sidecar, merge_detections, read_geojson
 from test_train_panel import add_regions
 
 PLUGIN = "napari-pathology"

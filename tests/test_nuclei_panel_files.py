@@ -148,6 +148,6 @@ def test_import_merges_checks_the_slide_and_export_never_overwrites(
         proposed["start"] = start
         return "", ""
 
-    monkeypatch.setattr("napari_pathology._widgets.nuclei_panel.QFileDialog.getSaveFileName", fake_dialog)
+    monkeypatch.setattr("napari_pathology._widgets.nuclei_files.QFileDialog.getSaveFileName", fake_dialog)
     panel._choose_export("CSV (*.csv)", ".csv")
     assert proposed["start"] == str(private_slide.with_name("slide.annotations.csv"))

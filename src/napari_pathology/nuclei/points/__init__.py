@@ -16,12 +16,14 @@ leave out of purity (ambiguous cells, necrosis, artefacts).
 No Qt, no napari: numpy and the standard library only. One module per reason to change:
 :mod:`.labels` (vocabularies), :mod:`.checks`, :mod:`.table` (:class:`NucleusPoints`),
 :mod:`.summaries` (regions), :mod:`.csv_io`, :mod:`.geojson_io`, :mod:`.autosave`,
-:mod:`.merge` (imports, detections) and :mod:`.export_names`.
+:mod:`.merge` (imports, detections), :mod:`.export_names` and :mod:`.annotation_files`.
 """
 
+from .annotation_files import GEOJSON_SUFFIXES, read_annotations, write_annotations
 from .autosave import (
     SIDECAR_SUFFIX,
     AutosaveRefused,
+    AutosaveWriter,
     Restored,
     load_sidecar,
     restore_sidecar,
@@ -44,13 +46,14 @@ from .labels import (
     UNLABELED,
     parse_label,
 )
-from .merge import MergeResult, merge_points
-from .summaries import RegionSummary, region_summaries
+from .merge import MergeResult, merge_detections, merge_points
+from .summaries import SUMMARY_COLUMNS, RegionSummary, counts_text, region_summaries, summary_row
 from .table import NucleusPoints
 
 __all__ = [
     "AUTOSAVE_COMMENT",
     "CSV_COLUMNS",
+    "GEOJSON_SUFFIXES",
     "LABELS",
     "LABEL_COLOURS",
     "MAX_COORDINATE_UM",
@@ -59,22 +62,27 @@ __all__ = [
     "QUPATH_CLASSES",
     "SIDECAR_SUFFIX",
     "SOURCES",
+    "SUMMARY_COLUMNS",
     "TUMOUR",
     "UNLABELED",
     "AutosaveRefused",
+    "AutosaveWriter",
     "MergeResult",
     "NucleusFileError",
     "NucleusPoints",
     "RegionSummary",
     "Restored",
     "check_centroids",
+    "counts_text",
     "export_path",
     "free_path",
     "from_geojson",
     "load_sidecar",
+    "merge_detections",
     "merge_points",
     "parse_label",
     "protected_paths",
+    "read_annotations",
     "read_csv",
     "read_geojson",
     "refused_export_reason",
@@ -83,7 +91,9 @@ __all__ = [
     "save_atomic",
     "sidecar_context",
     "sidecar_path",
+    "summary_row",
     "to_geojson",
+    "write_annotations",
     "write_csv",
     "write_geojson",
 ]

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -235,3 +237,52 @@ def restore_sidecar(
         raise AutosaveRefused(
             f"{problem}. Nothing was lost: it was kept as {kept} and a new autosave starts", kept
         ) from exc
+
+
+class AutosaveWriter:
+    """Write a slide's autosave off the Qt thread: in order, never over a file it does not hold.
+
+    Saves are serialised under one lock and a save superseded by a newer one is
+    skipped, so a slow write can never land after a newer one. A file already
+    at the path that this writer did not write or restore for the same layer
+    (an autosave from before the layer was deleted, or a slide reopened) is
+    first kept aside with a timestamped name (``fileio.keep_aside``).
+    """
+
+    #: Shared by every panel of the process: which layer (token) each autosave file holds,
+    #: so that closing and reopening the dock does not set the autosave aside again.
+    _lock = threading.Lock()
+    _owners: ClassVar[dict[str, str]] = {}
+
+    def __init__(self) -> None:
+        self._latest = 0
+
+    def claim(self, path: Path, token: str) -> None:
+        """Record that the file at ``path`` holds the nuclei of the layer named ``token`` (restored)."""
+        with self._lock:
+            self._owners[str(path)] = token
+
+    def ticket(self) -> int:
+        """A number for the next save; only the newest ticket's save is written."""
+        self._latest += 1
+        return self._latest
+
+    def save(
+        self,
+        ticket: int,
+        points: NucleusPoints,
+        path: Path,
+        token: str,
+        mpp: tuple[float, float],
+        extent_um: tuple[float, float],
+    ) -> tuple[int, Path | None] | None:
+        """Write ``points`` to ``path``; (nuclei written, file kept aside or None), None when superseded."""
+        with self._lock:
+            if ticket != self._latest:
+                return None
+            kept = None
+            if (path.exists() or path.is_symlink()) and self._owners.get(str(path)) != token:
+                kept = keep_aside(path, "earlier")
+            save_atomic(points, path, mpp, extent_um)
+            self._owners[str(path)] = token
+            return len(points), kept

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .labels import UNLABELED
+from .labels import LABELS, SOURCES, UNLABELED
 from .table import NucleusPoints
 
 
@@ -81,3 +81,46 @@ def merge_points(existing: NucleusPoints, incoming: NucleusPoints, radius_um: fl
     kept = existing._replace(label=label, probability=probability, area_um2=area)
     added = incoming.subset(new)
     return MergeResult(NucleusPoints.concat(kept, added), len(added), int((~new).sum()), relabelled)
+
+
+def merge_detections(
+    existing: NucleusPoints,
+    found: NucleusPoints,
+    box: tuple[float, float, float, float] | None,
+    polygons: list[list[np.ndarray]] | None,
+    duplicate_um: float = 3.0,
+) -> tuple[NucleusPoints, int]:
+    """Put fresh detections into a layer's nuclei without losing any labelling work.
+
+    Unlabeled detected nuclei inside the searched area are replaced; labelled,
+    manual and imported nuclei are kept, and a fresh detection within
+    ``duplicate_um`` of a kept nucleus is dropped.
+
+    Returns
+    -------
+    merged : NucleusPoints
+    replaced : int
+        How many old unlabeled detections were replaced.
+    """
+    from scipy.spatial import cKDTree
+
+    from napari_pathology.geometry import points_in_polygons
+
+    xy = existing.xy_um()
+    if polygons:
+        inside = points_in_polygons(xy, polygons) >= 0
+    elif box is not None:
+        x, y, w, h = box
+        inside = (xy[:, 0] >= x) & (xy[:, 0] < x + w) & (xy[:, 1] >= y) & (xy[:, 1] < y + h)
+    else:
+        inside = np.ones(len(existing), bool)
+    stale = (
+        inside
+        & (existing.label == LABELS.index("unlabeled"))
+        & (existing.source == SOURCES.index("detected"))
+    )
+    kept = existing.subset(~stale)
+    if len(kept) and len(found):
+        distance, _ = cKDTree(kept.xy_um()).query(found.xy_um(), k=1)
+        found = found.subset(distance > duplicate_um)
+    return NucleusPoints.concat(kept, found), int(stale.sum())

@@ -83,3 +83,40 @@ def region_summaries(
             )
         )
     return out
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def counts_text(points: NucleusPoints, predictions: NucleusPoints | None = None) -> str:
+    """One line of counts and purities: the labelled nuclei, then the slide's predictions when given."""
+    counts = points.counts()
+    purity = points.purity()
+    labelled = counts["tumour"] + counts["normal"]
+    text = (
+        f"{counts['total']} nuclei: {counts['tumour']} tumour, {counts['normal']} normal, "
+        f"{counts['other']} other, {counts['unlabeled']} unlabeled. "
+        f"Purity {_fmt(purity)}" + (f" ({counts['tumour']}/{labelled})" if labelled else "")
+    )
+    predicted = points.predicted_purity()
+    if predicted is not None:
+        text += f"; predicted {predicted:.2f}"
+    if predictions is not None:
+        slide_pred = predictions.predicted_purity()
+        text += f". Slide: {len(predictions)} predicted nuclei" + (
+            f", predicted purity {slide_pred:.2f}" if slide_pred is not None else ""
+        )
+    return text
+
+
+#: Columns of :func:`summary_row`.
+SUMMARY_COLUMNS = ("Region", "Nuclei", "Tumour", "Normal", "Purity", "Predicted", "Diff.")
+
+
+def summary_row(summary: RegionSummary) -> tuple[str, ...]:
+    """A region's summary as text, one cell per :data:`SUMMARY_COLUMNS` (``-`` when missing)."""
+    return (
+        summary.name, str(summary.n), str(summary.counts["tumour"]), str(summary.counts["normal"]),
+        _fmt(summary.purity), _fmt(summary.predicted_purity), _fmt(summary.difference),
+    )  # fmt: skip
