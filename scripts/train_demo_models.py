@@ -38,9 +38,9 @@ import torch
 
 from napari_pathology.cli import run_training, run_with_progress
 from napari_pathology.cohort import write_synthetic_cohort
-from napari_pathology.models.pretrained import SHIPPED_WEIGHTS, WEIGHTS_DIR
+from napari_pathology.families.metastasis.train import MetastasisTraining, train_metastasis
+from napari_pathology.models.pretrained import shipped_weights
 from napari_pathology.models.registry import load_checkpoint, save_checkpoint
-from napari_pathology.training import MetastasisTraining, train_metastasis
 
 DEMO_LABEL = "synthetic demo, not for diagnostic use"
 
@@ -50,7 +50,7 @@ def _ship(checkpoint: Path, name: str, description: str) -> Path:
     model = load_checkpoint(checkpoint)
     model.spec = model.spec.replace(name=name, description=f"{description} ({DEMO_LABEL})")
     provenance = {**model.provenance, "label": DEMO_LABEL, "trained_by": "scripts/train_demo_models.py"}
-    target = WEIGHTS_DIR / SHIPPED_WEIGHTS[name]
+    target = shipped_weights()[name]
     save_checkpoint(model, target, provenance=provenance, metrics=model.metrics)
     print(f"shipped {target} ({target.stat().st_size / 1e6:.1f} MB)")
     return target
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         run_training(train_metastasis(job), "metastasis")
         _ship(metastasis, "metastasis", "Liu et al. 2017 metastasis detector, small Inception v3, 1 um/px")
     if args.stage in ("all", "tumor-normal"):
-        from napari_pathology.training.tumor_normal import TumorNormalTraining, train_tumor_normal
+        from napari_pathology.families.tumor_normal.train import TumorNormalTraining, train_tumor_normal
 
         # Slide labels make every artefact that is commoner in one class a shortcut for the label
         # (blur on 2 of 12 tumour slides but 1 of 8 negatives taught "blur = tumour"), so the

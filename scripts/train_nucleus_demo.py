@@ -31,16 +31,16 @@ import numpy as np
 import torch
 
 from napari_pathology.analysis.metrics import roc_auc
-from napari_pathology.models.pretrained import SHIPPED_WEIGHTS, WEIGHTS_DIR
-from napari_pathology.models.registry import load_checkpoint, save_checkpoint
-from napari_pathology.progress import run_to_completion
-from napari_pathology.slide.synthetic import write_synthetic_slide
-from napari_pathology.training.nucleus_purity import (
+from napari_pathology.families.nucleus_purity.train import (
     NucleusPurityTraining,
     evaluate_nucleus_purity,
     synthetic_labelled_nuclei,
     train_nucleus_purity,
 )
+from napari_pathology.models.pretrained import shipped_weights
+from napari_pathology.models.registry import load_checkpoint, save_checkpoint
+from napari_pathology.progress import run_to_completion
+from napari_pathology.slide.synthetic import write_synthetic_slide
 
 DEMO_LABEL = "synthetic demo, not for diagnostic use"
 TRAIN_SEEDS = (601, 602, 603)
@@ -109,7 +109,7 @@ def _ship(checkpoint: Path, unseen: dict[str, float]) -> Path:
     )
     model.half()  # float16 weights (loaded back into float32): half the size, same probabilities to 1e-3
     provenance = {**model.provenance, "label": DEMO_LABEL, "trained_by": "scripts/train_nucleus_demo.py"}
-    target = WEIGHTS_DIR / SHIPPED_WEIGHTS["nucleus-purity"]
+    target = shipped_weights()["nucleus-purity"]
     save_checkpoint(model, target, provenance=provenance, metrics={**model.metrics, **unseen})
     print(f"shipped {target} ({target.stat().st_size / 1e3:.0f} kB)")
     return target

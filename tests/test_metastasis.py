@@ -9,14 +9,15 @@ import pytest
 import torch
 
 from napari_pathology.cohort import read_slide_table
+from napari_pathology.families.metastasis.patches import TUMOUR, PatchSampler, prepare_regions
+from napari_pathology.families.metastasis.train import MetastasisTraining, train_metastasis
 from napari_pathology.models import create_model, get_spec, load_checkpoint, resolve_model
 from napari_pathology.models.inception import InceptionClassifier
 from napari_pathology.progress import run_to_completion
 from napari_pathology.slide import open_slide
 from napari_pathology.tiles import dihedral, make_tile_grid, tta_mean
-from napari_pathology.training import MetastasisTraining, TrainingError, train_metastasis
+from napari_pathology.training import TrainingError
 from napari_pathology.training.augment import Augmentation
-from napari_pathology.training.patches import TUMOUR, PatchSampler, prepare_regions
 
 
 def test_small_inception_has_a_few_percent_of_the_parameters() -> None:
@@ -250,7 +251,7 @@ class _ConstantNet(torch.nn.Module):
 
 
 def test_hard_negative_mining_feeds_the_sampler(tiny_cohort) -> None:
-    from napari_pathology.training.patches import NORMAL, mine_hard_negatives
+    from napari_pathology.families.metastasis.patches import NORMAL, mine_hard_negatives
 
     spec = get_spec("metastasis-small-10x")
     regions = run_to_completion(prepare_regions(read_slide_table(tiny_cohort), spec))

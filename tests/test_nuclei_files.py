@@ -248,8 +248,8 @@ def small_image(tmp_path: Path) -> Path:
 
 
 def test_training_table_errors_name_the_file_and_the_row(tmp_path: Path, small_image: Path) -> None:
+    from napari_pathology.families.nucleus_purity.data import read_nucleus_training_data
     from napari_pathology.training import TrainingError
-    from napari_pathology.training.nucleus_data import read_nucleus_training_data
 
     labels = tmp_path / "labels.csv"
     labels.write_text("x_um,y_um,label\n10,10,tumour\n20,20,normal\n")

@@ -11,6 +11,13 @@ import torch
 from skimage.exposure import equalize_hist
 
 from napari_pathology.analysis.metrics import roc_auc
+from napari_pathology.families.nucleus_purity.train import (
+    LabelledNuclei,
+    NucleusPurityTraining,
+    split_by_region,
+    synthetic_labelled_nuclei,
+    train_nucleus_purity,
+)
 from napari_pathology.models import create_model, load_checkpoint, pretrained_path, save_checkpoint
 from napari_pathology.nuclei.classify import (
     NucleusClassifyError,
@@ -24,13 +31,6 @@ from napari_pathology.progress import run_to_completion
 from napari_pathology.slide import InMemoryBackend, Slide, open_slide
 from napari_pathology.tiles import read_patch
 from napari_pathology.training.events import TrainingError
-from napari_pathology.training.nucleus_purity import (
-    LabelledNuclei,
-    NucleusPurityTraining,
-    split_by_region,
-    synthetic_labelled_nuclei,
-    train_nucleus_purity,
-)
 
 
 @pytest.fixture(scope="module", autouse=True)

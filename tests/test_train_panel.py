@@ -12,11 +12,11 @@ import pytest
 import napari_pathology.models  # noqa: F401  isort: skip
 from napari_pathology._widgets.train_panel import ANALYZE_DOCK, TrainPanel, shapes_to_polygons
 from napari_pathology.cohort import SlideEntry, read_slide_table, write_slide_table
+from napari_pathology.families.metastasis.patches import prepare_regions
 from napari_pathology.geometry import geojson_to_polygons, polygons_to_geojson, rasterize_polygons
 from napari_pathology.models import get_spec, load_checkpoint
 from napari_pathology.progress import run_to_completion
 from napari_pathology.training.loop import checkpoint_paths
-from napari_pathology.training.patches import prepare_regions
 
 PLUGIN = "napari-pathology"
 WAIT_MS = 90_000

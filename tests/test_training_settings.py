@@ -10,19 +10,19 @@ from pathlib import Path
 import pytest
 import torch
 
+from napari_pathology.families.metastasis.train import MetastasisTraining
+from napari_pathology.families.nucleus_purity.train import NucleusPurityTraining
+from napari_pathology.families.tumor_normal.train import TumorNormalTraining
 from napari_pathology.fileio import OutputError
 from napari_pathology.models import create_model
 from napari_pathology.training import (
     LoopSettings,
-    MetastasisTraining,
-    NucleusPurityTraining,
     TrainingError,
     check_resume,
     checkpoint_paths,
     fit,
     torch_threads,
 )
-from napari_pathology.training.tumor_normal import TumorNormalTraining
 
 BAD = {
     MetastasisTraining: [
@@ -167,7 +167,7 @@ def test_loop_settings_are_checked(tmp_path: Path) -> None:
     ("row", "line"), [("nan,3,tumour", "line 3: x_um"), ("1,abc,normal", "line 3: y_um")]
 )
 def test_a_bad_row_of_a_synthetic_nucleus_table_is_named(tmp_path: Path, row: str, line: str) -> None:
-    from napari_pathology.training.nucleus_purity import synthetic_labelled_nuclei
+    from napari_pathology.families.nucleus_purity.train import synthetic_labelled_nuclei
 
     (tmp_path / "s.nuclei.csv").write_text(f"x_um,y_um,kind\n1,2,tumour\n{row}\n")
     with pytest.raises(TrainingError, match=f"s.nuclei.csv, {line}"):

@@ -7,19 +7,19 @@ import pytest
 import torch
 
 from napari_pathology.cohort import SlideEntry, read_slide_table
-from napari_pathology.models import create_model, load_checkpoint, resolve_model, save_checkpoint
-from napari_pathology.progress import run_to_completion
-from napari_pathology.slide import open_slide
-from napari_pathology.tissue import detect_tissue
-from napari_pathology.training import TrainingError
-from napari_pathology.training.features import tile_features
-from napari_pathology.training.tumor_normal import (
+from napari_pathology.families.tumor_normal.train import (
     TumorNormalTraining,
     _balanced_batches,
     _epoch_counts,
     slide_classes,
     train_tumor_normal,
 )
+from napari_pathology.models import create_model, load_checkpoint, resolve_model, save_checkpoint
+from napari_pathology.progress import run_to_completion
+from napari_pathology.slide import open_slide
+from napari_pathology.tissue import detect_tissue
+from napari_pathology.training import TrainingError
+from napari_pathology.training.features import tile_features
 
 
 def test_trunk_stays_frozen_in_training_mode() -> None:

@@ -355,7 +355,9 @@ def _demo_models(slide, path: Path, args: argparse.Namespace) -> None:
     tissue = run_with_progress(detect_tissue(slide, TissueParams()), "tissue mask")
     print(f"tissue:        {tissue.area_mm2:.2f} mm^2 found (CLAM-style saturation threshold)")
     polygons = SlideEntry(path, None, truth_paths(path)["tumour_geojson"]).tumour_polygons_um(slide.mpp)
-    for name in ("metastasis", "tumor-normal"):
+    from napari_pathology.families import list_families
+
+    for name in [n for f in list_families() if f.input_kind == "tile" for n in f.demo_weights]:
         try:
             model = resolve_model(name)
         except ModelError as error:
@@ -389,8 +391,13 @@ def _demo_nuclei(slide, path: Path, polygons: list, side_um: float = 300.0) -> N
 
     if not polygons:
         return
+    from napari_pathology.families import list_families
+
+    names = [n for f in list_families() if f.input_kind == "nucleus" for n in f.demo_weights]
     try:
-        model = resolve_model("nucleus-purity")
+        if not names:
+            raise ModelError("no nucleus classifier ships with this installation")
+        model = resolve_model(names[0])
     except ModelError as error:
         print(f"nuclei:        purity model not available ({error})")
         return
@@ -407,7 +414,7 @@ def _demo_nuclei(slide, path: Path, polygons: list, side_um: float = 300.0) -> N
     [truth] = region_summaries(read_csv(truth_paths(path)["nuclei_csv"]), [[corners]])
     print(
         f"nuclei:        {len(found)} found in a {box[2]:.0f} um box on the tumour's edge; predicted purity "
-        f"{found.predicted_purity() or 0:.2f} (nucleus-purity), true {truth.purity or 0:.2f} "
+        f"{found.predicted_purity() or 0:.2f} ({model.spec.name}), true {truth.purity or 0:.2f} "
         f"({truth.counts['tumour']}/{truth.n} rendered nuclei are tumour)"
     )
 
@@ -554,7 +561,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         check_run,
         load_result,
         result_folder,
-        run_analysis,
+        run,
     )
     from napari_pathology.models import resolve_model
     from napari_pathology.slide import open_slide
@@ -599,16 +606,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         out = result_folder(args.out, slide, model.spec.name)
         tissue = _load_tissue_for_run(args, slide)
         saved: list[Any] = []  # results of this run the engine says are on disk
-        if model.spec.output == "nuclei":  # nucleus purity: detect every nucleus, classify each
-            from napari_pathology.analysis.nuclei import run_nucleus_analysis
-
-            job = run_nucleus_analysis(slide, model, tissue, settings, out)
-        else:
-            reuse = not args.recompute
-            job = run_analysis(
-                slide, model, tissue=tissue, settings=settings, out_dir=out, reuse=reuse,
-                on_saved=saved.append,
-            )  # fmt: skip
+        job = run(
+            slide, model, tissue=tissue, settings=settings, out_dir=out, reuse=not args.recompute,
+            on_saved=saved.append,
+        )  # fmt: skip
         try:
             result = run_with_progress(job, f"{model.spec.name} on {slide.name}", args.quiet)
         except KeyboardInterrupt:
@@ -636,14 +637,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from napari_pathology.training import TrainingError
     from napari_pathology.training.loop import checkpoint_paths
 
-    common = {
-        "device": args.device, "seed": args.seed, "resume": args.resume,
-        "overwrite": args.overwrite, "threads": args.threads,
-    }  # fmt: skip
     started = time.time()
     try:
         with sigterm_as_interrupt() as received:
-            result = _train_job(args, common)
+            result = _train_job(args)
     except (TrainingError, CohortError) as error:
         raise CommandError(str(error)) from error
     except KeyboardInterrupt:
@@ -664,51 +661,88 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_job(args: argparse.Namespace, common: dict[str, Any]) -> Any:
-    """Build the family's training job from the options and drive it with a progress bar."""
+def _train_job(args: argparse.Namespace) -> Any:
+    """Build the family's settings from the options given (the rest: its defaults) and drive its trainer."""
+    from napari_pathology.families import get_family
     from napari_pathology.training.loop import check_output
 
-    def chosen(value: Any, default: Any) -> Any:  # 0 is a value to check, not "use the default"
-        return default if value is None else value
+    family = get_family(args.family)
+    offered = {f.name: f for f in family.setting_fields()}
+    values: dict[str, Any] = {}
+    for flag, dest in _TRAIN_FLAGS.items():
+        value = getattr(args, dest, None)
+        if value is None:  # not given: the family's default (0 is a value to check)
+            continue
+        field = next((f for f in offered.values() if f.flag == flag), None)
+        if field is None:
+            raise CommandError(f"{flag} is not a setting of {family.name} (see train {family.name} --help)")
+        values[field.name] = value
+    settings = family.make_settings(args.data, args.out, **values)
+    check_output(args.out, resume=bool(values.get("resume")), overwrite=bool(values.get("overwrite")))
+    data = family.read_data(args.data)
+    return run_training(family.train(settings, data, args.out), f"train {family.name}", args.quiet)
 
-    if args.family == "metastasis":
-        from napari_pathology.training import MetastasisTraining, train_metastasis
 
-        job = MetastasisTraining(
-            data=args.data, out=args.out, start=args.start or "metastasis-small-10x",
-            steps=chosen(args.steps, 2000), batch_size=chosen(args.batch_size, 32), lr=args.lr,
-            val_fraction=args.val_fraction, eval_every=chosen(args.eval_every, 100), **common,
-        )  # fmt: skip
-        check_output(args.out, resume=args.resume, overwrite=args.overwrite)
-        generator = train_metastasis(job)
-    elif args.family == "nucleus-purity":
-        from napari_pathology.training.nucleus_data import read_nucleus_training_data
-        from napari_pathology.training.nucleus_purity import NucleusPurityTraining, train_nucleus_purity
+#: Option ranges of training settings, by flag (every other setting is checked by its dataclass).
+_SETTING_TYPES: dict[str, Callable[[str], Any]] = {
+    "--steps": TRAIN_STEPS, "--epochs": EPOCHS, "--batch-size": TRAIN_BATCH_SIZE, "--lr": LEARNING_RATE,
+    "--val-fraction": VAL_FRACTION, "--normal-weight": NORMAL_WEIGHT, "--seed": seed_int,
+    "--eval-every": positive_int, "--threads": positive_int, "--device": device_option,
+}  # fmt: skip
+#: Flag -> argparse destination of the generated training options (filled by _add_training_flags).
+_TRAIN_FLAGS: dict[str, str] = {}
 
-        given = {
-            "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-            "eval_every": args.eval_every,
-        }  # fmt: skip
-        settings = NucleusPurityTraining(
-            validation_fraction=args.val_fraction, **common,
-            **{k: v for k, v in given.items() if v is not None},
-        )  # fmt: skip
-        check_output(args.out, resume=args.resume, overwrite=args.overwrite)
-        data = read_nucleus_training_data(args.data)
-        generator = train_nucleus_purity(data, args.out, settings, start=args.start)
-    else:
-        from napari_pathology.training.tumor_normal import TumorNormalTraining, train_tumor_normal
 
-        job = TumorNormalTraining(
-            data=args.data, out=args.out, start=args.start or "tumor-normal-inception-v3",
-            trunk_from=args.trunk_from, epochs=chosen(args.epochs, 20),
-            batch_size=chosen(args.batch_size, 512), lr=chosen(args.lr, 1e-4),
-            val_fraction=args.val_fraction, normal_weight=args.normal_weight, **common,
-            classes=tuple(args.classes.split(",")) if args.classes else None,
-        )  # fmt: skip
-        check_output(args.out, resume=args.resume, overwrite=args.overwrite)
-        generator = train_tumor_normal(job)
-    return run_training(generator, f"train {args.family}", args.quiet)
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in str(text).split(",") if n.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"must be comma-separated names, got {text!r}")
+    return names
+
+
+def _setting_type(flag: str, kind: str) -> Callable[[str], Any] | None:
+    if flag in _SETTING_TYPES:
+        return _SETTING_TYPES[flag]
+    return {
+        "int": int_option(-(2**63)), "float": finite_float(), "str": str, "path": Path, "names": _names,
+    }.get(kind)  # fmt: skip
+
+
+def _add_training_flags(train: argparse.ArgumentParser) -> None:
+    """One option per training setting of every registered family, generated from the settings dataclasses.
+
+    Types come from the field annotations, help and defaults from the
+    dataclass's docstring and defaults; an option left out means the chosen
+    family's default.
+    """
+    from napari_pathology.families import list_families
+
+    by_flag: dict[str, list[tuple[str, Any]]] = {}
+    for family in list_families(trainable=True):
+        for field in family.setting_fields():
+            by_flag.setdefault(field.flag, []).append((family.name, field))
+    _TRAIN_FLAGS.clear()
+    for flag, owners in by_flag.items():
+        kind = owners[0][1].kind
+        helps = {f.help for _, f in owners}
+
+        def default(f: Any) -> str:
+            value = f.default
+            return ",".join(value) if isinstance(value, tuple) else str(value)
+
+        if len(helps) == 1:
+            defaults = ", ".join(f"{name} {default(f)}" for name, f in owners)
+            text = f"{owners[0][1].help} (default: {defaults})"
+        else:
+            text = "; ".join(f"{name}: {f.help} (default {default(f)})" for name, f in owners)
+        text = text.replace("``", "").replace("%", "%%")
+        dest = flag.removeprefix("--").replace("-", "_")
+        _TRAIN_FLAGS[flag] = dest
+        if kind == "bool":
+            action = argparse.BooleanOptionalAction
+            train.add_argument(flag, dest=dest, action=action, default=None, help=text)
+        else:
+            train.add_argument(flag, dest=dest, type=_setting_type(flag, kind), default=None, help=text)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -835,39 +869,25 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.set_defaults(func=_cmd_run)
 
-    train = sub.add_parser("train", help="train or fine-tune a model; best and last checkpoints")
-    train.add_argument("family", choices=["metastasis", "tumor-normal", "nucleus-purity"])
-    train.add_argument("--data", type=Path, required=True,
-                       help="slide table CSV (slide, label, annotations) or a folder of slides; "
-                            "nucleus-purity: a slide (labels from its Nuclei-panel autosave) or a CSV "
-                            "with columns slide[,nuclei][,mpp]")  # fmt: skip
-    train.add_argument("--out", type=Path, required=True, help="best checkpoint (.pt)")
-    train.add_argument("--start", default=None, help="registry name or checkpoint to start from")
-    train.add_argument("--trunk-from", default=None, help="tumor-normal: take the frozen trunk of this model")
-    train.add_argument("--steps", type=TRAIN_STEPS, default=None,
-                       help="metastasis: optimiser steps (default 2000)")  # fmt: skip
-    train.add_argument("--epochs", type=EPOCHS, default=None,
-                       help="tumor-normal (default 20) and nucleus-purity (default 30): epochs")  # fmt: skip
-    train.add_argument("--normal-weight", type=NORMAL_WEIGHT, default=1.0,
-                       help="tumor-normal: normal tiles per tumour-slide tile (default 1)")  # fmt: skip
-    train.add_argument("--batch-size", type=TRAIN_BATCH_SIZE, default=None)
-    train.add_argument("--lr", type=LEARNING_RATE, default=None, help="learning rate (default: the paper's)")
-    train.add_argument("--val-fraction", type=VAL_FRACTION, default=0.2, help="share of slides held out")
-    train.add_argument("--eval-every", type=positive_int, default=None,
-                       help="steps between validations and saves (metastasis default 100; "
-                            "nucleus-purity default one epoch)")  # fmt: skip
+    from napari_pathology.families import DATA_SOURCES, list_families
+
+    trainable = list_families(trainable=True)
+    train = sub.add_parser(
+        "train", help="train or fine-tune a model; best and last checkpoints",
+        description="Train a model family. Every option below is a field of a family's training "
+        "settings; an option left out takes that family's default.",
+    )  # fmt: skip
     train.add_argument(
-        "--device", type=device_option, default="cpu", help="cpu, cuda:N or auto (default cpu)"
-    )
-    train.add_argument("--seed", type=seed_int, default=0)
-    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint of --out")
-    train.add_argument("--classes", default=None,
-                       help="tumor-normal: comma-separated class names of a multi-class model "
-                            "(default: labels must be tumour or normal)")  # fmt: skip
-    train.add_argument("--overwrite", action="store_true",
-                       help="replace an existing model at --out (refused otherwise)")  # fmt: skip
-    train.add_argument("--threads", type=positive_int, default=None,
-                       help="CPU threads for torch (default: the usable cores, at most 4)")  # fmt: skip
+        "family", choices=[f.name for f in trainable],
+        help="; ".join(f"{f.name}: {f.title or f.name} (data: {', '.join(f.data_sources) or '-'})"
+                       for f in trainable),
+    )  # fmt: skip
+    train.add_argument("--data", type=Path, required=True,
+                       help=f"the training data ({', '.join(DATA_SOURCES)}): slide_table is a CSV (slide, "
+                            "label, annotations) or a folder of slides; nuclei is a slide (labels from its "
+                            "Nuclei-panel autosave) or a CSV with columns slide[,nuclei][,mpp]")  # fmt: skip
+    train.add_argument("--out", type=Path, required=True, help="best checkpoint (.pt)")
+    _add_training_flags(train)
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=_cmd_train)
 

@@ -80,8 +80,8 @@ def analysis_job(
     out_root: Path,
     cancel: threading.Event,
 ) -> Generator[Progress, None, AnalysisResult]:
-    """Everything a Run does, off the Qt thread: load model, find tissue, run the engine."""
-    from napari_pathology.analysis import check_run, result_folder, run_analysis, tissue_or_detect
+    """Everything a Run does, off the Qt thread: load model, find tissue, run it as its family runs."""
+    from napari_pathology.analysis import check_run, result_folder, run, tissue_or_detect
     from napari_pathology.models import resolve_model
 
     slide = slide_from_metadata(metadata)
@@ -91,15 +91,7 @@ def analysis_job(
     check_run(slide, model.spec, settings)  # the real cause (um/px, stride...) before "no tissue"
     tissue = yield from tissue_or_detect(slide, tissue)
     out_dir = result_folder(out_root, slide, model.spec.name)
-    if model.spec.output == "nuclei":  # a nucleus purity classifier: detect, then classify every nucleus
-        from napari_pathology.analysis.nuclei import run_nucleus_analysis
-
-        return (yield from run_nucleus_analysis(slide, model, tissue, settings, out_dir, cancel))
-    return (
-        yield from run_analysis(
-            slide, model, tissue=tissue, settings=settings, out_dir=out_dir, cancel=cancel
-        )
-    )
+    return (yield from run(slide, model, tissue=tissue, settings=settings, out_dir=out_dir, cancel=cancel))
 
 
 class AnalyzePanel(QWidget):

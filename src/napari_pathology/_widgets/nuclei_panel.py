@@ -119,9 +119,9 @@ class NucleiPanel(NucleiLayerControls, DetectControls, AnnotationFiles, QWidget)
         return timer
 
     def _build_classify_box(self) -> QGroupBox:
+        from napari_pathology.families.nucleus_purity.model import FAMILY as PURITY_FAMILY
+        from napari_pathology.families.nucleus_purity.train import NucleusPurityTraining
         from napari_pathology.models import list_models
-        from napari_pathology.models.nucleus_purity import FAMILY as PURITY_FAMILY
-        from napari_pathology.training.nucleus_purity import NucleusPurityTraining
 
         box = QGroupBox("Purity classifier")
         self.model_combo = QComboBox()
@@ -237,9 +237,9 @@ class NucleiPanel(NucleiLayerControls, DetectControls, AnnotationFiles, QWidget)
     # ------------------------------------------------------------------ training
     def training_data(self) -> Any:
         """The labelled tumour/normal nuclei as training data (regions from the regions layer)."""
+        from napari_pathology.families.nucleus_purity.data import labelled_nuclei
+        from napari_pathology.families.nucleus_purity.train import NucleusPurityTraining
         from napari_pathology.geometry import points_in_polygons
-        from napari_pathology.training.nucleus_data import labelled_nuclei
-        from napari_pathology.training.nucleus_purity import NucleusPurityTraining
 
         slide = self.slide_layer()
         if slide is None:
@@ -265,9 +265,9 @@ class NucleiPanel(NucleiLayerControls, DetectControls, AnnotationFiles, QWidget)
         from napari.utils.notifications import show_error
 
         from napari_pathology._widgets.train_panel import default_models_dir
+        from napari_pathology.families.nucleus_purity.train import NucleusPurityTraining, train_nucleus_purity
         from napari_pathology.training import TrainingError
         from napari_pathology.training.common import model_name_for
-        from napari_pathology.training.nucleus_purity import NucleusPurityTraining, train_nucleus_purity
         from napari_pathology.training.queue import training_queue
 
         try:

@@ -1,8 +1,10 @@
 """The Train panel: train or fine-tune a model from drawn regions or a slide table, in the background.
 
-Thin wiring over :mod:`napari_pathology.training`: the panel turns its
-fields into a :class:`~napari_pathology.training.MetastasisTraining` or
-:class:`~napari_pathology.training.tumor_normal.TumorNormalTraining`, checks
+Thin wiring over :mod:`napari_pathology.families` and
+:mod:`napari_pathology.training`: the family list is every registered family
+that trains from drawn regions or a slide table; the panel turns its fields
+into that family's settings dataclass (defaults, labels and which fields
+show come from the dataclass's fields), checks
 what can be checked at once (annotations, classes, validation split, um/px)
 and hands the job to the shared :class:`~napari_pathology.training.queue.TrainingQueue`,
 whose threads run it (one job at a time per device). Events come back through
@@ -24,7 +26,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Generator, Sequence
-from dataclasses import MISSING, fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -85,8 +87,8 @@ ANALYZE_DOCK = "Analyze (napari-pathology)"
 SOURCE_VIEWER, SOURCE_TABLE = "viewer", "table"
 #: Redraw the curves at most this often (seconds).
 REDRAW_INTERVAL = 0.25
-#: Validation metrics worth a curve, in order of preference: first the one each family's
-#: best checkpoint is chosen by (metastasis: validation loss; tumour/normal: slide AUC).
+#: Validation metrics worth a curve, in order of preference, after the one the job's family picks its
+#: best checkpoint by (``Family.best_metric``).
 CURVE_METRICS = ("val_loss", "slide_auc", "auc", "tile_accuracy", "accuracy")
 REGION_LABELS = ("tumour", "normal")
 #: torch CPU threads of a job the panel runs: the viewer needs the other cores (and more threads
@@ -101,22 +103,32 @@ def default_models_dir() -> Path:
     return cache_dir() / "models"
 
 
-def trainable_families() -> dict[str, tuple[type, Callable[..., Any]]]:
-    """Families this installation can train: name -> (settings class, training generator function)."""
-    from napari_pathology.models import list_families
-    from napari_pathology.training.metastasis import MetastasisTraining, train_metastasis
-    from napari_pathology.training.tumor_normal import TumorNormalTraining, train_tumor_normal
+def trainable_families() -> dict[str, Any]:
+    """Families the panel can train (from drawn regions or a slide table): name -> :class:`Family`."""
+    from napari_pathology.families import list_families
 
-    known = {
-        "metastasis": (MetastasisTraining, train_metastasis),
-        "tumor-normal": (TumorNormalTraining, train_tumor_normal),
+    return {
+        f.name: f
+        for f in list_families(trainable=True)
+        if {"regions", "slide_table"} & set(f.data_sources)
     }
-    registered = set(list_families())
-    return {name: trainer for name, trainer in known.items() if name in registered}
 
 
-def _defaults(settings_cls: type) -> dict[str, Any]:
-    return {f.name: f.default for f in fields(settings_cls) if f.default is not MISSING}
+def _defaults(family: Any) -> dict[str, Any]:
+    return family.defaults()
+
+
+def _paper_default(family: Any, name: str) -> str:
+    """The default of a setting as its docstring says it (``(default 0.05, or ...)``) or its value."""
+    import re
+
+    field = next((f for f in family.setting_fields() if f.name == name), None)
+    if field is None:
+        return ""
+    if field.default is None:
+        found = re.search(r"\(default:? ([^)]*)\)", field.help)
+        return found.group(1) if found else "the family's choice"
+    return f"{field.default:g}" if isinstance(field.default, float) else str(field.default)
 
 
 # --------------------------------------------------------------------------- drawn regions
@@ -295,9 +307,9 @@ def _stop_jobs(jobs: list[TrainingJob]) -> None:
         job.stop()
 
 
-def _run_job(train: Callable[..., Any], settings: Any, stop: threading.Event) -> Generator[Any, None, Any]:
+def _run_job(family: Any, settings: Any, stop: threading.Event) -> Generator[Any, None, Any]:
     """Queue factory: the family's training generator (module level so it holds no panel)."""
-    return train(settings, stop)
+    return family.train(settings, settings.data, settings.out, stop)
 
 
 def _format_eta(seconds: float) -> str:
@@ -591,7 +603,7 @@ class TrainPanel(QWidget):
         return None
 
     def select_family(self, family: str) -> None:
-        """Choose a trainable family (``metastasis`` or ``tumor-normal``)."""
+        """Choose a trainable family by name (one of the panel's family list)."""
         index = self.family_combo.findData(family)
         if index < 0:
             raise ValueError(f"{family!r} is not a trainable family ({', '.join(self._families)})")
@@ -614,8 +626,8 @@ class TrainPanel(QWidget):
         family = self.family
         if family not in self._families:
             return
-        settings_cls, _train = self._families[family]
-        defaults = _defaults(settings_cls)
+        chosen = self._families[family]
+        defaults = _defaults(chosen)
         self.start_combo.blockSignals(True)
         self.start_combo.clear()
         specs = [s for s in list_models() if s.family == family]
@@ -625,23 +637,24 @@ class TrainPanel(QWidget):
         self.start_combo.blockSignals(False)
         self.start_combo.setCurrentIndex(0)
         self._start_changed()
-        metastasis = family == "metastasis"
-        self._form.labelForField(self.steps_spin).setText("Steps" if metastasis else "Epochs")
-        self.steps_spin.setValue(int(defaults["steps" if metastasis else "epochs"]))
-        self.batch_spin.setValue(int(defaults["batch_size"]))
+        length = "steps" if "steps" in defaults else "epochs"
+        self._form.labelForField(self.steps_spin).setText(length.capitalize())
+        self.steps_spin.setValue(int(defaults.get(length) or 1))
+        self.batch_spin.setValue(int(defaults.get("batch_size") or 1))
         self.lr_edit.clear()
-        lr = "0.05, or 0.002 when fine-tuning" if metastasis else f"{defaults['lr']:g}"
-        self.lr_edit.setPlaceholderText(f"paper default ({lr})")
-        if metastasis:
+        self.lr_edit.setPlaceholderText(f"paper default ({_paper_default(chosen, 'lr')})")
+        if "hard_negative_fraction" in defaults:
             self.hard_negative_spin.setValue(float(defaults["hard_negative_fraction"]))
+        if defaults.get("eval_every") is not None:
             self.eval_spin.setValue(int(defaults["eval_every"]))
-        self.amp_check.setChecked(bool(defaults["amp"]))
-        self._set_row_visible(self.hard_negative_spin, metastasis)
-        self._set_row_visible(self.eval_spin, metastasis)
-        # Tumour/normal learns from slide labels: it needs a table of slides.
+        self.amp_check.setChecked(bool(defaults.get("amp", True)))
+        self._set_row_visible(self.hard_negative_spin, "hard_negative_fraction" in defaults)
+        self._set_row_visible(self.eval_spin, defaults.get("eval_every") is not None and length == "steps")
+        # A family that learns from slide labels needs a table of slides.
+        regions = "regions" in chosen.data_sources
         item = self.source_combo.model().item(self.source_combo.findData(SOURCE_VIEWER))
-        item.setEnabled(metastasis)
-        if not metastasis:
+        item.setEnabled(regions)
+        if not regions:
             self.set_source(SOURCE_TABLE)
         self._source_changed()
 
@@ -671,7 +684,7 @@ class TrainPanel(QWidget):
     def _source_changed(self, *_: Any) -> None:
         viewer = self.source == SOURCE_VIEWER
         if self.family in self._families:  # one annotated slide cannot be split for validation
-            default = _defaults(self._families[self.family][0])["val_fraction"]
+            default = _defaults(self._families[self.family]).get("val_fraction", 0.0)
             self.val_spin.setValue(0.0 if viewer else default)
         for widget in (self.slide_combo, self._shapes_row, self.draw_label_combo):
             self._set_row_visible(widget, viewer)
@@ -748,7 +761,7 @@ class TrainPanel(QWidget):
         family = self.family
         if family not in self._families:
             raise TrainingError("no trainable model family is registered")
-        settings_cls, _train = self._families[family]
+        chosen = self._families[family]
         start = self.start_source
         if not start:
             raise TrainingError(f"no starting model of family {family!r}: load a checkpoint")
@@ -774,10 +787,10 @@ class TrainPanel(QWidget):
         if busy:
             raise TrainingError(f"{busy[0]} is already writing {out.name}: choose another name")
         if self.source == SOURCE_VIEWER:
-            if family != "metastasis":
+            if "regions" not in chosen.data_sources:
                 raise TrainingError(
-                    "tumour/normal models learn from slide labels: choose a slide table with tumour "
-                    "and normal slides"
+                    f"{family} models learn from slide labels, not drawn regions: choose a slide table "
+                    "with tumour and normal slides"
                 )
             table = self._write_viewer_data(folder, name)
         else:
@@ -789,16 +802,8 @@ class TrainPanel(QWidget):
             entries = read_slide_table(table)
         except CohortError as error:
             raise TrainingError(str(error)) from error
-        if family == "metastasis" and not any(e.annotations for e in entries):
-            raise TrainingError(
-                f"{table.name} has no tumour annotations: a metastasis detector needs tumour polygons "
-                "(an 'annotations' column of GeoJSON files)"
-            )
-        if family == "tumor-normal":
-            from napari_pathology.training.tumor_normal import slide_classes
-
-            slide_classes(entries)  # at least two classes
-        seed = _defaults(settings_cls)["seed"]
+        implied = chosen.check_table(entries)  # e.g. annotations or classes the family needs
+        seed = _defaults(chosen).get("seed", 0)
         split_by_slide(entries, self.val_spin.value(), seed)  # too few slides for the split?
         values: dict[str, Any] = {
             "data": table, "out": out, "start": start, "batch_size": self.batch_spin.value(),
@@ -807,14 +812,15 @@ class TrainPanel(QWidget):
         }  # fmt: skip
         if lr_value is not None:
             values["lr"] = lr_value
-        if family == "metastasis":
-            values.update(
-                steps=self.steps_spin.value(), eval_every=self.eval_spin.value(),
-                hard_negative_fraction=self.hard_negative_spin.value(),
-            )  # fmt: skip
-        else:
-            values["epochs"] = self.steps_spin.value()
-        return family, settings_cls(**values)
+        defaults = _defaults(chosen)
+        values["steps" if "steps" in defaults else "epochs"] = self.steps_spin.value()
+        if "hard_negative_fraction" in defaults:
+            values["hard_negative_fraction"] = self.hard_negative_spin.value()
+        if "steps" in defaults and defaults.get("eval_every") is not None:
+            values["eval_every"] = self.eval_spin.value()
+        values.update(implied)
+        values = {k: v for k, v in values.items() if k in defaults or k in ("data", "out")}
+        return family, chosen.make_settings(values.pop("data"), values.pop("out"), **values)
 
     def _job_name(self, family: str, folder: Path) -> str:
         """The name field (or ``family-data-time``), made unique in ``folder``: no model is replaced.
@@ -882,7 +888,7 @@ class TrainPanel(QWidget):
             raise TrainingError(f"no annotations: {shapes.name} has no polygons, rectangles or ellipses")
         if not regions["tumour"]:
             raise TrainingError(
-                f"{shapes.name} has normal regions only: a metastasis detector needs both classes; "
+                f"{shapes.name} has normal regions only: a detector needs both classes; "
                 "draw at least one tumour region (label 'tumour')"
             )
         ensure_writable_dir(folder)
@@ -963,7 +969,7 @@ class TrainPanel(QWidget):
         show_error(message)
 
     def _submit(self, family: str, settings: Any) -> TrainingJob:
-        _settings_cls, train = self._families[family]
+        chosen = self._families[family]
         ref = weakref.ref(self)
 
         def on_event(job: TrainingJob, event: TrainEvent) -> None:
@@ -984,7 +990,7 @@ class TrainPanel(QWidget):
 
         name = Path(settings.out).stem + (" (resumed)" if settings.resume else "")
         job = self.queue.submit(
-            functools.partial(_run_job, train, settings), settings.device, name=name,
+            functools.partial(_run_job, chosen, settings), settings.device, name=name,
             on_event=on_event, on_state=on_state,
         )  # fmt: skip
         self._records.append(_Record(job, family, settings))
@@ -1124,7 +1130,8 @@ class TrainPanel(QWidget):
         losses = [(row["step"], row["loss"]) for row in self._history if "loss" in row]
         self.loss_plot.set_points(losses)
         validations = [row for row in self._history if "loss" not in row]
-        preferred = ("slide_auc",) if self._records and self._records[-1].family == "tumor-normal" else ()
+        last = self._families.get(self._records[-1].family) if self._records else None
+        preferred = (last.best_metric,) if last is not None and last.best_metric else ()
         metric = next((m for m in preferred + CURVE_METRICS if any(m in row for row in validations)), None)
         if metric is None:
             self.metric_plot.empty_text = "no validation slides" if validations else "no data yet"

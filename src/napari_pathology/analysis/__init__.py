@@ -1,4 +1,4 @@
-"""Running models over slides: the engine, results, detections (no Qt)."""
+"""Running models over slides: one :func:`run` for every family, the engine, results, detections (no Qt)."""
 
 from napari_pathology.analysis.engine import (
     HeatmapBlock,
@@ -20,8 +20,10 @@ from napari_pathology.analysis.result import (
     load_result,
     save_result,
 )
+from napari_pathology.analysis.runners import RUNNERS, run, runner_for
 
 __all__ = [
+    "RUNNERS",
     "AnalysisResult",
     "HeatmapBlock",
     "ModelOutputError",
@@ -35,7 +37,9 @@ __all__ = [
     "load_result",
     "non_maximum_suppression",
     "result_folder",
+    "run",
     "run_analysis",
+    "runner_for",
     "save_result",
     "tissue_or_detect",
 ]

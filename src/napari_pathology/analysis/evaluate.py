@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from napari_pathology.analysis.engine import RunSettings, result_folder, run_analysis
+from napari_pathology.analysis.engine import RunSettings, result_folder
 from napari_pathology.analysis.metrics import (
     AUCResult,
     FROCResult,
@@ -31,6 +31,7 @@ from napari_pathology.analysis.metrics import (
     pearson_r,
     slide_auc,
 )
+from napari_pathology.analysis.runners import run
 from napari_pathology.cohort import SlideEntry
 from napari_pathology.fileio import atomic_write, ensure_writable_dir, safe_name
 from napari_pathology.progress import Progress, run_to_completion
@@ -154,7 +155,7 @@ def evaluate_cohort(
         mpp = slide.require_mpp()
         tissue = run_to_completion(detect_tissue(slide, tissue_params))
         target = result_folder(out_dir, slide, model.spec.name)
-        job = run_analysis(slide, model, tissue=tissue, settings=settings, out_dir=target)
+        job = run(slide, model, tissue=tissue, settings=settings, out_dir=target)
         while True:
             try:
                 step = next(job)

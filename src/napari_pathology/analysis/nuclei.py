@@ -66,6 +66,11 @@ class NucleusAnalysisResult:
         return f"{self.spec.get('name')}: {state}, {len(self.nuclei)} nuclei, predicted purity {purity}"
 
     @property
+    def detections(self) -> np.ndarray:
+        """No tile detections: an empty ``(0, 3)`` array, as a tile result without any has."""
+        return np.empty((0, 3))
+
+    @property
     def slide_score(self) -> float:
         """The predicted purity (NaN when nothing was classified)."""
         return float("nan") if self.predicted_purity is None else self.predicted_purity

@@ -1,7 +1,9 @@
-"""What looks at pixels: one registry of models, checkpoints, model families (torch, no Qt).
+"""What looks at pixels: one registry of models and checkpoints (torch, no Qt).
 
-Importing this package registers the built-in families (each module's
-``@register_model`` runs on import); list them with :func:`list_models`.
+Importing this package registers the model families
+(:mod:`napari_pathology.families`: the built-in ones and any installed
+through the ``napari_pathology.families`` entry points) with their specs
+and demo weights; list them with :func:`list_models`.
 """
 
 from napari_pathology.models.registry import (
@@ -28,11 +30,9 @@ from napari_pathology.models.registry import (
     save_checkpoint,
 )
 
-# Built-in families: imported for their registration side effect.
-from napari_pathology.models import baseline, metastasis, nucleus_purity, tumor_normal  # noqa: F401  isort: skip
-from napari_pathology.models.pretrained import register_shipped_weights  # isort: skip
+from napari_pathology.families import load_families  # isort: skip
 
-register_shipped_weights()
+load_families()  # the families' builders, specs and demo weights
 
 __all__ = [
     "AGGREGATORS",

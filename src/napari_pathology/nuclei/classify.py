@@ -296,16 +296,26 @@ def nucleus_patches_from_image(
 
 
 def require_purity_model(model: Any) -> Any:
-    """The spec of ``model``; :class:`NucleusClassifyError` unless it is a ``nucleus-purity`` model."""
-    from napari_pathology.models.nucleus_purity import FAMILY
+    """The spec of ``model``; :class:`NucleusClassifyError` unless its family classifies nuclei.
+
+    A model classifies nuclei when its family's input kind is ``nucleus``
+    (:mod:`napari_pathology.families`), e.g. the ``nucleus-purity`` family.
+    """
+    from napari_pathology.families import family_of, list_families
 
     spec = getattr(model, "spec", None)
     family = getattr(spec, "family", None)
-    if family != FAMILY:
+    try:
+        kind = family_of(spec).input_kind if family is not None else None
+    except KeyError:
+        kind = None
+    if kind != "nucleus":
         name = getattr(spec, "name", type(model).__name__)
+        known = [f.name for f in list_families() if f.input_kind == "nucleus"]
         raise NucleusClassifyError(
-            f"model {name!r} is a {family!r} model; classifying nuclei needs a {FAMILY!r} model "
-            f"(e.g. the registered name {FAMILY!r}, or a checkpoint trained with train_nucleus_purity)"
+            f"model {name!r} is a {family!r} model; classifying nuclei needs a "
+            f"{' or '.join(repr(k) for k in known) or 'nucleus classifier'} model (a family whose input "
+            "kind is 'nucleus': one of its registered names, or a checkpoint trained with it)"
         )
     return spec
 

@@ -1,4 +1,9 @@
-"""Training and fine-tuning: generators of events that the CLI and the Train panel drive (no Qt)."""
+"""Training machinery shared by every family: events, the loop (with a loss hook), checkpoints (no Qt).
+
+Each family's trainer and settings live in its folder
+(:mod:`napari_pathology.families`); drive one with
+``get_family(name).train(settings, data, out, stop)``.
+"""
 
 from napari_pathology.training.events import TrainEvent, TrainingError, TrainResult
 from napari_pathology.training.loop import (
@@ -10,18 +15,9 @@ from napari_pathology.training.loop import (
     resume_state,
     torch_threads,
 )
-from napari_pathology.training.metastasis import MetastasisTraining, train_metastasis
-from napari_pathology.training.nucleus_purity import (
-    LabelledNuclei,
-    NucleusPurityTraining,
-    train_nucleus_purity,
-)
 
 __all__ = [
-    "LabelledNuclei",
     "LoopSettings",
-    "MetastasisTraining",
-    "NucleusPurityTraining",
     "TrainEvent",
     "TrainResult",
     "TrainingError",
@@ -31,6 +27,4 @@ __all__ = [
     "fit",
     "resume_state",
     "torch_threads",
-    "train_metastasis",
-    "train_nucleus_purity",
 ]

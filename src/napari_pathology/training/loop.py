@@ -288,8 +288,9 @@ def fit(
     stop: threading.Event | None = None,
     resume: dict[str, Any] | None = None,
     after_validation: Callable[[PathologyModel, int], str | None] | None = None,
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> Generator[TrainEvent, None, TrainResult]:
-    """Train ``model`` with cross-entropy on ``batches``; yields events, returns a :class:`TrainResult`.
+    """Train ``model`` on ``batches`` (cross-entropy unless ``loss``); yields events, returns the result.
 
     Parameters
     ----------
@@ -319,8 +320,13 @@ def fit(
         ``after_validation(model, step) -> message`` runs after each validation
         (batch norm freshly recalibrated), e.g. hard-negative mining; its
         message becomes a ``log`` event.
+    loss : callable, optional
+        ``loss(logits, targets) -> scalar tensor`` of one (micro-)batch, mean
+        over its items (default cross-entropy): a family's loss hook
+        (:meth:`napari_pathology.families.Family.loss`).
     """
     device = resolve_device(settings.device)
+    criterion = loss or F.cross_entropy
     best_path, last_path, state_path = checkpoint_paths(settings.out)
     ensure_writable_dir(best_path.parent)
     forward = forward or (lambda m, x: m(x))
@@ -424,7 +430,9 @@ def fit(
             x, y = next(batches)
             while True:
                 try:
-                    loss = _train_step(model, forward, optimizer, x, y, device, context, scaler, split)
+                    loss = _train_step(
+                        model, forward, optimizer, x, y, device, context, scaler, split, criterion
+                    )
                     break
                 except Exception as error:
                     if not is_out_of_memory(error) or split >= len(x):
@@ -522,6 +530,7 @@ def _train_step(
     context: Any,
     scaler: Any,
     split: int,
+    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
 ) -> float:
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
@@ -530,7 +539,7 @@ def _train_step(
         part_x = part_x.to(device, non_blocking=True)
         part_y = part_y.to(device, non_blocking=True)
         with context:
-            loss = F.cross_entropy(forward(model, part_x).float(), part_y) * (len(part_x) / n)
+            loss = criterion(forward(model, part_x).float(), part_y) * (len(part_x) / n)
         (scaler.scale(loss) if scaler is not None else loss).backward()
         total += float(loss.detach())
     if scaler is not None:

@@ -29,6 +29,13 @@ import torch.nn.functional as F
 
 from napari_pathology.analysis.metrics import roc_auc
 from napari_pathology.cohort import read_slide_table
+from napari_pathology.families.metastasis.patches import (
+    BatchStream,
+    PatchSampler,
+    fixed_patches,
+    mine_hard_negatives,
+    prepare_regions,
+)
 from napari_pathology.models.registry import PathologyModel
 from napari_pathology.training.augment import Augmentation
 from napari_pathology.training.common import (
@@ -50,13 +57,6 @@ from napari_pathology.training.loop import (
     fit,
     seed_everything,
     torch_threads,
-)
-from napari_pathology.training.patches import (
-    BatchStream,
-    PatchSampler,
-    fixed_patches,
-    mine_hard_negatives,
-    prepare_regions,
 )
 
 __all__ = ["MetastasisTraining", "train_metastasis"]

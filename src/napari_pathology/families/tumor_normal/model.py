@@ -4,7 +4,7 @@ A frozen Inception v3 turns each tile (512 x 512 px at 20x in the paper)
 into a pooled feature vector; a head of FC 1024 + ReLU + dropout 0.2 +
 linear gives class logits (tumour/normal, or subtypes). Trained from
 slide-level labels on cached features (see
-:mod:`napari_pathology.training.tumor_normal`). The slide score is the
+:mod:`napari_pathology.families.tumor_normal.train`). The slide score is the
 **TPF**, the fraction of tissue tiles whose most likely class is tumour (the
 engine's ``fraction`` aggregator); the heatmap shows tile probabilities.
 

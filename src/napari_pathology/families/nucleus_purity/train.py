@@ -41,7 +41,7 @@ import math
 import os
 import threading
 from collections.abc import Generator, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +50,8 @@ import torch
 import torch.nn.functional as F
 
 from napari_pathology.analysis.metrics import roc_auc
+from napari_pathology.families.nucleus_purity.model import FAMILY, INPUT_SIZE
 from napari_pathology.fileio import read_text_file, require_finite
-from napari_pathology.models.nucleus_purity import FAMILY, INPUT_SIZE
 from napari_pathology.models.registry import PathologyModel, create_model
 from napari_pathology.nuclei.classify import NucleusClassifyError, iter_nucleus_patches
 from napari_pathology.progress import Progress
@@ -204,6 +204,9 @@ class NucleusPurityTraining:
         CPU threads torch uses for the job (default: the usable cores, at most 4).
     overwrite : bool
         Replace an existing model at ``out`` (otherwise refused unless ``resume``).
+    start : str, optional
+        Registry name (fresh, default ``nucleus-purity-cnn``) or checkpoint /
+        trained name (fine-tune).
 
     Raises
     ------
@@ -218,7 +221,7 @@ class NucleusPurityTraining:
     lr: float = 3e-3
     weight_decay: float = 1e-4
     optimizer: str = "adam"
-    validation_fraction: float = 0.2
+    validation_fraction: float = field(default=0.2, metadata={"flag": "--val-fraction"})
     block_um: float = 150.0
     min_per_class: int = 20
     min_region_nuclei: int = 10
@@ -231,8 +234,11 @@ class NucleusPurityTraining:
     resume: bool = False
     threads: int | None = None
     overwrite: bool = False
+    start: str | None = None
 
     def __post_init__(self) -> None:
+        if self.start is not None:
+            object.__setattr__(self, "start", str(self.start))
         for name in ("epochs", "batch_size", "min_per_class", "min_region_nuclei", "log_every"):
             check_count(self, name)
         check_count(self, "eval_every", optional=True)
@@ -249,8 +255,10 @@ class NucleusPurityTraining:
             raise TrainingError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready settings for provenance."""
-        return asdict(self)
+        """JSON-ready settings for provenance (``start`` is recorded as the initialisation)."""
+        out = asdict(self)
+        del out["start"]
+        return out
 
 
 # --------------------------------------------------------------------------- data
@@ -555,6 +563,7 @@ def train_nucleus_purity(
 
     """
     settings = settings or NucleusPurityTraining()
+    start = start if start is not None else settings.start
     with torch_threads(settings.threads):
         return (yield from _train(data, Path(out), settings, start, stop))
 

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from napari_pathology.families.nucleus_purity.train import LabelledNuclei
 from napari_pathology.fileio import read_text_file, require_finite
 from napari_pathology.nuclei.points import LABELS, NucleusPoints, read_csv, read_geojson, sidecar_path
 from napari_pathology.training.events import TrainingError
-from napari_pathology.training.nucleus_purity import LabelledNuclei
 
 __all__ = ["labelled_nuclei", "read_nucleus_training_data"]
 

@@ -1,0 +1,76 @@
+"""One ``run()`` for every model: the Analyze panel, the CLI's ``run`` and ``evaluate`` call it (no Qt).
+
+A model's family (from its spec) says how it runs: by default the runner of
+its input kind (:data:`RUNNERS`: ``tile`` is the sliding-window engine,
+``nucleus`` detects every nucleus and classifies each); a family may
+override :meth:`~napari_pathology.families.Family.run`. Callers never branch
+on a family or a result class: every result has ``summary()``,
+``slide_score``, ``partial`` and ``out_dir``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Generator
+from typing import Any
+
+__all__ = ["RUNNERS", "run", "runner_for"]
+
+
+def _tile_runner(slide: Any, model: Any, **kwargs: Any) -> Generator[Any, None, Any]:
+    from napari_pathology.analysis.engine import run_analysis
+
+    return run_analysis(slide, model, **kwargs)
+
+
+def _nucleus_runner(
+    slide: Any, model: Any, *, tissue: Any = None, settings: Any = None, out_dir: Any = None,
+    cancel: threading.Event | None = None, reuse: bool = True, on_saved: Any = None,
+) -> Generator[Any, None, Any]:  # fmt: skip
+    from napari_pathology.analysis.nuclei import run_nucleus_analysis
+
+    return run_nucleus_analysis(slide, model, tissue, settings, out_dir, cancel)
+
+
+#: Inference runner by input kind: ``runner(slide, model, *, tissue, settings, out_dir, cancel,
+#: reuse, on_saved)`` -> a generator of progress returning a result.
+RUNNERS: dict[str, Callable[..., Generator[Any, None, Any]]] = {
+    "tile": _tile_runner,
+    "nucleus": _nucleus_runner,
+}
+
+
+def runner_for(input_kind: str) -> Callable[..., Generator[Any, None, Any]]:
+    """The runner of an input kind; ValueError naming the kinds that have one."""
+    try:
+        return RUNNERS[input_kind]
+    except KeyError:
+        raise ValueError(
+            f"no inference runner for input kind {input_kind!r} yet (runners: {', '.join(RUNNERS)})"
+        ) from None
+
+
+def run(
+    slide: Any,
+    model: Any,
+    *,
+    tissue: Any = None,
+    settings: Any = None,
+    out_dir: str | os.PathLike[str] | None = None,
+    cancel: threading.Event | None = None,
+    reuse: bool = True,
+    on_saved: Callable[[Any], None] | None = None,
+) -> Generator[Any, None, Any]:
+    """Run ``model`` over ``slide`` the way its family runs: yields progress, returns its result.
+
+    Parameters are those of :func:`napari_pathology.analysis.run_analysis`;
+    a family that has no use for one (``reuse`` for nuclei) ignores it.
+    """
+    from napari_pathology.families import family_of
+
+    family = family_of(model.spec)
+    return family.run(
+        slide, model, tissue=tissue, settings=settings, out_dir=out_dir, reuse=reuse,
+        on_saved=on_saved, cancel=cancel,
+    )  # fmt: skip
