@@ -173,7 +173,7 @@ def test_nuclei_writes_csv_and_geojson_for_a_roi(tmp_path, capsys, synthetic_sli
     assert main(["nuclei", str(synthetic_slide.slide_path), "--out", str(tmp_path / "px.csv"),
                  "--roi", "1200,1200,400,300px", "--chunk-px", "256", "--quiet"]) == 0  # fmt: skip
     assert (tmp_path / "px.csv").read_text().count("\n") == len(rows)
-    assert main([*args[:4], "--roi", "1,2,3", "--quiet"]) == 2
+    assert main([*args[:4], "--roi", "1,2,3", "--overwrite", "--quiet"]) == 2
     assert "--roi must be x,y,w,h" in capsys.readouterr().err
     png = tmp_path / "tile.png"
     imsave(png, np.full((64, 64, 3), 230, np.uint8), check_contrast=False)

@@ -209,3 +209,27 @@ def test_info_and_tissue_say_what_a_truncated_or_dark_field_slide_is(capsys, tmp
     nuclei = ["nuclei", str(dark), "--out", str(tmp_path / "n.csv"), "--roi", "0,0,200,200"]
     for argv in (tissue, nuclei):
         assert "fluorescence" in _refused(capsys, [*argv, "--mpp", "0.5", "--quiet"])
+
+
+def test_outputs_that_exist_are_never_replaced_without_overwrite(capsys, tmp_path, small_slide) -> None:
+    precious = tmp_path / "labels.csv"
+    precious.write_text("hand-made\n")
+    nuclei = ["nuclei", str(small_slide), "--out", str(precious), "--roi", "0,0,99,99", "--quiet"]
+    assert "--overwrite" in _refused(capsys, nuclei)
+    assert precious.read_text() == "hand-made\n"
+    assert main([*nuclei, "--overwrite"]) == 0 and precious.read_text().startswith("x_um,")
+
+    slide_copy = tmp_path / "mine.tif"
+    slide_copy.write_bytes(small_slide.read_bytes())  # a user's slide that happens to have the name
+    assert "mine.tif already exists" in _refused(
+        capsys, ["synth", str(slide_copy), "--size", "512", "--quiet"]
+    )
+    assert slide_copy.read_bytes() == small_slide.read_bytes()
+
+    out = tmp_path / "tissue"
+    assert main(["tissue", str(small_slide), "--out", str(out), "--quiet"]) == 0
+    before = (out / "tissue.json").read_bytes()
+    assert "tissue.json already exists" in _refused(
+        capsys, ["tissue", str(small_slide), "--out", str(out), "--quiet"]
+    )
+    assert (out / "tissue.json").read_bytes() == before

@@ -283,14 +283,32 @@ def _cmd_info(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- synth
 
 
+def refuse_existing(paths: Sequence[Path], overwrite: bool, option: str) -> None:
+    """Refuse to replace files that exist unless ``--overwrite`` was given (nothing is replaced silently).
+
+    Raises
+    ------
+    CommandError
+        Naming the first existing file and the two ways on.
+
+    """
+    existing = [Path(p) for p in paths if p is not None and Path(p).exists()]
+    if existing and not overwrite:
+        more = f", as do {len(existing) - 1} more of the files it would write" if len(existing) > 1 else ""
+        raise CommandError(
+            f"{existing[0]} already exists{more}; choose another {option}, or pass --overwrite to replace it"
+        )
+
+
 def _cmd_synth(args: argparse.Namespace) -> int:
-    from napari_pathology.slide.synthetic import generate_synthetic_slide
+    from napari_pathology.slide.synthetic import generate_synthetic_slide, truth_paths
 
     out = Path(args.out)
     if out.suffix.lower() not in {".tif", ".tiff"}:
         raise CommandError(f"output must end in .tif or .tiff, got {out.name}")
     if out.is_dir():
         raise CommandError(f"output {out} is a folder; give a .tif file name")
+    refuse_existing(list(truth_paths(out).values()), args.overwrite, "output name")
     ensure_writable_dir(out.parent)  # before minutes of rendering
     job = generate_synthetic_slide(
         out,
@@ -431,6 +449,7 @@ def _tissue_params(args: argparse.Namespace):
 def _cmd_tissue(args: argparse.Namespace) -> int:
     from napari_pathology.tissue import write_tissue_outputs
 
+    refuse_existing([Path(args.out) / "tissue.json"], args.overwrite, "--out folder")
     ensure_writable_dir(args.out)  # before reading the slide
     paths = run_with_progress(
         write_tissue_outputs(args.slide, args.out, _tissue_params(args), mpp=args.mpp),
@@ -496,6 +515,7 @@ def _cmd_nuclei(args: argparse.Namespace) -> int:
         if target is not None and Path(target).is_dir():
             raise CommandError(f"{option} {target} is a folder; give a file name")
         if target is not None:
+            refuse_existing([Path(target)], args.overwrite, option)
             ensure_writable_dir(Path(target).parent)  # before reading the slide
     slide = open_slide(args.slide, mpp=args.mpp)
     slide.validate()
@@ -803,6 +823,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--mpp", type=SYNTH_MPP, default=0.5, help="um/px at level 0 (default 0.5)")
     synth.add_argument("--pen-mark", action="store_true", help="add a pen-ink stroke")
     synth.add_argument("--blurred-patch", action="store_true", help="add an out-of-focus patch")
+    synth.add_argument("--overwrite", action="store_true", help="replace outputs that exist already")
     synth.add_argument("--quiet", action="store_true", help="no progress bar")
     synth.set_defaults(func=_cmd_synth)
 
@@ -813,6 +834,7 @@ def build_parser() -> argparse.ArgumentParser:
     tissue.add_argument("--mask-mpp", type=MASK_MPP, default=8.0, help="um/px of the mask (default 8)")
     tissue.add_argument("--exclude-pen", action="store_true", help="remove green/blue/red pen ink")
     tissue.add_argument("--mpp", type=mpp_option, default=None, help="um/px for slides that lack it")
+    tissue.add_argument("--overwrite", action="store_true", help="replace outputs that exist already")
     tissue.add_argument("--quiet", action="store_true", help="no progress bar")
     tissue.set_defaults(func=_cmd_tissue)
 
@@ -845,6 +867,7 @@ def build_parser() -> argparse.ArgumentParser:
         "off with --roi or for a single-level image)",
     )
     nuclei.add_argument("--chunk-px", type=CHUNK_PX, default=1024, help="chunk side in level-0 px")
+    nuclei.add_argument("--overwrite", action="store_true", help="replace outputs that exist already")
     nuclei.add_argument("--quiet", action="store_true", help="no progress bar")
     nuclei.set_defaults(func=_cmd_nuclei)
 
