@@ -548,8 +548,10 @@ def _cmd_nuclei(args: argparse.Namespace) -> int:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
+    from napari_pathology.families import load_families
     from napari_pathology.models import list_models
 
+    load_families()  # families installed since the registry was first imported
     for spec in list_models():
         print(
             f"{spec.name}\t{spec.family}\t{spec.input_size}px @ {spec.mpp:g} um/px\t"
@@ -793,8 +795,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- parser
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser for ``napari-pathology``."""
+def build_parser(families: bool = True) -> argparse.ArgumentParser:
+    """The argument parser for ``napari-pathology``.
+
+    With ``families=False`` the ``train`` sub-command is a stub without the
+    families' options: building those imports every family (and torch), which
+    the other commands need not wait for.
+    """
     parser = OneLineParser(
         prog="napari-pathology",
         description="Interactive digital pathology: slides, tissue, tumour models, annotation.",
@@ -892,6 +899,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.set_defaults(func=_cmd_run)
 
+    if not families:
+        sub.add_parser("train", help="train or fine-tune a model; best and last checkpoints", add_help=False)
+        _add_evaluate_parser(sub)
+        return parser
     from napari_pathology.families import DATA_SOURCES, list_families
 
     trainable = list_families(trainable=True)
@@ -913,7 +924,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_flags(train)
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=_cmd_train)
+    _add_evaluate_parser(sub)
+    return parser
 
+
+def _add_evaluate_parser(sub: Any) -> None:
     evaluate = sub.add_parser("evaluate", help="score a model on slides with ground truth (AUC, FROC)")
     evaluate.add_argument("--model", required=True, help="registered model name or checkpoint path")
     evaluate.add_argument("--data", type=Path, required=True, help="slide table CSV or folder of slides")
@@ -924,7 +939,6 @@ def build_parser() -> argparse.ArgumentParser:
                           help="average the 8 orientations (default: the model's choice)")  # fmt: skip
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
     evaluate.set_defaults(func=_cmd_evaluate)
-    return parser
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:
@@ -986,9 +1000,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     from napari_pathology.demo import DEMO_SEED, DEMO_SIZE
 
-    parser = build_parser()
+    words = list(sys.argv[1:] if argv is None else argv)
+    command = next((word for word in words if not word.startswith("-")), None)
+    parser = build_parser(families=command == "train")  # torch only for the command that needs it
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(words)
     except SystemExit as stop:  # --help, or an option refused in one line by OneLineParser
         return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else EXIT_USER_ERROR)
     if getattr(args, "command", None) == "demo":

@@ -108,9 +108,7 @@ def trainable_families() -> dict[str, Any]:
     from napari_pathology.families import list_families
 
     return {
-        f.name: f
-        for f in list_families(trainable=True)
-        if {"regions", "slide_table"} & set(f.data_sources)
+        f.name: f for f in list_families(trainable=True) if {"regions", "slide_table"} & set(f.data_sources)
     }
 
 

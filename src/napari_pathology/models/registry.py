@@ -437,6 +437,12 @@ def get_spec(name: str) -> ModelSpec:
     """The registered spec called ``name``; :class:`ModelError` listing the names when unknown."""
     with _LOCK:
         spec = _SPECS.get(name)
+    if spec is None:  # perhaps a model of a family installed since the registry was imported
+        from napari_pathology.families import load_families
+
+        load_families()
+    with _LOCK:
+        spec = _SPECS.get(name)
         available = sorted(_SPECS)
     if spec is None:
         raise ModelError(f"unknown model {name!r}; available: {', '.join(available) or '(none)'}")
