@@ -52,3 +52,19 @@ def test_same_named_slides_from_two_folders_keep_separate_results_and_rows(tmp_p
     assert [row["path"] for row in rows] == [str(e.path) for e in entries]
     summary = json.loads((out / "evaluation-test-dark.json").read_text())
     assert [row["path"] for row in summary["slides"]] == [str(e.path) for e in entries]
+
+
+def test_a_slide_without_a_label_is_named_not_silently_left_out_of_the_auc(tmp_path) -> None:
+    entries = []
+    for name, label in (("a", "tumour"), ("b", "normal"), ("c", None)):
+        path = tmp_path / f"{name}.png"
+        Image.fromarray(np.full((256, 256, 3), (230, 180, 200), np.uint8)).save(path)
+        entries.append(SlideEntry(path, label, mpp=1.0))
+    spec = ModelSpec(
+        name="test-dark", family="test", task="test", classes=("normal", "tumour"), input_size=32, mpp=2.0,
+        stride=32, normalization="unit", aggregator="max", tta=False,
+    )  # fmt: skip
+    model = PathologyModel(DarkFraction(), spec)
+    evaluation = run_to_completion(evaluate_cohort(model, entries, tmp_path / "eval", RunSettings()))
+    assert any("1 of 3 slides" in note and "c.png" in note for note in evaluation.notes), evaluation.notes
+    assert "not in the slide AUC" in evaluation.summary()

@@ -173,6 +173,13 @@ def evaluate_cohort(
     evaluation = Evaluation(model.spec.name, outcomes)
     labelled = [o for o in outcomes if o.is_tumour is not None and np.isfinite(o.slide_score)]
     labels = np.array([o.is_tumour for o in labelled], bool)
+    left_out = [Path(o.path).name if o.path else o.name for o in outcomes if o not in labelled]
+    if left_out:  # said, never silently dropped from the AUC
+        shown = ", ".join(left_out[:5]) + (f" and {len(left_out) - 5} more" if len(left_out) > 5 else "")
+        evaluation.notes.append(
+            f"{len(left_out)} of {len(outcomes)} slides have no tumour/normal label (or no finite score) "
+            f"and are not in the slide AUC: {shown}"
+        )
     if labelled and 0 < labels.sum() < len(labels):
         evaluation.auc = slide_auc(labels, np.array([o.slide_score for o in labelled]))
     else:

@@ -3,7 +3,9 @@
 A model's family (from its spec) says how it runs: by default the runner of
 its input kind (:data:`RUNNERS`: ``tile`` is the sliding-window engine,
 ``nucleus`` detects every nucleus and classifies each); a family may
-override :meth:`~napari_pathology.families.Family.run`. Callers never branch
+override :meth:`~napari_pathology.families.Family.run`. A model of no
+registered family (built in code) runs by its spec's output: ``nuclei`` with
+the nucleus runner, anything else with the tile engine. Callers never branch
 on a family or a result class: every result has ``summary()``,
 ``slide_score``, ``partial`` and ``out_dir``.
 """
@@ -69,8 +71,11 @@ def run(
     """
     from napari_pathology.families import family_of
 
-    family = family_of(model.spec)
-    return family.run(
-        slide, model, tissue=tissue, settings=settings, out_dir=out_dir, reuse=reuse,
-        on_saved=on_saved, cancel=cancel,
-    )  # fmt: skip
+    kwargs = {"tissue": tissue, "settings": settings, "out_dir": out_dir, "reuse": reuse,
+              "on_saved": on_saved, "cancel": cancel}  # fmt: skip
+    try:
+        family = family_of(model.spec)
+    except KeyError:  # a model built in code (a notebook, a test) of no registered family: by its output
+        kind = "nucleus" if getattr(model.spec, "output", None) == "nuclei" else "tile"
+        return runner_for(kind)(slide, model, **kwargs)
+    return family.run(slide, model, **kwargs)
