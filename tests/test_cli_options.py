@@ -128,7 +128,7 @@ def test_user_fixable_errors_are_one_line_exit_2(capsys, monkeypatch, error, exp
     def fail(args):
         raise error
 
-    monkeypatch.setattr(cli, "_cmd_info", fail)
+    monkeypatch.setattr(cli.slides, "_cmd_info", fail)
     assert main(["info", SLIDE]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("napari-pathology: error:") and expected in err[0], err
@@ -140,7 +140,7 @@ def test_output_error_names_the_folder_in_one_line(capsys, monkeypatch, tmp_path
     def fail(args):
         raise output_error(OSError(errno.ENOSPC, "No space left on device"), tmp_path)
 
-    monkeypatch.setattr(cli, "_cmd_info", fail)
+    monkeypatch.setattr(cli.slides, "_cmd_info", fail)
     assert main(["info", SLIDE]) == 2
     assert (
         capsys.readouterr().err.strip()
@@ -152,7 +152,7 @@ def test_an_unexpected_bug_still_tracebacks(monkeypatch) -> None:
     def fail(args):
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(cli, "_cmd_info", fail)
+    monkeypatch.setattr(cli.slides, "_cmd_info", fail)
     with pytest.raises(ZeroDivisionError):
         main(["info", SLIDE])
 
