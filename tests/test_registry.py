@@ -292,3 +292,34 @@ def test_baseline_scores_tumour_above_normal_tissue(synthetic_slide) -> None:
     assert p[inside].mean() > p[outside].mean() + 0.5
     assert (p[inside] > 0.5).mean() >= 0.8
     assert np.median(p[outside]) < 0.1
+
+
+def test_registry_module_reexports_the_split_modules() -> None:
+    """``models.registry`` still offers every name it had before the split, as the same objects."""
+    import napari_pathology.models as models
+    from napari_pathology.models import checkpoint, factory, registry, spec
+
+    homes = {
+        spec: ("AGGREGATORS", "OUTPUTS", "ModelError", "ModelSpec"),
+        checkpoint: (
+            "CHECKPOINT_FORMAT",
+            "CHECKPOINT_SUFFIXES",
+            "CHECKPOINT_VERSION",
+            "checkpoint_info",
+            "load_untrusted",
+            "refused_as_code",
+            "save_checkpoint",
+            "save_torch_file",
+            "tensors_digest",
+        ),
+        factory: ("PathologyModel", "create_model", "load_checkpoint", "resolve_model"),
+    }
+    for module, names in homes.items():
+        for name in names:
+            assert getattr(registry, name) is getattr(module, name), name
+    for name in registry.__all__:
+        assert getattr(registry, name) is getattr(models, name, getattr(registry, name)), name
+    with pytest.raises(AttributeError):
+        registry.no_such_name  # noqa: B018
+    for module in (spec, checkpoint, factory, registry):
+        assert len(Path(module.__file__).read_text().splitlines()) <= 600, module.__name__
