@@ -88,6 +88,25 @@ def computed_levels(
     return levels
 
 
+def _read_or_fill(
+    backend: SlideBackend,
+    level: int,
+    x: int,
+    y: int,
+    width: int,
+    height: int,
+    on_error: Callable[[SlideReadError], None] | None,
+) -> np.ndarray:
+    """Read a box of a file level; with ``on_error`` a box that fails to decode is reported and grey."""
+    try:
+        return backend.read_region(level, x, y, width, height)
+    except SlideReadError as exc:
+        if on_error is None:
+            raise
+        on_error(exc)
+        return np.full((height, width, 3), UNREADABLE_FILL, np.uint8)
+
+
 class _LevelReader:
     """Array-like view of one level: dask slices it chunk by chunk."""
 
@@ -110,13 +129,7 @@ class _LevelReader:
         ys, xs = key[0], key[1]
         y0, y1, _ = ys.indices(self.shape[0])
         x0, x1, _ = xs.indices(self.shape[1])
-        try:
-            region = self.backend.read_region(self.level, x0, y0, x1 - x0, y1 - y0)
-        except SlideReadError as exc:
-            if self.on_error is None:
-                raise
-            self.on_error(exc)
-            region = np.full((y1 - y0, x1 - x0, 3), UNREADABLE_FILL, np.uint8)
+        region = _read_or_fill(self.backend, self.level, x0, y0, x1 - x0, y1 - y0, self.on_error)
         return region[:, :, key[2]] if len(key) > 2 else region
 
 
@@ -176,13 +189,7 @@ class _ComputedLevelReader:
                 bx1 = min(ox1, bx + step)
                 sy0, sy1 = by * f, min(src_h, by1 * f)
                 sx0, sx1 = bx * f, min(src_w, bx1 * f)
-                try:
-                    block = self.backend.read_region(self.level, sx0, sy0, sx1 - sx0, sy1 - sy0)
-                except SlideReadError as exc:
-                    if self.on_error is None:
-                        raise
-                    self.on_error(exc)
-                    block = np.full((sy1 - sy0, sx1 - sx0, 3), UNREADABLE_FILL, np.uint8)
+                block = _read_or_fill(self.backend, self.level, sx0, sy0, sx1 - sx0, sy1 - sy0, self.on_error)
                 out[by - oy0 : by1 - oy0, bx - ox0 : bx1 - ox0] = downsample_mean(block, f)
         return out
 
