@@ -54,6 +54,8 @@ ENTRY_POINT_GROUP = "napari_pathology.families"
 _FAMILIES: dict[str, Family] = {}
 _LOADED: set[str] = set()  # builtin modules and entry points already loaded (or refused)
 _LOCK = threading.RLock()
+#: Families whose shipped weights wait for their builders (see ``_register_weights``).
+_PENDING_WEIGHTS: dict[str, Family] = {}
 _log = logging.getLogger(__name__)
 
 
@@ -80,10 +82,25 @@ def register(family: Family) -> Family:
         except BaseException:
             del _FAMILIES[family.name]
             raise
-        from napari_pathology.models.pretrained import register_demo_weights
-
-        register_demo_weights(dict(family.demo_weights))
+        _register_weights(family)
     return family
+
+
+def _register_weights(family: Family) -> None:
+    """Register a family's shipped weights, or keep them pending while its builders are not in yet.
+
+    A family module imported in the middle of the registry's own first import (say
+    ``families.x.train`` imported before anything else) registers its builders only
+    when that import finishes; :func:`load_families` registers the weights then.
+    """
+    from napari_pathology.models.pretrained import register_demo_weights
+    from napari_pathology.models.registry import list_families as families_with_builders
+
+    if family.demo_weights and family.name not in families_with_builders():
+        _PENDING_WEIGHTS[family.name] = family
+        return
+    _PENDING_WEIGHTS.pop(family.name, None)
+    register_demo_weights(dict(family.demo_weights))
 
 
 def _family_in(obj: Any) -> Family:
@@ -102,6 +119,8 @@ def load_families() -> None:
     import napari_pathology.models  # noqa: F401  (the registry first; its import calls this function)
 
     with _LOCK:
+        for family in list(_PENDING_WEIGHTS.values()):
+            _register_weights(family)
         for module in BUILTIN:
             if module not in _LOADED:
                 _LOADED.add(module)

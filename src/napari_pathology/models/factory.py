@@ -224,6 +224,12 @@ def resolve_model(name_or_path: str | os.PathLike[str], map_location: Any = "cpu
         return load_checkpoint(name_or_path, map_location)
     with _LOCK:
         registered = name_or_path in _SPECS
+    if not registered:  # a family installed, or its weights pending, since the registry was imported
+        from napari_pathology.families import load_families
+
+        load_families()
+        with _LOCK:
+            registered = name_or_path in _SPECS
     if registered:
         model = create_model(name_or_path)
         if isinstance(map_location, str | torch.device):

@@ -199,7 +199,10 @@ def pretrained_path(name: str) -> Path | None:
 
 
 def list_models() -> list[ModelSpec]:
-    """Every registered spec, sorted by name."""
+    """Every registered spec, sorted by name (families installed since the first import included)."""
+    from napari_pathology.families import load_families
+
+    load_families()
     with _LOCK:
         return [_SPECS[name] for name in sorted(_SPECS)]
 
