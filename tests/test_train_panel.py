@@ -269,3 +269,83 @@ def test_shapes_to_polygons_skips_lines_and_reads_ellipses(make_napari_viewer, s
     assert ring.min(0) == pytest.approx([200.5, 200.5], abs=1) and ring.max(0) == pytest.approx(
         [600.5, 600.5], abs=1
     )
+
+
+# --------------------------------------------------------------------------- compute behind the panel (no Qt)
+def test_panel_bookkeeping_without_qt(tmp_path):
+    import math
+    from types import SimpleNamespace
+
+    from napari_pathology.training.events import TrainingError
+    from napari_pathology.training.panel_jobs import (
+        JobRecord,
+        checkpoint_text,
+        curve_metric,
+        format_eta,
+        parse_lr,
+        unique_name,
+    )
+
+    assert format_eta(math.inf) == "--:--" and format_eta(65.4) == "1:05" and format_eta(3725) == "1:02:05"
+
+    def step(n, elapsed, total=10, eta=99.0):
+        return SimpleNamespace(kind="step", step=n, elapsed=elapsed, total_steps=total, eta=eta)
+
+    fresh = JobRecord(None, "toy", SimpleNamespace(resume=False))
+    assert fresh.eta(step(1, 2.0)) == 99.0  # the loop's own ETA until a second step
+    assert fresh.eta(step(3, 6.0)) == 2.0 * 7  # 2 s/step since the first step, 7 to go
+    resumed = JobRecord(None, "toy", SimpleNamespace(resume=True))
+    assert math.isinf(resumed.eta(step(5, 40.0)))  # its elapsed counts the skipped steps
+    assert resumed.eta(step(6, 41.0)) == 4.0
+
+    assert parse_lr(" ") is None and parse_lr("1e-4") == 1e-4
+    for bad in ("abc", "0", "-1"):
+        with pytest.raises(TrainingError):
+            parse_lr(bad)
+
+    (tmp_path / "tuned.pt").write_bytes(b"")
+    assert unique_name("tuned", tmp_path, ()) == "tuned-2"
+    assert unique_name("tuned", tmp_path, ("tuned-2",)) == "tuned-3"
+    assert unique_name("other", tmp_path, ()) == "other"
+
+    rows = [{"step": 5, "auc": 0.7, "val_loss": 0.3}]
+    assert curve_metric("auc", rows) == "auc" and curve_metric(None, rows) == "val_loss"
+    assert curve_metric("auc", []) is None
+    entry = {"kind": "best", "path": "/m/tuned.best.pt", "metrics": {"step": 4, "auc": 0.91234, "note": "x"}}
+    assert checkpoint_text(entry) == "best: step 4, auc 0.912 - tuned.best.pt"
+
+
+def test_drawn_regions_grouped_checked_and_written(tmp_path):
+    from napari_pathology.training.events import TrainingError
+    from napari_pathology.training.regions import (
+        check_regions,
+        check_slide_metadata,
+        group_regions,
+        region_label,
+        write_region_data,
+    )
+
+    assert region_label(None) == region_label("") == region_label(" Tumour ") == "tumour"
+    assert region_label("normal") == "normal" and region_label("stroma") is None
+    ring = np.array([[0.0, 0.0], [10.0, 0.0], [10.0, 10.0]])
+    rings = [(0, ring, ""), (1, None, "shape 1 is a line"), (2, ring, ""), (3, ring, "")]
+    regions, problems = group_regions(rings, [None, "tumour", "normal", "stroma"])
+    assert [len(regions[k]) for k in ("tumour", "normal")] == [1, 1]
+    assert problems == ["shape 1 is a line", "shape 3 has label 'stroma': use 'tumour' or 'normal'"]
+    with pytest.raises(TrainingError, match="stroma"):
+        check_regions("regions", regions, problems)
+    with pytest.raises(TrainingError, match="normal regions only"):
+        check_regions("regions", {"tumour": [], "normal": regions["normal"]}, [])
+    with pytest.raises(TrainingError, match="no um/px"):
+        check_slide_metadata("slide", {"mpp_missing": True, "mpp_x": 0.5})
+    check_regions("regions", regions, [])
+
+    slide = tmp_path / "slide.tif"
+    slide.write_bytes(b"")
+    meta = {"path": str(slide), "mpp_x": 0.5, "mpp_source": "user"}
+    table = write_region_data(tmp_path / "out", "tuned", regions, meta)
+    [entry] = read_slide_table(table)
+    assert entry.is_tumour and entry.mpp == 0.5
+    [[written]] = geojson_to_polygons(json.loads(entry.annotations.read_text()))
+    assert np.allclose(written[: len(ring)], ring)
+    assert entry.normal_annotations.name == "tuned.normal.geojson"

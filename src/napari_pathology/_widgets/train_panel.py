@@ -29,12 +29,11 @@ from __future__ import annotations
 import functools
 import time
 import weakref
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qtpy.QtCore import QEvent, QObject, QTimer, Signal
+from qtpy.QtCore import QEvent, QTimer, Signal
 from qtpy.QtWidgets import (
     QComboBox,
     QHBoxLayout,
@@ -46,6 +45,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_pathology._widgets.train_close import CloseWatcher, stop_jobs
 from napari_pathology._widgets.train_curves import CurvePlot
 from napari_pathology._widgets.train_form import (
     SOURCE_TABLE,
@@ -78,37 +78,6 @@ __all__ = [
 
 #: Redraw the curves at most this often (seconds).
 REDRAW_INTERVAL = 0.25
-
-
-# --------------------------------------------------------------------------- closing the viewer
-class _CloseWatcher(QObject):
-    """Stops a panel's jobs when the main window closes (the stop saves their last checkpoint)."""
-
-    def __init__(self, window: QWidget, stop: Callable[[], None]) -> None:
-        super().__init__(window)
-        self._stop = stop
-        self._closing = False
-        window.installEventFilter(self)
-
-    def eventFilter(self, obj: QObject, event: QEvent) -> bool:
-        """Watch Close (programmatic: stop now; by the user: once the window hides) and Show."""
-        kind = event.type()
-        if kind == QEvent.Type.Close:
-            if event.spontaneous():
-                self._closing = True  # a confirmation dialog may still cancel it
-            else:
-                self._stop()
-        elif kind == QEvent.Type.Hide and self._closing and not event.spontaneous():
-            self._stop()
-        elif kind == QEvent.Type.Show:
-            self._closing = False
-        return False
-
-
-def _stop_jobs(jobs: list[TrainingJob]) -> None:
-    from napari_pathology.training.panel_jobs import stop_jobs
-
-    stop_jobs(jobs)
 
 
 # --------------------------------------------------------------------------- the panel
@@ -180,7 +149,7 @@ class TrainPanel(TrainFormMixin, TrainMonitorMixin, QWidget):
         self._redraw_timer.setInterval(int(REDRAW_INTERVAL * 1000))
         self._redraw_timer.timeout.connect(self._redraw)
         jobs = self._jobs
-        self.destroyed.connect(lambda *_: _stop_jobs(jobs))
+        self.destroyed.connect(lambda *_: stop_jobs(jobs))
 
         self._family_changed()
         self._sync_shapes()
@@ -327,7 +296,7 @@ class TrainPanel(TrainFormMixin, TrainMonitorMixin, QWidget):
 
     def stop_all(self) -> None:
         """Stop every job this panel started (closing the viewer does this)."""
-        _stop_jobs(self._jobs)
+        stop_jobs(self._jobs)
 
     def _refuse(self, message: str) -> None:
         from napari.utils.notifications import show_error
@@ -433,4 +402,4 @@ class TrainPanel(TrainFormMixin, TrainMonitorMixin, QWidget):
             return
         self._watched = window
         jobs = self._jobs
-        _CloseWatcher(window, lambda: _stop_jobs(jobs))
+        CloseWatcher(window, lambda: stop_jobs(jobs))

@@ -33,7 +33,6 @@ __all__ = [
     "paper_default",
     "parse_lr",
     "run_job",
-    "stop_jobs",
     "unique_name",
 ]
 
@@ -98,12 +97,6 @@ class JobRecord:
 def run_job(family: Any, settings: Any, stop: threading.Event) -> Generator[Any, None, Any]:
     """Queue factory: the family's training generator (module level so it holds no panel)."""
     return family.train(settings, settings.data, settings.out, stop)
-
-
-def stop_jobs(jobs: list[TrainingJob]) -> None:
-    """Ask every job to stop (each saves its last checkpoint)."""
-    for job in list(jobs):
-        job.stop()
 
 
 def check_start(family: str, start: str) -> None:
