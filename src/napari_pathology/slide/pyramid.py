@@ -133,16 +133,13 @@ class _LevelReader:
         return region[:, :, key[2]] if len(key) > 2 else region
 
 
-class _ComputedLevelReader:
-    """A level the file lacks: each read area-averages ``factor`` x ``factor`` pixels of a file level.
+class _ComputedLevelReader(_LevelReader):
+    """A level the file lacks: each read area-averages ``factor`` x ``factor`` pixels of file level ``level``.
 
     Only the part of the source level under the request is read, in blocks of
     at most about :data:`_SOURCE_BLOCK` pixels per side, so memory stays bounded
     whatever the slide's size.
     """
-
-    dtype = np.dtype(np.uint8)
-    ndim = 3
 
     def __init__(
         self,
@@ -151,12 +148,9 @@ class _ComputedLevelReader:
         factor: int,
         on_error: Callable[[SlideReadError], None] | None,
     ) -> None:
-        self.backend = backend
-        self.level = level
+        super().__init__(backend, level, on_error)
         self.factor = int(factor)
-        self.on_error = on_error
-        width, height = backend.level_dimensions[level]
-        self.source_shape = (height, width)
+        height, width = self.source_shape = self.shape[:2]
         self.shape = (math.ceil(height / factor), math.ceil(width / factor), 3)
         self._cache: OrderedDict[tuple[int, int, int, int], np.ndarray] = OrderedDict()
         self._cache_lock = threading.Lock()
