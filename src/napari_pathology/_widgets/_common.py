@@ -1,8 +1,7 @@
-"""Small pieces shared by the panels: slide-layer picker and background calls."""
+"""Small pieces shared by the panels: slide-layer picker, file choosers, drawn shapes in slide pixels."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -11,6 +10,21 @@ from qtpy.QtCore import Signal
 from qtpy.QtWidgets import QComboBox, QFileDialog, QLineEdit, QWidget
 
 from napari_pathology._layers import is_slide_metadata
+from napari_pathology._widgets._workers import passthrough, run_in_thread, show_failure
+
+__all__ = [  # the worker helpers live in _workers (re-exported for the panels that import them here)
+    "CHECKPOINT_FILTER",
+    "SlideLayerCombo",
+    "choose_checkpoint",
+    "choose_folder_into",
+    "device_combo",
+    "passthrough",
+    "run_in_thread",
+    "same_path",
+    "select_or_add",
+    "shape_rings_px",
+    "show_failure",
+]
 
 if TYPE_CHECKING:
     import napari
@@ -77,28 +91,6 @@ class SlideLayerCombo(QComboBox):
         layer = event.value
         if layer is not None and is_slide_metadata(getattr(layer, "metadata", {})):
             self.setCurrentText(layer.name)
-
-
-def run_in_thread(
-    function: Callable[..., Any],
-    *args: Any,
-    on_done: Callable[[Any], None] | None = None,
-    on_error: Callable[[BaseException], None] | None = None,
-) -> Any:
-    """Run ``function(*args)`` in napari's thread pool; call back on the Qt thread.
-
-    Errors are shown as a napari notification unless ``on_error`` is given;
-    either way they are not re-raised on the Qt thread as tracebacks.
-    """
-    from napari.qt.threading import create_worker
-    from napari.utils.notifications import show_error
-
-    handler = on_error or (lambda exc: show_error(str(exc)))
-    worker = create_worker(function, *args, _start_thread=False, _connect={"errored": handler})
-    if on_done is not None:
-        worker.returned.connect(on_done)
-    worker.start()
-    return worker
 
 
 #: File-dialog filter for model checkpoints.
@@ -173,19 +165,6 @@ def shape_rings_px(shapes_layer: Any, slide_layer: Any) -> list[tuple[int, np.nd
             continue
         out.append((index, pixels[:, ::-1], ""))  # (row, col) -> (x, y)
     return out
-
-
-def passthrough(job: Generator[Any, None, Any]) -> Generator[Any, None, Any]:
-    """Let napari's generator worker drive an already-built job (``create_worker(passthrough, job)``)."""
-    return (yield from job)
-
-
-def show_failure(status: Any, error: BaseException) -> None:
-    """Say a worker's error in a panel's status label and as a napari notification."""
-    from napari.utils.notifications import show_error
-
-    status.setText(f"failed: {error}")
-    show_error(str(error))
 
 
 def same_path(a: str | None, b: str | None) -> bool:
