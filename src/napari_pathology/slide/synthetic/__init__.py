@@ -43,22 +43,33 @@ Modules
 
 # private names re-exported for tests that rebuild the generator's own fields
 from napari_pathology.slide.synthetic.fields import _F_PEN as _F_PEN
-from napari_pathology.slide.synthetic.nuclei import NUCLEUS_KINDS
+from napari_pathology.slide.synthetic.nuclei import NUCLEUS_KINDS, TUMOUR_KINDS
 from napari_pathology.slide.synthetic.scene import _build_scene as _build_scene
 from napari_pathology.slide.synthetic.truth import (
+    BINARY_LABELS,
     GENERATOR,
+    SUBTYPE_LABELS,
+    TUMOUR_TYPES,
     SyntheticTruth,
+    check_tumour_type,
     load_truth,
+    slide_label,
     truth_paths,
 )
 from napari_pathology.slide.synthetic.writer import generate_synthetic_slide, write_synthetic_slide
 
 __all__ = [
+    "BINARY_LABELS",
     "GENERATOR",
     "NUCLEUS_KINDS",
+    "SUBTYPE_LABELS",
+    "TUMOUR_KINDS",
+    "TUMOUR_TYPES",
     "SyntheticTruth",
+    "check_tumour_type",
     "generate_synthetic_slide",
     "load_truth",
+    "slide_label",
     "truth_paths",
     "write_synthetic_slide",
 ]

@@ -26,8 +26,13 @@ from napari_pathology.slide.synthetic.fields import (
     _lattice,
 )
 
-NUCLEUS_KINDS = ("tumour", "epithelial", "lymphocyte", "fibroblast", "histiocyte")
-_TUMOUR, _EPITHELIAL, _LYMPHOCYTE, _FIBROBLAST, _HISTIOCYTE = range(5)
+#: Nucleus kinds of the ``kind`` column; ``tumour`` is tumour type A, ``tumour_b`` type B (appended
+#: last so the codes of the others never change).
+NUCLEUS_KINDS = ("tumour", "epithelial", "lymphocyte", "fibroblast", "histiocyte", "tumour_b")
+_TUMOUR, _EPITHELIAL, _LYMPHOCYTE, _FIBROBLAST, _HISTIOCYTE, _TUMOUR_B = range(6)
+#: The kinds that are tumour nuclei (label ``tumour`` in the nucleus table; purity counts them).
+TUMOUR_KINDS = ("tumour", "tumour_b")
+_TUMOUR_CODES = (_TUMOUR, _TUMOUR_B)
 
 
 @dataclass
@@ -84,6 +89,21 @@ def _params(
         p["nu"] = rng.uniform(-0.3, 0.3, n) * p["r_um"]
         p["nv"] = rng.uniform(-0.3, 0.3, n) * p["r_um"]
         p["ns"] = rng.uniform(0.45, 0.8, n)
+    elif kind == _TUMOUR_B:
+        # Large pleomorphic vesicular nuclei: pale, chromatin at the membrane, one big nucleolus;
+        # irregular outlines, a few bizarre giant ones.
+        r = np.exp(rng.normal(math.log(6.6), 0.2, n)) * np.where(rng.random(n) < 0.06, 1.45, 1.0)
+        p["r_um"] = np.clip(r, 4.2, 12.0)
+        p["aspect"] = 1.0 + np.minimum(np.abs(rng.normal(0, 0.22, n)), 0.9)
+        p["h3"] = rng.normal(0, 0.05, n)
+        p["g3"] = rng.normal(0, 0.05, n)
+        p["dark"] = np.clip(rng.normal(0.78, 0.14, n), 0.5, 1.2)
+        p["coarse"] = rng.uniform(0.05, 0.3, n)
+        p["rim"] = rng.uniform(0.6, 0.85, n)
+        p["nucleolus"] = np.where(rng.random(n) < 0.92, rng.uniform(1.6, 2.4, n), 0.0)
+        p["nu"] = rng.uniform(-0.25, 0.25, n) * p["r_um"]
+        p["nv"] = rng.uniform(-0.25, 0.25, n) * p["r_um"]
+        p["ns"] = rng.uniform(0.75, 1.1, n)
     else:
         if kind == _EPITHELIAL:
             reactive = rng.random(n) < 0.05
@@ -132,7 +152,13 @@ def _place_nuclei(
     fibre_angles: np.ndarray,
     lining_um: float,
     acini: np.ndarray,
+    type_b_rng: np.random.Generator | None = None,
 ) -> _Nuclei:
+    """All nuclei of the slide; with ``type_b_rng`` the tumour is type B, drawn from that generator.
+
+    Type A's draws are made from ``rng`` either way, so everything outside the
+    tumour is the same for types A and B of one seed.
+    """
     tumour, nest, lymph, epi, fat = (
         fields[_F_TUMOUR],
         fields[_F_NEST],
@@ -154,7 +180,13 @@ def _place_nuclei(
     if bbox is not None:
         x, y = _lattice(rng, bbox, 11.0, 0.33)
         keep = (sample(tumour, x, y) > 0) & (sample(nest, x, y) > 0) & (rng.random(len(x)) < 0.93)
-        groups.append(_params(rng, _TUMOUR, x[keep], y[keep], None))
+        tumour_a = _params(rng, _TUMOUR, x[keep], y[keep], None)
+        if type_b_rng is None:
+            groups.append(tumour_a)
+        else:  # solid sheets: the whole lesion, fewer but larger cells
+            x, y = _lattice(type_b_rng, bbox, 17.5, 0.2)
+            keep = (sample(tumour, x, y) > 1.0) & (type_b_rng.random(len(x)) < 0.96)
+            groups.append(_params(type_b_rng, _TUMOUR_B, x[keep], y[keep], None))
     # Normal epithelium: small, round, evenly spaced.
     # Normal epithelium: a ring of basal nuclei around each gland lumen (solid when small).
     xs, ys = [], []

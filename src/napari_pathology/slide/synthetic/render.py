@@ -150,7 +150,8 @@ def _render_region(scene: _Scene, r0: int, r1: int, c0: int, c1: int) -> np.ndar
         chans = [_F_TISSUE, _F_THICK, *_FIBRES] + [
             c for c in (_F_TUMOUR, _F_NEST, _F_LYMPH, _F_EPI, _F_FAT, _F_LOBULE) if present.get(c, True)
         ]
-        if not present[_F_TUMOUR]:
+        type_b = scene.tumour_type == "B"
+        if not present[_F_TUMOUR] or type_b:  # type B grows in solid sheets: no nests, no septa
             chans.remove(_F_NEST)
         up = dict(zip(chans, _upsample(scene, chans, r0, r1, c0, c1), strict=True))
         zero = np.zeros((h, w), np.float32)
@@ -158,6 +159,8 @@ def _render_region(scene: _Scene, r0: int, r1: int, c0: int, c1: int) -> np.ndar
         w_tum, w_nest, w_lym, w_epi, w_fat = (
             _weight(up[c], edge) if c in up else zero for c, edge in _EDGE_UM.items()
         )
+        if type_b:
+            w_nest = np.ones_like(zero)
         w_str = np.clip(1.0 - w_tum - w_lym - w_epi - w_fat, 0.0, 1.0)
         mottle = _take2d(scene.mottle, r0, r1, c0, c1)
 
@@ -185,8 +188,13 @@ def _render_region(scene: _Scene, r0: int, r1: int, c0: int, c1: int) -> np.ndar
         e_cyto += w_lym * (0.2 * cyto)
         h_cyto += w_lym * (0.12 * cyto)
         tum_cell = w_tum * w_nest
-        e_cyto += tum_cell * (0.36 * cyto)
-        h_cyto += tum_cell * (0.15 * cyto)
+        if type_b:  # abundant, granular, more eosinophilic cytoplasm
+            grain = _take2d(scene.chrom_coarse, r0 + 131, r1 + 131, c0 + 257, c1 + 257)
+            e_cyto += tum_cell * (0.5 * cyto + 0.04 * grain)
+            h_cyto += tum_cell * (0.06 * cyto)
+        else:
+            e_cyto += tum_cell * (0.36 * cyto)
+            h_cyto += tum_cell * (0.15 * cyto)
         if present[_F_FAT]:
             fat = _take2d(scene.fat, r0, r1, c0, c1)
             e_cyto += w_fat * (0.012 + 0.55 * fat)

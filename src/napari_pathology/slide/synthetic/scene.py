@@ -46,6 +46,7 @@ class _Scene:
     has_blur: bool
     blur_sigma_px: float
     blur_margin: int
+    tumour_type: str | None = None  # "A", "B", or None on a normal slide
     info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -69,8 +70,13 @@ def _build_scene(
     tumour_size: str,
     pen_mark: bool,
     blurred_patch: bool,
+    tumour_type: str = "A",
 ) -> _Scene:
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5EED, 1]))
+    # Type B draws from its own stream: type A (and all but the tumour of a type B slide) keep their pixels.
+    type_b_rng = None
+    if tumour_type == "B" and not negative:
+        type_b_rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5EED, 0xB]))
     grid = _Grid(width, height, mpp, _mask_downsample(width, height))
     fields, info = _build_fields(grid, rng, negative, tumour_size, pen_mark, blurred_patch)
 
@@ -106,7 +112,7 @@ def _build_scene(
 
     acini = info.pop("acini")
     info["n_acini"] = len(acini)
-    nuclei = _place_nuclei(grid, rng, fields, fibre_angles, info["gland_lining_um"], acini)
+    nuclei = _place_nuclei(grid, rng, fields, fibre_angles, info["gland_lining_um"], acini, type_b_rng)
     x_px = (nuclei.x_um / mpp).astype(np.float64)
     y_px = (nuclei.y_um / mpp).astype(np.float64)
     bound = nuclei.r_um * np.sqrt(nuclei.aspect) * (1 + np.abs(nuclei.h3) + np.abs(nuclei.g3))
@@ -145,5 +151,6 @@ def _build_scene(
         has_blur=blurred_patch,
         blur_sigma_px=blur_sigma,
         blur_margin=math.ceil(3 * blur_sigma) + 2 if blurred_patch else 0,
+        tumour_type=None if negative else tumour_type,
         info=info,
     )

@@ -14,10 +14,19 @@ from PIL import Image
 from napari_pathology.fileio import atomic_path, atomic_write, read_json_file
 from napari_pathology.geometry import field_to_polygons, polygon_area, polygons_to_geojson
 from napari_pathology.slide.synthetic.fields import _F_TISSUE, _F_TUMOUR
-from napari_pathology.slide.synthetic.nuclei import _TUMOUR, NUCLEUS_KINDS
+from napari_pathology.slide.synthetic.nuclei import _TUMOUR_CODES, NUCLEUS_KINDS
 from napari_pathology.slide.synthetic.scene import _Scene
 
 GENERATOR = "napari-pathology synthetic v1"
+
+#: Tumour types: ``A`` crowded hyperchromatic nuclei in nests between desmoplastic septa (the
+#: generator's original tumour); ``B`` solid sheets of large pleomorphic vesicular nuclei with
+#: prominent nucleoli and abundant eosinophilic cytoplasm, at about half of A's nuclear density.
+TUMOUR_TYPES = ("A", "B")
+#: Slide labels of the subtyping task, in class order: no tumour, tumour type A, tumour type B.
+SUBTYPE_LABELS = ("normal", "tumour_a", "tumour_b")
+#: Slide labels of the binary task (the truth's ``label``), in class order.
+BINARY_LABELS = ("normal", "tumour")
 
 _SUFFIXES = {
     "truth_json": ".truth.json",
@@ -48,6 +57,8 @@ class SyntheticTruth:
         Micrometres per pixel of the PNG masks.
     n_nuclei : int
         Number of rendered nuclei (rows of the CSV).
+    tumour_type : str or None
+        ``"A"`` or ``"B"`` (see :data:`TUMOUR_TYPES`); None on a normal slide.
 
     """
 
@@ -64,6 +75,7 @@ class SyntheticTruth:
     tumour_area_um2: float
     mask_mpp: float
     n_nuclei: int
+    tumour_type: str | None = None
 
 
 def truth_paths(slide_path: str | os.PathLike[str]) -> dict[str, Path]:
@@ -109,6 +121,65 @@ def load_truth(slide_path: str | os.PathLike[str]) -> dict[str, Any]:
     return read_json_file(path, "synthetic truth file")
 
 
+def check_tumour_type(tumour_type: str | None, negative: bool) -> str | None:
+    """The tumour type in canonical spelling (``"A"``/``"B"``), None for a normal slide.
+
+    Parameters
+    ----------
+    tumour_type : str or None
+        ``"A"``, ``"B"`` (either case) or None (``"A"`` on a slide with tumour).
+    negative : bool
+        The slide is normal (no tumour).
+
+    Raises
+    ------
+    ValueError
+        An unknown type, or a type given for a normal slide.
+    """
+    if tumour_type is None:
+        return None if negative else "A"
+    value = str(tumour_type).strip().upper()
+    if value not in TUMOUR_TYPES:
+        raise ValueError(f"tumour_type must be one of {', '.join(TUMOUR_TYPES)}, got {tumour_type!r}")
+    if negative:
+        raise ValueError(f"a normal (negative) slide has no tumour, so no tumour type; got {tumour_type!r}")
+    return value
+
+
+def slide_label(truth: dict[str, Any] | str | os.PathLike[str], subtypes: bool = True) -> str:
+    """A slide-table label from a synthetic slide's truth.
+
+    Parameters
+    ----------
+    truth : dict or path-like
+        The parsed truth JSON (:func:`load_truth`), or the slide / truth JSON path.
+    subtypes : bool
+        One of :data:`SUBTYPE_LABELS` (``normal``, ``tumour_a``, ``tumour_b``);
+        else one of :data:`BINARY_LABELS` (``normal``, ``tumour``).
+
+    Returns
+    -------
+    str
+        The label. Truth written before tumour types existed is type A.
+
+    Raises
+    ------
+    ValueError
+        The truth has no usable ``label`` or ``tumour_type``.
+    """
+    data = truth if isinstance(truth, dict) else load_truth(truth)
+    label = data.get("label")
+    if label not in BINARY_LABELS:
+        raise ValueError(f"synthetic truth has label {label!r}; expected one of {', '.join(BINARY_LABELS)}")
+    if label == "normal" or not subtypes:
+        return str(label)
+    kind = data.get("tumour_type") or "A"
+    if kind not in TUMOUR_TYPES:
+        expected = ", ".join(TUMOUR_TYPES)
+        raise ValueError(f"synthetic truth has tumour_type {kind!r}; expected one of {expected}")
+    return SUBTYPE_LABELS[1 + TUMOUR_TYPES.index(kind)]
+
+
 def _write_truth(
     scene: _Scene,
     slide_path: Path,
@@ -141,7 +212,8 @@ def _write_truth(
     tumour_area_um2 = float(sum(polygon_area(p) for p in clipped)) * scene.mpp**2
 
     n = scene.nuclei
-    labels = np.where(n.kind == _TUMOUR, "tumour", "normal")
+    is_tumour = np.isin(n.kind, _TUMOUR_CODES)
+    labels = np.where(is_tumour, "tumour", "normal")
     kinds = np.asarray(NUCLEUS_KINDS)[n.kind]
     lines = ["x_um,y_um,label,radius_um,kind"]
     lines += [
@@ -157,12 +229,15 @@ def _write_truth(
     ]
     atomic_write(paths["nuclei_csv"], "\n".join(lines) + "\n")
 
-    n_tumour_nuclei = int((n.kind == _TUMOUR).sum())
+    n_tumour_nuclei = int(is_tumour.sum())
     label = "tumour" if tumour.any() else "normal"
+    tumour_type = scene.tumour_type if label == "tumour" else None
     mask_mpp = grid.d * scene.mpp
     info = dict(scene.info)
+    lesions = [dict(lesion, tumour_type=tumour_type) for lesion in info.pop("lesions", [])]
     truth = {
         "label": label,
+        "tumour_type": tumour_type,
         "mpp": scene.mpp,
         "width": scene.width,
         "height": scene.height,
@@ -176,8 +251,8 @@ def _write_truth(
         "n_nuclei": len(n),
         "n_tumour_nuclei": n_tumour_nuclei,
         "n_nuclei_by_kind": info.pop("n_nuclei_by_kind"),
-        "n_lesions": len(info.get("lesions", [])),
-        "lesions": info.pop("lesions", []),
+        "n_lesions": len(lesions),
+        "lesions": lesions,
         "levels": [list(d) for d in levels],
         "artefacts": {k: info.pop(k) for k in ("pen_mark", "blurred_patch") if k in info},
         "stain": info.pop("stain"),
@@ -195,5 +270,6 @@ def _write_truth(
         tumour_area_um2=tumour_area_um2,
         mask_mpp=mask_mpp,
         n_nuclei=len(n),
+        tumour_type=tumour_type,
         **paths,
     )

@@ -19,7 +19,12 @@ from napari_pathology.fileio import atomic_path, ensure_writable_dir, output_err
 from napari_pathology.progress import Progress, run_to_completion
 from napari_pathology.slide.synthetic.render import _render_block
 from napari_pathology.slide.synthetic.scene import _build_scene, _Scene
-from napari_pathology.slide.synthetic.truth import GENERATOR, SyntheticTruth, _write_truth
+from napari_pathology.slide.synthetic.truth import (
+    GENERATOR,
+    SyntheticTruth,
+    _write_truth,
+    check_tumour_type,
+)
 
 _BLOCK = 1024  # level-0 render block (px), a multiple of the tile size
 
@@ -206,6 +211,7 @@ def generate_synthetic_slide(
     blurred_patch: bool = False,
     tile_size: int = 256,
     jpeg_quality: int = 85,
+    tumour_type: str | None = None,
 ) -> Generator[Progress, None, SyntheticTruth]:
     """Write a synthetic H&E whole-slide image and its ground truth.
 
@@ -232,6 +238,10 @@ def generate_synthetic_slide(
         TIFF tile size (multiple of 16).
     jpeg_quality : int
         JPEG quality (1-100).
+    tumour_type : {"A", "B"}, optional
+        The tumour's type (see :data:`TUMOUR_TYPES`); ``None`` is ``"A"``, the
+        generator's original tumour, whose pixels never change. A normal slide
+        (``negative``) has none: giving one is refused.
 
     Yields
     ------
@@ -256,6 +266,7 @@ def generate_synthetic_slide(
     quality = int(jpeg_quality)
     if not 1 <= quality <= 100:
         raise ValueError(f"jpeg_quality must be in [1, 100], got {jpeg_quality}")
+    kind = check_tumour_type(tumour_type, bool(negative))
     path = Path(path)
     ensure_writable_dir(path.parent)  # a read-only or missing output folder is said before the work
     options = {
@@ -265,6 +276,7 @@ def generate_synthetic_slide(
         "blurred_patch": bool(blurred_patch),
         "tile_size": tile,
         "jpeg_quality": quality,
+        "tumour_type": kind,
     }
 
     block = max(tile, _BLOCK // tile * tile)
@@ -272,9 +284,8 @@ def generate_synthetic_slide(
     cols = list(range(0, width, block))
     total = len(strips) * len(cols) + 2
     yield Progress(0, total, "building scene")
-    scene = _build_scene(
-        width, height, mpp, seed, bool(negative), tumour_size, bool(pen_mark), bool(blurred_patch)
-    )
+    flags = (bool(negative), tumour_size, bool(pen_mark), bool(blurred_patch))
+    scene = _build_scene(width, height, mpp, seed, *flags, tumour_type=kind or "A")
     yield Progress(1, total, "rendering")
 
     levels = _level_dims(width, height)
