@@ -197,3 +197,30 @@ def test_tissue_layer_follows_a_um_per_px_override(panel_with_slide, qtbot, synt
     finally:
         set_mpp(None)
     assert tuple(layer.scale) == pytest.approx((8.0, 8.0))
+
+
+def test_cancel_keeps_the_panel_usable(panel_with_slide, qtbot) -> None:
+    _viewer, panel, _slide_layer = panel_with_slide
+    panel.detect_button.click()
+    assert panel.cancel_button.isEnabled() and not panel.detect_button.isEnabled()
+    panel.cancel()
+    assert panel.status_label.text() == "Cancelled." and not panel.cancel_button.isEnabled()
+    qtbot.waitUntil(lambda: panel.detect_button.isEnabled(), timeout=TIMEOUT_MS)
+    assert panel.progress_bar.maximum() == 1 and not panel.cancel_button.isEnabled()
+    panel.cancel()  # nothing runs: nothing happens
+
+
+def test_layer_metadata_round_trip_without_napari() -> None:
+    from napari_pathology.tissue import TissueMask
+    from napari_pathology.tissue.layer import format_area, labels_layer_args, mask_from_labels
+
+    mask = TissueMask(np.eye(4, dtype=bool), 8.0, (64, 64), (0.5, 0.5), "otsu", {})
+    args = labels_layer_args(mask, "slide", ("micrometer", "micrometer"), "/x/slide.tif")
+    assert args["name"] == "slide tissue" and args["scale"] == (8.0, 8.0)
+    back = mask_from_labels(np.eye(4, dtype=np.uint8) * 3, args["metadata"], "slide tissue")
+    assert np.array_equal(back.mask, mask.mask) and back.method == "otsu" and back.slide_mpp == (0.5, 0.5)
+    assert format_area(back).startswith("Tissue: ")
+    with pytest.raises(ValueError, match="not a tissue mask"):
+        mask_from_labels(np.zeros((4, 4)), {"mask_mpp": 8.0}, "other")
+    with pytest.raises(ValueError, match="must be 2-D"):
+        mask_from_labels(np.zeros((2, 4, 4)), args["metadata"], "stack")

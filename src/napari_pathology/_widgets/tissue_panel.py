@@ -15,55 +15,26 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from qtpy.QtCore import QTimer
-from qtpy.QtWidgets import (
-    QCheckBox,
-    QComboBox,
-    QDoubleSpinBox,
-    QFileDialog,
-    QFormLayout,
-    QGroupBox,
-    QHBoxLayout,
-    QLabel,
-    QProgressBar,
-    QPushButton,
-    QSpinBox,
-    QVBoxLayout,
-    QWidget,
-)
+from qtpy.QtWidgets import QFileDialog, QHBoxLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
 
-from napari_pathology._layers import (
-    follow_slide_scale,
-    link_metadata,
-    overlay_geometry,
-    slide_from_metadata,
-)
-from napari_pathology._widgets._common import SlideLayerCombo, run_in_thread, same_path
-from napari_pathology.tissue import (
-    TissueMask,
-    TissueParams,
-    detect_tissue,
-    read_tissue_file,
-    save_tissue_mask,
+from napari_pathology._layers import follow_slide_scale, slide_from_metadata
+from napari_pathology._widgets._common import SlideLayerCombo, same_path
+from napari_pathology._widgets._workers import PanelWorker, run_in_thread, start_worker
+from napari_pathology._widgets.tissue_form import METHOD_CHOICES, TissueFormMixin
+from napari_pathology.tissue import TissueMask, detect_tissue, read_tissue_file, save_tissue_mask
+from napari_pathology.tissue.layer import (
+    TISSUE_LAYER_COLORS,
+    TISSUE_MARKER,
+    format_area,
+    is_tissue_metadata,
+    labels_layer_args,
+    mask_from_labels,
 )
 
 if TYPE_CHECKING:
     import napari
 
-    from napari_pathology.progress import Progress
     from napari_pathology.slide import Slide
-
-#: Key present in the metadata of every tissue labels layer made by this panel.
-TISSUE_MARKER = "napari_pathology_tissue"
-
-#: Label colours: 0 transparent, any painted label green.
-_TISSUE_RGBA = (0.15, 0.85, 0.35, 1.0)
-
-#: Methods as shown in the combo box, with their :class:`TissueParams` names.
-METHOD_CHOICES = (
-    ("Saturation (CLAM)", "saturation"),
-    ("Otsu (grayscale)", "otsu"),
-    ("Gray > 0.8 is background (Liu)", "gray"),
-)
 
 _IMPORT_FILTER = "Tissue masks (*.geojson *.json *.png *.tif *.tiff *.jpg *.jpeg);;All files (*)"
 
@@ -76,8 +47,8 @@ AREA_UPDATE_MS = 150
 
 def is_tissue_layer(layer: Any) -> bool:
     """Whether a layer is a tissue labels layer made by this plugin."""
-    return getattr(layer, "_type_string", None) == "labels" and bool(
-        getattr(layer, "metadata", {}).get(TISSUE_MARKER)
+    return getattr(layer, "_type_string", None) == "labels" and is_tissue_metadata(
+        getattr(layer, "metadata", {})
     )
 
 
@@ -93,137 +64,44 @@ def find_tissue_layer(viewer: napari.Viewer, slide_path: str | None) -> napari.l
 
 
 def tissue_mask_from_layer(layer: napari.layers.Labels) -> TissueMask:
-    """The (possibly user-painted) tissue labels layer as a :class:`TissueMask`.
-
-    Every label > 0 is tissue. The mask's geometry (um/px, slide size and
-    um/px) comes from the layer's metadata, set by the Tissue panel.
+    """The (possibly user-painted) tissue labels layer as a :class:`TissueMask` (label > 0 is tissue).
 
     Raises
     ------
     ValueError
-        When the layer is not a tissue layer made by the Tissue panel.
-
+        When the layer is not a tissue layer made by the Tissue panel (see
+        :func:`~napari_pathology.tissue.layer.mask_from_labels`).
     """
-    meta = getattr(layer, "metadata", {}) or {}
-    missing = [key for key in ("mask_mpp", "slide_size", "slide_mpp") if meta.get(key) is None]
-    if not meta.get(TISSUE_MARKER) or missing:
-        raise ValueError(
-            f"layer {getattr(layer, 'name', layer)!r} is not a tissue mask made by the Tissue panel"
-            + (f" (its metadata lacks {', '.join(missing)})" if missing else "")
-        )
     data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
-    data = np.asarray(data)
-    if data.ndim != 2:
-        raise ValueError(f"tissue layer {layer.name!r} must be 2-D, got shape {data.shape}")
-    params = dict(meta.get("params") or {})
-    return TissueMask(
-        mask=data > 0,
-        mpp=float(meta["mask_mpp"]),
-        slide_size=tuple(int(v) for v in meta["slide_size"]),  # type: ignore[arg-type]
-        slide_mpp=tuple(float(v) for v in meta["slide_mpp"]),  # type: ignore[arg-type]
-        method=str(meta.get("method", "painted")),
-        params=params,
-    )
+    return mask_from_labels(data, getattr(layer, "metadata", None), getattr(layer, "name", str(layer)))
 
 
 def tissue_layer_kwargs(mask: TissueMask, slide_layer: Any, slide_path: str | None) -> dict[str, Any]:
     """``add_labels`` keyword arguments that lay ``mask`` over ``slide_layer``."""
     from napari.utils.colormaps import DirectLabelColormap
 
-    geometry = overlay_geometry(mask.mpp, (mask.mpp / 2, mask.mpp / 2), mask.slide_mpp)
-    metadata = {
-        **link_metadata({"path": slide_path}, (mask.slide_mpp[1], mask.slide_mpp[0])),
-        TISSUE_MARKER: True,
-        "slide_path": slide_path,
-        "mask_mpp": mask.mpp,
-        "slide_size": list(mask.slide_size),
-        "slide_mpp": list(mask.slide_mpp),
-        "method": mask.method,
-        "params": dict(mask.params),
-    }
-    colormap = DirectLabelColormap(color_dict={None: _TISSUE_RGBA, 0: (0, 0, 0, 0), 1: _TISSUE_RGBA})
-    return {
-        "name": f"{slide_layer.name} tissue",
-        "scale": geometry["scale"],
-        "translate": geometry["translate"],
-        "units": tuple(str(u) for u in slide_layer.units),
-        "metadata": metadata,
-        "opacity": 0.35,
-        "colormap": colormap,
-    }
-
-
-def format_area(mask: TissueMask) -> str:
-    """The area label's text."""
-    if mask.is_empty:
-        return "No tissue found"
-    return f"Tissue: {mask.area_mm2:.2f} mm\N{SUPERSCRIPT TWO}"
+    kwargs = labels_layer_args(mask, slide_layer.name, slide_layer.units, slide_path)
+    return {**kwargs, "colormap": DirectLabelColormap(color_dict=dict(TISSUE_LAYER_COLORS))}
 
 
 # --------------------------------------------------------------------------- panel
 
 
-class TissuePanel(QWidget):
+class TissuePanel(TissueFormMixin, QWidget):
     """Dock widget: detect the tissue of the chosen slide, correct, import and save it."""
 
     def __init__(self, napari_viewer: napari.Viewer) -> None:
         super().__init__()
         self.viewer = napari_viewer
-        self._worker: Any = None
+        self._worker: Any = None  # napari's worker while a detection runs
+        self._running: PanelWorker | None = None
         self._watched: Any = None
         self.last_mask: TissueMask | None = None
 
         self.slide_combo = SlideLayerCombo(napari_viewer)
         self.slide_combo.changed.connect(self._on_slide_changed)
 
-        # ---- parameters
-        defaults = TissueParams()
-        self.method_combo = QComboBox()
-        for text, method in METHOD_CHOICES:
-            self.method_combo.addItem(text, method)
-        self.method_combo.setToolTip(
-            "Saturation: CLAM's HSV-saturation threshold (robust default).\n"
-            "Otsu: automatic threshold on grayscale.\n"
-            "Gray: Liu et al.'s rule, background where gray > 0.8."
-        )
-        self.method_combo.currentIndexChanged.connect(self._update_method_rows)
-        self.mask_mpp_spin = _double_spin(0.5, 128.0, defaults.mask_mpp, 1, " um/px", 1.0)
-        self.mask_mpp_spin.setToolTip("Resolution of the mask (coarser is faster)")
-        self.saturation_spin = QSpinBox()
-        self.saturation_spin.setRange(0, 255)
-        self.saturation_spin.setSpecialValueText("Otsu")
-        self.saturation_spin.setValue(int(defaults.saturation_threshold or 0))
-        self.saturation_spin.setToolTip("Saturation (0-255) above which a pixel is tissue; 0 = Otsu")
-        self.gray_spin = _double_spin(0.0, 1.0, defaults.gray_threshold, 2, "", 0.05)
-        self.gray_spin.setToolTip("Gray value (0-1) above which a pixel is background")
-        self.median_spin = _double_spin(0.0, 1000.0, defaults.median_um, 0, " um", 8.0)
-        self.closing_spin = _double_spin(0.0, 1000.0, defaults.closing_um, 0, " um", 8.0)
-        self.min_area_spin = _double_spin(
-            0.0, 100.0, defaults.min_tissue_area_mm2, 3, " mm\N{SUPERSCRIPT TWO}", 0.01
-        )
-        self.min_area_spin.setToolTip("Drop tissue pieces smaller than this")
-        self.min_hole_spin = _double_spin(
-            0.0, 100.0, defaults.min_hole_area_mm2, 3, " mm\N{SUPERSCRIPT TWO}", 0.01
-        )
-        self.min_hole_spin.setToolTip("Fill holes smaller than this")
-        self.fill_holes_check = QCheckBox("Fill all holes")
-        self.fill_holes_check.setChecked(defaults.fill_holes)
-        self.exclude_pen_check = QCheckBox("Exclude pen marks")
-        self.exclude_pen_check.setChecked(defaults.exclude_pen)
-        self.exclude_pen_check.setToolTip("Remove green, blue and red marker ink from the mask")
-
-        params_box = QGroupBox("Detection")
-        self.form = QFormLayout(params_box)
-        self.form.addRow("Method", self.method_combo)
-        self.form.addRow("Mask resolution", self.mask_mpp_spin)
-        self.form.addRow("Saturation threshold", self.saturation_spin)
-        self.form.addRow("Gray threshold", self.gray_spin)
-        self.form.addRow("Median blur", self.median_spin)
-        self.form.addRow("Closing", self.closing_spin)
-        self.form.addRow("Min. tissue piece", self.min_area_spin)
-        self.form.addRow("Min. kept hole", self.min_hole_spin)
-        self.form.addRow(self.fill_holes_check)
-        self.form.addRow(self.exclude_pen_check)
+        params_box = self._make_params_box()
 
         # ---- actions and feedback
         self.detect_button = QPushButton("Detect")
@@ -286,33 +164,6 @@ class TissuePanel(QWidget):
         """The tissue layer of the chosen slide, if any."""
         layer = self.slide_layer
         return None if layer is None else find_tissue_layer(self.viewer, layer.metadata.get("path"))
-
-    def params(self) -> TissueParams:
-        """The parameters set in the panel."""
-        saturation = self.saturation_spin.value()
-        return TissueParams(
-            method=self.method_combo.currentData(),
-            mask_mpp=float(self.mask_mpp_spin.value()),
-            saturation_threshold=None if saturation == 0 else float(saturation),
-            gray_threshold=float(self.gray_spin.value()),
-            median_um=float(self.median_spin.value()),
-            closing_um=float(self.closing_spin.value()),
-            min_tissue_area_mm2=float(self.min_area_spin.value()),
-            min_hole_area_mm2=float(self.min_hole_spin.value()),
-            fill_holes=self.fill_holes_check.isChecked(),
-            exclude_pen=self.exclude_pen_check.isChecked(),
-        )
-
-    def _update_method_rows(self, *_: Any) -> None:
-        method = self.method_combo.currentData()
-        for field, visible in (
-            (self.saturation_spin, method == "saturation"),
-            (self.gray_spin, method == "gray"),
-        ):
-            field.setVisible(visible)
-            label = self.form.labelForField(field)
-            if label is not None:
-                label.setVisible(visible)
 
     def _set_status(self, text: str, warning: bool = False) -> None:
         self.status_label.setText(text)
@@ -391,7 +242,6 @@ class TissuePanel(QWidget):
     # ------------------------------------------------------------------ detect
     def detect(self) -> None:
         """Run tissue detection on the chosen slide in a background worker."""
-        from napari.qt.threading import create_worker
         from napari.utils.notifications import show_error
 
         layer = self.slide_layer
@@ -405,31 +255,19 @@ class TissuePanel(QWidget):
             self._set_status(str(exc), warning=True)
             show_error(str(exc))
             return
-        worker = create_worker(
-            detect_tissue, slide, params, _start_thread=False, _connect={"errored": self._on_error}
-        )
-        worker.yielded.connect(self._on_progress)
-        worker.returned.connect(lambda mask, layer=layer, slide=slide: self._on_detected(mask, layer, slide))
-        worker.finished.connect(self._on_finished)
-        self._worker = worker
-        self.detect_button.setEnabled(False)
-        self.cancel_button.setEnabled(True)
-        self.progress_bar.setRange(0, 0)
         self._set_status(f"Finding tissue on {layer.name}...")
-        worker.start()
+        self._running = start_worker(
+            detect_tissue, slide, params, progress=self.progress_bar, status=self._set_status,
+            busy=(self.detect_button,), cancel_button=self.cancel_button,
+            on_done=lambda mask: self._on_detected(mask, layer, slide),
+            on_error=self._on_error, on_finished=self._on_finished,
+        )  # fmt: skip
+        self._worker = self._running.worker
 
     def cancel(self) -> None:
         """Stop a running detection (the previous mask, if any, is kept)."""
-        if self._worker is not None:
-            self._worker.quit()
-            self._set_status("Cancelled.")
-
-    def _on_progress(self, event: Progress) -> None:
-        if event.total > 0:
-            self.progress_bar.setRange(0, event.total)
-            self.progress_bar.setValue(min(event.done, event.total))
-        if event.message:
-            self._set_status(event.message)
+        if self._running is not None and self._running.cancel("Cancelled."):
+            self.detect_button.setEnabled(False)  # until the worker has stopped
 
     def _on_detected(self, mask: TissueMask, slide_layer: Any, slide: Slide) -> None:
         from napari.utils.notifications import show_warning
@@ -452,10 +290,9 @@ class TissuePanel(QWidget):
         show_error(f"Tissue detection failed: {exc}")
 
     def _on_finished(self) -> None:
-        self._worker = None
+        self._worker = self._running = None
         self.progress_bar.setRange(0, 1)
         self.progress_bar.setValue(1)
-        self.cancel_button.setEnabled(False)
         self.detect_button.setEnabled(self.slide_layer is not None)
 
     # ------------------------------------------------------------------ layer
@@ -544,19 +381,8 @@ class TissuePanel(QWidget):
         show_error(str(exc))
 
 
-def _double_spin(
-    low: float, high: float, value: float, decimals: int, suffix: str, step: float
-) -> QDoubleSpinBox:
-    spin = QDoubleSpinBox()
-    spin.setRange(low, high)
-    spin.setDecimals(decimals)
-    spin.setSingleStep(step)
-    spin.setValue(value)
-    spin.setSuffix(suffix)
-    return spin
-
-
 __all__ = [
+    "METHOD_CHOICES",
     "TISSUE_MARKER",
     "TissuePanel",
     "find_tissue_layer",
