@@ -60,9 +60,23 @@ def _cmd_info(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- synth
 
 
+def tumour_type_option(text: str) -> str:
+    """``--tumour-type``: ``A`` or ``B`` (either case), see ``slide.synthetic.TUMOUR_TYPES``."""
+    from napari_pathology.slide.synthetic import TUMOUR_TYPES
+
+    value = text.strip().upper()
+    if value not in TUMOUR_TYPES:
+        raise argparse.ArgumentTypeError(f"must be {' or '.join(TUMOUR_TYPES)}, got {text!r}")
+    return value
+
+
 def _cmd_synth(args: argparse.Namespace) -> int:
     from napari_pathology.slide.synthetic import generate_synthetic_slide, truth_paths
 
+    if args.negative and args.tumour_type is not None:
+        raise CommandError(
+            f"--tumour-type {args.tumour_type} needs a slide with tumour; a --negative slide has none"
+        )
     out = Path(args.out)
     if out.suffix.lower() not in {".tif", ".tiff"}:
         raise CommandError(f"output must end in .tif or .tiff, got {out.name}")
@@ -79,11 +93,13 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         mpp=args.mpp,
         pen_mark=args.pen_mark,
         blurred_patch=args.blurred_patch,
+        tumour_type=args.tumour_type,
     )
     truth = run_with_progress(job, f"writing {out.name}", quiet=args.quiet)
+    kind = f" (type {truth.tumour_type})" if truth.tumour_type else ""
     print(
         f"{truth.slide_path}: {truth.width}x{truth.height} px at {truth.mpp} um/px, "
-        f"label {truth.label}, tumour {truth.tumour_area_um2 / 1e6:.3f} mm^2, "
+        f"label {truth.label}{kind}, tumour {truth.tumour_area_um2 / 1e6:.3f} mm^2, "
         f"{truth.n_nuclei} nuclei; ground truth in {truth.truth_json.name}"
     )
     return 0
@@ -328,6 +344,14 @@ def add_parsers(sub: Any) -> None:
     synth.add_argument("--seed", type=seed_int, default=0)
     synth.add_argument("--negative", action="store_true", help="no tumour (a normal slide)")
     synth.add_argument("--micro", action="store_true", help="one small lesion (micro-metastasis)")
+    synth.add_argument(
+        "--tumour-type",
+        type=tumour_type_option,
+        default=None,
+        metavar="A|B",
+        help="A: crowded dark nuclei in nests (default); B: solid sheets of large vesicular nuclei "
+        "with prominent nucleoli (not with --negative)",
+    )
     synth.add_argument("--mpp", type=SYNTH_MPP, default=0.5, help="um/px at level 0 (default 0.5)")
     synth.add_argument("--pen-mark", action="store_true", help="add a pen-ink stroke")
     synth.add_argument("--blurred-patch", action="store_true", help="add an out-of-focus patch")

@@ -6,13 +6,29 @@ reduced level as its own top-level page), plus sidecar files with the ground
 truth beside it (for ``OUT.tif``):
 
 ``OUT.truth.json``
-    Label, geometry, counts and generator options.
+    Label, tumour type, geometry, counts and generator options.
 ``OUT.tumour.geojson``
     QuPath-style tumour annotations in level-0 pixel coordinates.
 ``OUT.tissue.png`` / ``OUT.tumour.png``
     Boolean masks (0/255) at ``mask_mpp`` um/px.
 ``OUT.nuclei.csv``
     Every rendered nucleus: ``x_um,y_um,label,radius_um,kind``.
+
+Tumour types
+------------
+A slide with tumour has one of :data:`TUMOUR_TYPES`: ``A`` (the default and
+the generator's original tumour, whose pixels never change: crowded
+hyperchromatic nuclei in nests between desmoplastic septa, nucleus kind
+``tumour``) or ``B`` (solid sheets of large pleomorphic vesicular nuclei with
+prominent nucleoli and abundant eosinophilic cytoplasm, at about half A's
+density, kind ``tumour_b``). Both kinds are labelled ``tumour`` in the nucleus
+table (:data:`TUMOUR_KINDS`). The truth JSON records ``tumour_type`` (None on
+a normal slide) at the top level and per lesion; :func:`slide_label` turns the
+truth into a slide-table label, :data:`SUBTYPE_LABELS` (``normal``,
+``tumour_a``, ``tumour_b``) or :data:`BINARY_LABELS` (``normal``, ``tumour``),
+and :func:`write_subtype_cohort` writes N slides of each subtype class with
+their slide table. Everything but the tumour is the same for types A and B of
+one seed.
 
 How it works
 ------------
@@ -39,9 +55,11 @@ Modules
 ``render``   level-0 blocks to RGB
 ``truth``    the ground-truth sidecar files (paths, reading, writing)
 ``writer``   the streamed pyramidal TIFF and the public entry points
+``cohort``   a small subtyping cohort (N slides per class) and its slide table
 """
 
 # private names re-exported for tests that rebuild the generator's own fields
+from napari_pathology.slide.synthetic.cohort import generate_subtype_cohort, write_subtype_cohort
 from napari_pathology.slide.synthetic.fields import _F_PEN as _F_PEN
 from napari_pathology.slide.synthetic.nuclei import NUCLEUS_KINDS, TUMOUR_KINDS
 from napari_pathology.slide.synthetic.scene import _build_scene as _build_scene
@@ -67,9 +85,11 @@ __all__ = [
     "TUMOUR_TYPES",
     "SyntheticTruth",
     "check_tumour_type",
+    "generate_subtype_cohort",
     "generate_synthetic_slide",
     "load_truth",
     "slide_label",
     "truth_paths",
+    "write_subtype_cohort",
     "write_synthetic_slide",
 ]
