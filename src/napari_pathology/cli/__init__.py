@@ -1,7 +1,7 @@
 """The ``napari-pathology`` command.
 
 Sub-commands: ``demo``, ``info``, ``synth``, ``tissue``, ``nuclei``, ``models``, ``run``,
-``train``, ``evaluate``. Errors a user can fix (a broken
+``train``, ``evaluate``, ``features``. Errors a user can fix (a broken
 file, a missing um/px) end the command with one clear line on stderr and a
 non-zero exit status, never a traceback.
 
@@ -9,7 +9,8 @@ Layout: :mod:`.errors` (one-line errors, exit statuses, SIGTERM), :mod:`.options
 (the argparse ``type=`` factories), :mod:`.progress_bars`, and one module per
 group of sub-commands, each with its parsers: :mod:`.slides` (``demo``, ``info``,
 ``synth``, ``tissue``, ``nuclei``), :mod:`.analysis` (``models``, ``run``,
-``evaluate``) and :mod:`.train` (``train``, options generated from the families).
+``evaluate``), :mod:`.train` (``train``, options generated from the families) and
+:mod:`.features` (``features``: encoders, CLAM-layout h5 files).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from napari_pathology.cli import analysis, slides, train
+from napari_pathology.cli import analysis, features, slides, train
 from napari_pathology.cli.errors import (
     EXIT_USER_ERROR,
     CommandError,
@@ -87,6 +88,7 @@ def build_parser(families: bool = True) -> argparse.ArgumentParser:
     analysis.add_parsers(sub)  # models, run
     train.add_parser(sub, families=families)
     analysis.add_evaluate_parser(sub)
+    features.add_parser(sub)
     return parser
 
 

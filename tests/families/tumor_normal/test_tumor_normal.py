@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from napari_pathology.cohort import SlideEntry, read_slide_table
+from napari_pathology.families.tumor_normal.encoder import trunk_encoder
 from napari_pathology.families.tumor_normal.train import (
     TumorNormalTraining,
     _balanced_batches,
@@ -14,12 +15,13 @@ from napari_pathology.families.tumor_normal.train import (
     slide_classes,
     train_tumor_normal,
 )
+from napari_pathology.features import extract_features, get_encoder, list_encoders
 from napari_pathology.models import create_model, load_checkpoint, resolve_model, save_checkpoint
 from napari_pathology.progress import run_to_completion
 from napari_pathology.slide import open_slide
+from napari_pathology.tiles import read_tile, to_tensor
 from napari_pathology.tissue import detect_tissue
 from napari_pathology.training import TrainingError
-from napari_pathology.training.features import tile_features
 
 
 def test_trunk_stays_frozen_in_training_mode() -> None:
@@ -53,15 +55,40 @@ def test_features_are_cached_and_keyed_by_the_trunk(tiny_cohort, tmp_path) -> No
     tissue = run_to_completion(detect_tissue(slide))
     torch.manual_seed(0)
     model = create_model("tumor-normal-small-10x")
-    first = run_to_completion(tile_features(slide, model, tissue=tissue, cache_dir=tmp_path))
+    encoder = trunk_encoder(model, trained=False)
+    first = run_to_completion(extract_features(slide, encoder, tissue=tissue, cache_dir=tmp_path))
     assert first.path is not None and first.path.exists()
     assert first.features.shape == (len(first.cells), 256) and len(first) > 10
-    again = run_to_completion(tile_features(slide, model, tissue=tissue, cache_dir=tmp_path))
+    again = run_to_completion(extract_features(slide, encoder, tissue=tissue, cache_dir=tmp_path))
     assert again.path == first.path and np.array_equal(again.features, first.features)
+    tiles = np.stack([read_tile(slide, first.grid, i) for i in (0, len(first) - 1)])
+    expected = model.net.features(to_tensor(tiles, model.spec.normalization)).numpy()  # the model's own
+    np.testing.assert_allclose(first.features[[0, -1]], expected, rtol=1e-4, atol=1e-5)
     with torch.no_grad():
         next(model.net.trunk.parameters()).mul_(1.5)
-    changed = run_to_completion(tile_features(slide, model, tissue=tissue, cache_dir=tmp_path))
+    changed = run_to_completion(extract_features(slide, encoder, tissue=tissue, cache_dir=tmp_path))
     assert changed.path != first.path
+
+
+def test_the_family_registers_its_trunk_as_an_encoder(tmp_path) -> None:
+    assert "tumor-normal-trunk" in [entry.name for entry in list_encoders()]
+    shipped = get_encoder("tumor-normal-trunk")  # the shipped demo model's trunk by default
+    demo = resolve_model("tumor-normal")
+    assert shipped.trained and shipped.provenance["weights"] == "tumor-normal"
+    assert (shipped.dim, shipped.patch_size, shipped.mpp) == (
+        demo.net.n_features, demo.spec.input_size, demo.spec.mpp,
+    )  # fmt: skip
+    donor = create_model("metastasis-small-10x")
+    save_checkpoint(donor, tmp_path / "donor.pt")
+    encoder = get_encoder("tumor-normal-trunk", weights=tmp_path / "donor.pt")
+    assert encoder.dim == donor.net.n_features and encoder.provenance["model_family"] == "metastasis"
+    with pytest.raises(ValueError, match="no Inception trunk"):
+        trunk_encoder(_trunkless(donor))
+
+
+def _trunkless(model):
+    model.net = torch.nn.Linear(2, 2)  # a model of another kind: no trunk to take
+    return model
 
 
 def test_training_from_slide_labels_writes_a_tpf_model(tiny_cohort, tmp_path) -> None:

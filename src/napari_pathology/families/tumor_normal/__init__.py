@@ -1,6 +1,7 @@
 """The ``tumor-normal`` family: Coudray et al. 2018's tile classifier and tumour purity (tile input).
 
-Networks and registered specs in :mod:`.model`, the trainer (a head on
+Networks and registered specs in :mod:`.model`, the trunk as a feature
+encoder (``tumor-normal-trunk``) in :mod:`.encoder`, the trainer (a head on
 cached trunk features) and its settings in :mod:`.train`.
 """
 
@@ -29,8 +30,8 @@ class TumorNormalFamily(Family):
     demo_weights: ClassVar[dict[str, str]] = {"tumor-normal": "tumor-normal-demo.pt"}
 
     def register_models(self) -> None:
-        """Import the model module: its builders and specs register."""
-        from napari_pathology.families.tumor_normal import model  # noqa: F401  (registers the specs)
+        """Import the model and encoder modules: builders, specs and the trunk encoder register."""
+        from napari_pathology.families.tumor_normal import encoder, model  # noqa: F401  (they register)
 
     @property
     def settings(self) -> type:  # type: ignore[override]

@@ -1,7 +1,7 @@
 """Training Noorbakhsh et al. 2020's tumour/normal tile classifier from slide labels.
 
 Every tissue tile of a slide takes the slide's label. Trunk features are
-computed once per slide and cached (:mod:`.features`); the head (FC 1024,
+computed once per slide and cached (:mod:`napari_pathology.features`); the head (FC 1024,
 ReLU, dropout 0.2, softmax) trains on them with Adam in batches of 512,
 the majority class undersampled afresh each epoch. Validation is by slide:
 each held-out slide's **TPF** (tumour-predicted fraction of its tiles) and
@@ -32,6 +32,8 @@ import torch.nn.functional as F
 
 from napari_pathology.analysis.metrics import roc_auc
 from napari_pathology.cohort import SlideEntry, read_slide_table
+from napari_pathology.families.tumor_normal.encoder import trunk_encoder
+from napari_pathology.features import Encoder, extract_features
 from napari_pathology.models.registry import ModelError, PathologyModel, resolve_model
 from napari_pathology.progress import run_to_completion
 from napari_pathology.slide import open_slide
@@ -47,7 +49,6 @@ from napari_pathology.training.common import (
     starting_model,
 )
 from napari_pathology.training.events import TrainEvent, TrainingError, TrainResult
-from napari_pathology.training.features import tile_features
 from napari_pathology.training.loop import (
     LoopSettings,
     check_output,
@@ -237,7 +238,9 @@ def _train(
     entries = read_slide_table(job.data, classes=job.classes)
     classes = slide_classes(entries)
     weights = _class_weights(classes, job.normal_weight)
-    model, _pretrained, init = _build_model(job, classes, resume[0] if resume else None)
+    model, pretrained, init = _build_model(job, classes, resume[0] if resume else None)
+    trained = pretrained or bool(job.trunk_from) or "ImageNet" in init
+    encoder = trunk_encoder(model, trained=trained, source=job.trunk_from or job.start).to(job.device)
     train, val = split_by_slide(entries, job.val_fraction, job.seed)
     cache = job.cache_dir or Path(job.out).parent / "features"
     spec = model.spec
@@ -248,7 +251,7 @@ def _train(
     data = {}
     for k, entry in enumerate(train + val):
         yield TrainEvent("log", 0, 0, message=f"features {k + 1}/{len(entries)}: {entry.name}")
-        data[entry.path] = yield from progress_as_log(_features(entry, model, job, cache), 0)
+        data[entry.path] = yield from progress_as_log(_features(entry, encoder, job, cache), 0)
     x_train, y_train = _stack(train, data, classes)
     if len(np.unique(y_train)) < 2:
         raise TrainingError("the training slides have tissue tiles of one class only")
@@ -288,7 +291,7 @@ def _train(
     )
 
 
-def _features(entry: SlideEntry, model: PathologyModel, job: TumorNormalTraining, cache: Path):
+def _features(entry: SlideEntry, encoder: Encoder, job: TumorNormalTraining, cache: Path):
     try:
         slide = open_slide(entry.path, mpp=entry.mpp)
         slide.require_mpp()
@@ -296,13 +299,8 @@ def _features(entry: SlideEntry, model: PathologyModel, job: TumorNormalTraining
         raise TrainingError(f"{entry.path}: {error}") from error
     tissue = run_to_completion(detect_tissue(slide, TissueParams()))
     return (
-        yield from tile_features(
-            slide,
-            model,
-            tissue=tissue,
-            cache_dir=cache,
-            min_tissue_fraction=job.min_tissue_fraction,
-            device=job.device,
+        yield from extract_features(
+            slide, encoder, tissue=tissue, cache_dir=cache, min_tissue_fraction=job.min_tissue_fraction
         )
     )
 
