@@ -27,7 +27,8 @@ from qtpy.QtWidgets import (
 )
 from superqt import QCollapsible
 
-from napari_pathology._widgets._common import passthrough, shape_rings_px, show_failure
+from napari_pathology._widgets._common import shape_rings_px
+from napari_pathology._widgets._workers import start_worker
 from napari_pathology._widgets.nuclei_layers import (
     PredictionOverlay,
     points_from_layer,
@@ -208,48 +209,21 @@ class DetectControls:
         self.status.setText("detecting nuclei...")
 
     def _start_worker(self, job: Generator[Progress, None, Any], on_done: Any) -> None:
-        from napari.qt.threading import create_worker
-
-        # errors go to the panel only (an "errored" connection given here stops superqt re-raising them)
-        self.worker = create_worker(
-            passthrough, job, _start_thread=False, _connect={"errored": self._on_error}
-        )
-        self.worker.yielded.connect(self._on_progress)
-        self.worker.returned.connect(on_done)
-        self.worker.finished.connect(self._on_finished)
-        self.worker.aborted.connect(job.close)
-        self.detect_button.setEnabled(False)
-        self.classify_button.setEnabled(False)
-        self.cancel_button.setEnabled(True)
-        self.progress.setRange(0, 0)
-        self.worker.start()
+        """Run a detection or classification job wired to the panel (see :func:`start_worker`)."""
+        self._running = start_worker(
+            job, progress=self.progress, status=self.status,
+            busy=(self.detect_button, self.classify_button), cancel_button=self.cancel_button,
+            cancel_event=self._cancel, quit_on_cancel=self._job_kind == "classify", on_done=on_done,
+        )  # fmt: skip
+        self.worker = self._running.worker
 
     def cancel(self) -> None:
-        """Stop the running job: a detection keeps the nuclei found so far, a classification stops."""
-        if self._cancel.is_set() or self.worker is None:
-            return
-        self._cancel.set()
-        if self._job_kind == "classify":  # classification has no cancel flag: stop between batches
-            self.worker.quit()
-        self.status.setText("cancelling...")
-        self.cancel_button.setEnabled(False)
+        """Stop the running job: a detection keeps the nuclei found so far, a classification stops.
 
-    def _on_progress(self, event: Progress) -> None:
-        if event.total:
-            self.progress.setRange(0, event.total)
-            self.progress.setValue(event.done)
-        if event.message:
-            self.status.setText(event.message)
-
-    def _on_error(self, error: BaseException) -> None:
-        show_failure(self.status, error)
-
-    def _on_finished(self) -> None:
-        self.detect_button.setEnabled(True)
-        self.classify_button.setEnabled(True)
-        self.cancel_button.setEnabled(False)
-        if self.progress.maximum() == 0:
-            self.progress.setRange(0, 1)
+        A classification has no cancel flag: it stops between batches.
+        """
+        if self._running is not None:
+            self._running.cancel("cancelling...")
 
     def _on_detected(
         self,

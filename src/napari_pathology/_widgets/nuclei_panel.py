@@ -15,7 +15,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Generator
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -74,10 +73,17 @@ class NucleiPanel(NucleiLayerControls, DetectControls, AnnotationFiles, QWidget)
 
     def __init__(self, napari_viewer: napari.Viewer) -> None:
         super().__init__()
+        from napari_pathology.families import list_families
+
         self.viewer = napari_viewer
+        #: Families that classify nuclei (input kind ``nucleus`` or trained from labelled nuclei), by name.
+        self.nuclei_families = {
+            f.name: f for f in list_families() if f.input_kind == "nucleus" or "nuclei" in f.data_sources
+        }
         self.slide_combo = SlideLayerCombo(napari_viewer)
         self.slide_combo.changed.connect(self._slide_changed)
-        self.worker: Any = None
+        self.worker: Any = None  # napari's worker of the running detection or classification
+        self._running: Any = None  # its PanelWorker (see _workers.start_worker)
         self._cancel = threading.Event()
         self._job_kind = ""
         self._seen_slides: set[str] = set()
@@ -119,14 +125,12 @@ class NucleiPanel(NucleiLayerControls, DetectControls, AnnotationFiles, QWidget)
         return timer
 
     def _build_classify_box(self) -> QGroupBox:
-        from napari_pathology.families.nucleus_purity.model import FAMILY as PURITY_FAMILY
-        from napari_pathology.families.nucleus_purity.train import NucleusPurityTraining
         from napari_pathology.models import list_models
 
         box = QGroupBox("Purity classifier")
         self.model_combo = QComboBox()
         for spec in list_models():
-            if spec.family == PURITY_FAMILY:
+            if spec.family in self.nuclei_families:
                 self.model_combo.addItem(f"{spec.name} ({spec.description.split('.')[0]})", spec.name)
         load = QPushButton("Load...")
         load.clicked.connect(self._choose_checkpoint)
@@ -139,7 +143,8 @@ class NucleiPanel(NucleiLayerControls, DetectControls, AnnotationFiles, QWidget)
         self.classify_button.clicked.connect(self.classify)
         self.epochs_spin = QSpinBox()
         self.epochs_spin.setRange(1, 500)
-        self.epochs_spin.setValue(NucleusPurityTraining().epochs)
+        trainable = [f for f in self.nuclei_families.values() if f.trainable]
+        self.epochs_spin.setValue(int(trainable[0].defaults().get("epochs") or 1) if trainable else 1)
         self.epochs_spin.setToolTip("Passes over the labelled nuclei when training from your labels")
         self.train_button = QPushButton("Train from my labels")
         self.train_button.clicked.connect(self.train_from_labels)
@@ -193,7 +198,7 @@ class NucleiPanel(NucleiLayerControls, DetectControls, AnnotationFiles, QWidget)
         select_or_add(self.model_combo, str(source), label or f"{Path(source).name} (checkpoint)")
 
     def _choose_checkpoint(self) -> None:
-        path = choose_checkpoint(self, "Load a nucleus purity checkpoint")
+        path = choose_checkpoint(self, "Load a purity classifier checkpoint")
         if path:
             self.select_model(path)
 
@@ -210,7 +215,7 @@ class NucleiPanel(NucleiLayerControls, DetectControls, AnnotationFiles, QWidget)
             show_error("No nuclei to classify: Detect first.")
             return
         if not self.model_source:
-            show_error("Choose a nucleus purity model (or Load... a checkpoint).")
+            show_error("Choose a purity classifier (or Load... a checkpoint).")
             return
         sets = [points.xy_um()] + ([self.predictions.xy_um()] if self.predictions is not None else [])
         job = classification_job(
@@ -235,18 +240,38 @@ class NucleiPanel(NucleiLayerControls, DetectControls, AnnotationFiles, QWidget)
         self.status.setText("classified: points coloured by tumour probability (blue normal, red tumour).")
 
     # ------------------------------------------------------------------ training
-    def training_data(self) -> Any:
-        """The labelled tumour/normal nuclei as training data (regions from the regions layer)."""
-        from napari_pathology.families.nucleus_purity.data import labelled_nuclei
-        from napari_pathology.families.nucleus_purity.train import NucleusPurityTraining
-        from napari_pathology.geometry import points_in_polygons
+    def training_family(self) -> Any:
+        """The family that trains from the labelled nuclei: the chosen model's, else the first one.
 
+        Raises
+        ------
+        ValueError
+            When no registered family trains from labelled nuclei.
+        """
+        from napari_pathology.models import ModelError, checkpoint_info, get_spec
+
+        able = {n: f for n, f in self.nuclei_families.items() if f.trainable and "nuclei" in f.data_sources}
+        if not able:
+            raise ValueError("no registered model family trains from labelled nuclei")
+        source = self.model_source
+        try:
+            if source and Path(source).suffix:
+                name = checkpoint_info(source)["spec"]["family"]
+            else:
+                name = get_spec(source).family if source else ""
+        except (ModelError, OSError, ValueError, KeyError):
+            name = ""
+        return able.get(name) or next(iter(able.values()))
+
+    def training_data(self) -> Any:
+        """The labelled tumour/normal nuclei as the training family's data (grouped by drawn region)."""
         slide = self.slide_layer()
         if slide is None:
             raise ValueError("Open a slide first (File > Open).")
+        family = self.training_family()
         points = self.current_points()
         counts = points.counts()
-        needed = NucleusPurityTraining().min_per_class
+        needed = int(family.defaults().get("min_per_class") or 1)
         if min(counts["tumour"], counts["normal"]) < needed:
             raise ValueError(
                 f"Label at least {needed} tumour (t) and {needed} normal (n) nuclei first; "
@@ -254,37 +279,36 @@ class NucleiPanel(NucleiLayerControls, DetectControls, AnnotationFiles, QWidget)
             )
         meta = slide.metadata
         mpp = float(meta["mpp_x"]) if meta.get("mpp_source") == "user" else None
-        data = labelled_nuclei(points, meta["path"], mpp)
         _names, polygons = self.regions()
-        if polygons:
-            data = replace(data, region_ids=points_in_polygons(data.xy_um, polygons))
-        return data
+        return family.nuclei_data(points, meta["path"], mpp, polygons or None)
 
     def train_from_labels(self) -> Any:
         """Train a purity classifier from the labelled nuclei in the background; returns the job."""
         from napari.utils.notifications import show_error
 
         from napari_pathology._widgets.train_panel import default_models_dir
-        from napari_pathology.families.nucleus_purity.train import NucleusPurityTraining, train_nucleus_purity
         from napari_pathology.training import TrainingError
         from napari_pathology.training.common import model_name_for
         from napari_pathology.training.queue import training_queue
 
         try:
+            family = self.training_family()
             data = self.training_data()
+            slide = Path(self.slide_layer().metadata["path"])
+            name = model_name_for(f"{family.name}-{slide.stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+            out = default_models_dir() / f"{name}.pt"
+            start = self.model_source if self.model_source and Path(self.model_source).suffix else None
+            settings = family.make_settings(
+                None, out, device=str(self.device_combo.currentData()), epochs=self.epochs_spin.value(),
+                start=start,
+            )  # fmt: skip
         except (TrainingError, ValueError) as exc:
             show_error(str(exc))
             return None
-        name = model_name_for(f"nucleus-purity-{Path(data.slide_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
-        out = default_models_dir() / f"{name}.pt"
-        settings = NucleusPurityTraining(
-            device=str(self.device_combo.currentData()), epochs=self.epochs_spin.value()
-        )
-        start = self.model_source if self.model_source and Path(self.model_source).suffix else None
         relay = _TrainingRelay(self)
 
         def factory(stop: threading.Event) -> Any:
-            return train_nucleus_purity([data], out, settings, start=start, stop=stop)
+            return family.train(settings, data, out, stop)
 
         self._train_job = training_queue().submit(
             factory, settings.device, name=name, on_event=relay.event, on_state=relay.state

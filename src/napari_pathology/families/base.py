@@ -202,6 +202,48 @@ class Family:
         """The training data at ``path`` (what ``train --data`` names); the path itself by default."""
         return Path(path)
 
+    def nuclei_data(
+        self,
+        points: Any,
+        slide_path: str | os.PathLike[str],
+        mpp: float | None = None,
+        regions: list[Any] | None = None,
+    ) -> Any:
+        """Training data from nuclei labelled in the viewer (families with the ``nuclei`` data source).
+
+        ``points`` is the Nuclei panel's :class:`~napari_pathology.nuclei.points.NucleusPoints`
+        on the slide at ``slide_path`` (``mpp``: a um/px the user set, else the file's);
+        ``regions`` are the drawn regions (polygons in um) that group nuclei for the
+        train/validation split. The default writes the points and a one-row table
+        (``slide,nuclei,mpp``, the file form of labelled nuclei) to a temporary folder and
+        reads them with :meth:`read_data`; an item of the result that is a dataclass with
+        ``xy_um`` and ``region_ids`` fields gets each nucleus's region (-1: none). A family
+        overrides it to skip the files.
+        """
+        import csv
+        import tempfile
+
+        from napari_pathology.nuclei.points import write_csv
+
+        with tempfile.TemporaryDirectory(prefix="napari-pathology-nuclei-") as folder:
+            labels, table = Path(folder) / "nuclei.csv", Path(folder) / "slides.csv"
+            write_csv(points, labels)
+            with open(table, "w", newline="", encoding="utf-8") as fh:
+                row = (str(Path(slide_path).resolve()), str(labels), "" if mpp is None else repr(float(mpp)))
+                csv.writer(fh).writerows([("slide", "nuclei", "mpp"), row])
+            data = self.read_data(table)
+        if not regions:
+            return data
+        from napari_pathology.geometry import points_in_polygons
+
+        def with_regions(item: Any) -> Any:
+            names = {f.name for f in dataclasses.fields(item)} if dataclasses.is_dataclass(item) else set()
+            if {"xy_um", "region_ids"} <= names:
+                return dataclasses.replace(item, region_ids=points_in_polygons(item.xy_um, regions))
+            return item
+
+        return [with_regions(item) for item in data] if isinstance(data, list) else with_regions(data)
+
     def check_table(self, entries: list[Any]) -> dict[str, Any]:
         """Check a slide table before training; returns settings it implies (e.g. ``classes``)."""
         return {}
