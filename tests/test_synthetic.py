@@ -207,6 +207,9 @@ def test_truth_json_contents(tumour_slide: SyntheticTruth) -> None:
     assert 0.35 < truth["tissue_area_mm2"] / slide_mm2 < 0.65
     assert truth["n_nuclei"] == tumour_slide.n_nuclei > truth["n_tumour_nuclei"] > 0
     assert truth["options"]["tumour_size"] == "macro" and truth["options"]["negative"] is False
+    # The default tumour is type A, recorded at the top level and per lesion.
+    assert truth["tumour_type"] == tumour_slide.tumour_type == "A"
+    assert truth["lesions"] and {lesion["tumour_type"] for lesion in truth["lesions"]} == {"A"}
 
 
 def test_polygons_masks_and_nuclei_agree(tumour_slide: SyntheticTruth) -> None:

@@ -48,6 +48,12 @@ PINNED = {
         "1fbb16d468697d7afe47c4f33c81898e72f2c7789997af13784c7f3ccf7f3838",
     ),
 }
+# Asking for type A explicitly is the default.
+PINNED["micro, type A"] = (
+    *PINNED["micro"][:2],
+    {**PINNED["micro"][2], "tumour_type": "A"},
+    *PINNED["micro"][3:],
+)
 
 
 def level0_sha256(size: int | tuple[int, int], seed: int, options: dict) -> str:
@@ -88,7 +94,9 @@ def truth_sha256_without_tumour_type(path: Path) -> str:
     return hashlib.sha256(json.dumps(truth, indent=2).encode()).hexdigest()
 
 
-@pytest.mark.parametrize("name", list(PINNED))
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n == "tumour" else n for n in PINNED]
+)
 def test_existing_seeds_keep_their_pixels_and_truth(name: str, tmp_path: Path) -> None:
     size, seed, options, pixels, truth_json, nuclei_csv = PINNED[name]
     assert level0_sha256(size, seed, options) == pixels
