@@ -74,6 +74,14 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         raise ModelError(f"{where}: no such file ({path})")
     if path.is_dir():
         raise ModelError(f"{where}: it is a folder, not a checkpoint file ({path})")
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as error:
+        raise ModelError(f"{where}: {error}") from None
+    if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):  # torch.save's zip, or a pickle
+        kind = "an empty file" if not magic else "a text file" if magic.isascii() else "unrecognised data"
+        raise ModelError(f"{where}: not a PyTorch checkpoint file ({kind}); {EXPECTED}")
     data = load_untrusted(path, where)
     if isinstance(data, torch.Tensor):
         raise ModelError(f"{where}: it holds one tensor {tuple(data.shape)}, not a state dict; {EXPECTED}")

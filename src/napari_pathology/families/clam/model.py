@@ -384,4 +384,4 @@ def clam_spec(
 
 
 register_spec(clam_spec("clam-sb"))
-register_spec(clam_spec("clam-mb", model_type="mb", classes=("normal", "type A", "type B")))
+register_spec(clam_spec("clam-mb", model_type="mb", classes=("normal", "tumour_a", "tumour_b")))
