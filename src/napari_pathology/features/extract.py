@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from napari_pathology.features.encoders import Encoder
-from napari_pathology.fileio import atomic_path
+from napari_pathology.fileio import atomic_path, safe_name
 from napari_pathology.progress import Progress
 from napari_pathology.tiles import TileGrid, TileLoader, make_tile_grid
 
@@ -231,7 +231,7 @@ def extract_features(
     chunk_rows = max(1, int(batch_size))
     if cache_dir is not None:
         key = _cache_key(slide, encoder, provenance["digest"], grid)
-        path = Path(cache_dir) / f"{Path(slide.name).stem}-{key}.zarr"
+        path = Path(cache_dir) / f"{safe_name(Path(slide.name).stem, 'slide')}-{key}.zarr"
         opened = _open_entry(path, key, n) if path.exists() else None
         if opened is None:
             try:
