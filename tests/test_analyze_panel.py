@@ -118,21 +118,27 @@ def test_nucleus_purity_model_runs_through_the_engine(
 ) -> None:
     import csv
 
-    viewer, panel, _slide_layer = panel_on_slide
+    from scipy.spatial import cKDTree
+
+    from napari_pathology.analysis import load_result
+
+    viewer, panel, slide_layer = panel_on_slide
     panel.select_model("nucleus-purity")
     panel.run_button.click()
     qtbot.waitUntil(lambda: panel.run_button.isEnabled(), timeout=180_000)
-    overlay = panel._nuclei_overlay
-    assert overlay is not None, panel.status.text()
-    assert overlay.density_layer in viewer.layers and overlay.points_layer in viewer.layers
-    from scipy.spatial import cKDTree
-
-    from napari_pathology.nuclei.points import read_csv
+    points = panel._layers.points
+    assert points is not None, panel.status.text()
+    assert points.layer in viewer.layers and points.layer.name == f"{slide_layer.name} nucleus-purity nuclei"
+    purity = viewer.layers[f"{slide_layer.name} nucleus-purity purity"]  # the heatmap, named by its kind
+    assert tuple(purity.contrast_limits) == (0.0, 1.0) and purity.colormap.name == "coolwarm"
+    assert f"{slide_layer.name} nucleus-purity detections" not in viewer.layers  # it has none
 
     [summary_file] = tmp_path.rglob("result.json")
     summary = json.loads(summary_file.read_text())
-    nuclei = read_csv(summary_file.with_name("nuclei.csv"))
-    assert summary["n_nuclei"] == len(nuclei) > 1000 and not summary["partial"]
+    result = load_result(summary_file.parent)  # saved as every result is: digests checked on load
+    nuclei = result.points
+    assert summary["n_points"] == len(nuclei) > 1000 and not summary["partial"]
+    assert summary["heatmap_kind"] == "purity" and result.unit == "nuclei"
     assert np.isfinite(nuclei.probability).all()
     # The purity the classifier should see: true kinds of the nuclei the detector found.
     with open(synthetic_slide.nuclei_csv, newline="") as fh:
@@ -144,8 +150,9 @@ def test_nucleus_purity_model_runs_through_the_engine(
     true_purity = tumour_true[nearest[matched]].mean()
     assert nuclei.probability[matched].mean() == pytest.approx(true_purity, abs=0.1)
     # the slide score counts every detection, matched or not
-    assert summary["predicted_purity"] == pytest.approx(float(nuclei.probability.mean()), abs=1e-6)
+    assert summary["slide_score"] == pytest.approx(float(nuclei.probability.mean()), abs=1e-6)
     assert "Predicted purity" in panel.score_label.text()
+    assert f"{len(nuclei)} nuclei" in panel.status.text()
 
 
 def test_resumed_run_shows_the_saved_partial_heatmap_at_once(panel_on_slide, qtbot) -> None:

@@ -1,14 +1,20 @@
-"""The Analyze panel: pick a model and a device, click Run, watch the heatmap fill in."""
+"""The Analyze panel: pick a model and a device, click Run, watch the heatmap fill in.
+
+The panel gathers the settings and runs :func:`napari_pathology.analysis.analysis_job`
+in a worker (:func:`napari_pathology._widgets._workers.start_worker`); what a
+run returns, whatever its model's family, is one
+:class:`~napari_pathology.analysis.AnalysisResult`, shown by
+:class:`~napari_pathology._widgets.analyze_layers.ResultLayers`.
+"""
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Generator
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -24,22 +30,17 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_pathology._layers import (
-    PLACED_SCALE_KEY,
-    follow_slide_scale,
-    link_metadata,
-    overlay_geometry,
-    slide_from_metadata,
-)
+from napari_pathology._layers import PLACED_SCALE_KEY, link_metadata, slide_from_metadata
 from napari_pathology._widgets._common import (
     SlideLayerCombo,
     choose_checkpoint,
     choose_folder_into,
     device_combo,
-    passthrough,
     select_or_add,
-    show_failure,
 )
+from napari_pathology._widgets._workers import show_failure, start_worker
+from napari_pathology._widgets.analyze_layers import ResultLayers, result_text
+from napari_pathology.analysis.jobs import analysis_job, default_results_dir
 from napari_pathology.progress import Progress
 
 if TYPE_CHECKING:
@@ -49,49 +50,6 @@ if TYPE_CHECKING:
 
 #: Repaint the growing heatmap at most this often (seconds).
 REPAINT_INTERVAL = 0.15
-HEATMAP_COLORMAP_NAME = "inferno"
-
-
-def heatmap_colormap() -> Any:
-    """Inferno fading in from transparent: low probabilities leave the tissue visible.
-
-    Plain inferno paints probability 0 black, which at 0.5 opacity darkens
-    all the tissue; here alpha rises from 0 at probability 0 to 1 at 0.4.
-    """
-    from napari.utils.colormaps import Colormap, ensure_colormap
-
-    colors = np.array(ensure_colormap(HEATMAP_COLORMAP_NAME).colors, dtype=np.float32)
-    colors[:, 3] = np.clip(np.linspace(0.0, 2.5, len(colors)), 0.0, 1.0)
-    return Colormap(colors, name="inferno (transparent low)", display_name="inferno, transparent low")
-
-
-def default_results_dir() -> Path:
-    """Where results go unless the user picks a folder."""
-    from napari_pathology.demo import cache_dir
-
-    return cache_dir() / "results"
-
-
-def analysis_job(
-    metadata: dict[str, Any],
-    model_source: str,
-    settings: Any,
-    tissue: Any,
-    out_root: Path,
-    cancel: threading.Event,
-) -> Generator[Progress, None, AnalysisResult]:
-    """Everything a Run does, off the Qt thread: load model, find tissue, run it as its family runs."""
-    from napari_pathology.analysis import check_run, result_folder, run, tissue_or_detect
-    from napari_pathology.models import resolve_model
-
-    slide = slide_from_metadata(metadata)
-    slide.require_mpp()
-    yield Progress(0, 0, f"loading {Path(model_source).name}...")
-    model = resolve_model(model_source)
-    check_run(slide, model.spec, settings)  # the real cause (um/px, stride...) before "no tissue"
-    tissue = yield from tissue_or_detect(slide, tissue)
-    out_dir = result_folder(out_root, slide, model.spec.name)
-    return (yield from run(slide, model, tissue=tissue, settings=settings, out_dir=out_dir, cancel=cancel))
 
 
 class AnalyzePanel(QWidget):
@@ -139,7 +97,7 @@ class AnalyzePanel(QWidget):
         self.cancel_button.setEnabled(False)
         self.cancel_button.clicked.connect(self.cancel)
         self.progress = QProgressBar()
-        self.progress.setFormat("%v / %m tiles")
+        self.progress.setFormat("%v / %m")
         self.status = QLabel("Pick a slide and a model, then Run.")
         self.status.setWordWrap(True)
         self.score_label = QLabel("")
@@ -174,11 +132,10 @@ class AnalyzePanel(QWidget):
         layout.addStretch(1)
 
         self.worker: Any = None
+        self.running: Any = None
         self._slide_layer: Any = None
-        self._run_scale: tuple[float, float] = (1.0, 1.0)
+        self._layers: ResultLayers | None = None
         self._cancel = threading.Event()
-        self._heatmap_layer: Any = None
-        self._nuclei_overlay: Any = None
         self._last_paint = 0.0
         self._model_changed()
 
@@ -242,8 +199,6 @@ class AnalyzePanel(QWidget):
 
     def run(self) -> None:
         """Start a run in a worker thread (Run button)."""
-        from napari.qt.threading import create_worker
-
         layer = self.slide_combo.current_layer()
         self.score_label.setText("")  # never leave a previous slide's score beside a refusal
         if layer is None:
@@ -258,29 +213,21 @@ class AnalyzePanel(QWidget):
             self._refuse(f"{layer.name}: {exc}")
             return
         self._cancel = threading.Event()
-        self._heatmap_layer = None
+        self._slide_layer = layer
+        run_scale = tuple(link_metadata(layer.metadata)[PLACED_SCALE_KEY])
+        self._layers = ResultLayers(self.viewer, layer, self._model_name(), run_scale)
         job = analysis_job(
-            dict(layer.metadata), self.model_source, self.settings(), tissue,
+            partial(slide_from_metadata, dict(layer.metadata)), self.model_source, self.settings(), tissue,
             Path(self.out_edit.text()), self._cancel,
         )  # fmt: skip
-        # errors go to the panel only (an "errored" connection given here stops superqt re-raising them)
-        self.worker = create_worker(
-            passthrough, job, _start_thread=False, _connect={"errored": self._on_error}
-        )
-        self.worker.yielded.connect(self._on_progress)
-        self.worker.returned.connect(self._on_result)
-        self.worker.finished.connect(self._on_finished)
-        # Closing the viewer aborts the worker between two yields, leaving the job suspended:
-        # close it so the engine saves the finished tiles as a partial result.
-        self.worker.aborted.connect(job.close)
-        self._slide_layer = layer
-        self._run_scale = tuple(link_metadata(layer.metadata)[PLACED_SCALE_KEY])
-        self.run_button.setEnabled(False)
-        self.cancel_button.setEnabled(True)
-        self.score_label.setText("")
+        self.running = start_worker(
+            job, progress=self.progress, status=self.status, busy=(self.run_button,),
+            cancel_button=self.cancel_button, cancel_event=self._cancel,
+            on_progress=lambda event: self._on_progress(event), on_done=self._on_result,
+            on_error=self._on_error,
+        )  # fmt: skip
+        self.worker = self.running.worker
         self.status.setText("starting...")
-        self.progress.setRange(0, 0)
-        self.worker.start()
 
     def _refuse(self, message: str) -> None:
         """Say why Run did not start, in the panel and as a notification; no stale score stays."""
@@ -292,7 +239,7 @@ class AnalyzePanel(QWidget):
 
     def _slide_changed(self) -> None:
         """A score shown belongs to the slide it was computed on: clear it when another is chosen."""
-        running = self.worker is not None and not self.run_button.isEnabled()
+        running = self.running is not None and self.running.running
         if not running and self.score_label.text():
             layer = self.slide_combo.current_layer()
             if layer is None or layer is not getattr(self, "_slide_layer", None):
@@ -300,10 +247,9 @@ class AnalyzePanel(QWidget):
                 self.status.setText("Pick a slide and a model, then Run.")
 
     def cancel(self) -> None:
-        """Stop after the current batch; finished tiles are kept and saved as partial."""
-        self._cancel.set()
-        self.status.setText("cancelling after this batch...")
-        self.cancel_button.setEnabled(False)
+        """Stop after the current batch; what is finished is kept and saved as partial."""
+        if self.running is not None:
+            self.running.cancel("cancelling after this batch...")
 
     def _painted_tissue(self, layer: Any) -> Any:
         """The (possibly corrected) tissue mask layer of this slide, if the user made one."""
@@ -313,143 +259,41 @@ class AnalyzePanel(QWidget):
         return tissue_mask_from_layer(tissue_layer) if tissue_layer is not None else None
 
     def _on_progress(self, event: Progress) -> None:
+        """Lay out the heatmap on the run's grid, then paint the finished cells as blocks arrive."""
         from napari_pathology.analysis import HeatmapBlock
         from napari_pathology.tiles import TileGrid
 
-        if event.total:
-            self.progress.setRange(0, event.total)
-            self.progress.setValue(event.done)
-        if event.message:
-            self.status.setText(event.message)
         if isinstance(event.payload, TileGrid):
-            self._show_empty_heatmap(event.payload)
+            self._layers.show_grid(event.payload)
             self._last_paint = 0.0  # the next block (a resumed run's kept cells) is shown at once
         elif isinstance(event.payload, HeatmapBlock) and self._heatmap_layer is not None:
-            rows, cols = event.payload.cells[:, 0], event.payload.cells[:, 1]
-            self._heatmap_layer.data[rows, cols] = event.payload.values
+            self._layers.paint(event.payload)
             now = time.perf_counter()
             if now - self._last_paint > REPAINT_INTERVAL:
                 self._heatmap_layer.refresh()
                 self._last_paint = now
 
-    def _layer_name(self, kind: str) -> str:
-        return f"{self._slide_layer.name} {self._model_name()} {kind}"
+    @property
+    def _heatmap_layer(self) -> Any:
+        """The heatmap layer of the current run (None before its grid is known)."""
+        return None if self._layers is None else self._layers.heatmap_layer
 
     def _model_name(self) -> str:
         text = self.model_combo.currentText()
         return text.split(" (")[0]
 
-    def _run_mpp(self) -> tuple[float, float]:
-        """The slide's ``(mpp_x, mpp_y)`` the job computes with (Run needs a um/px)."""
-        sy, sx = self._run_scale
-        return (sx, sy)
-
-    def _link(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Metadata tying a result layer to the run's slide, placed at the run's um/px."""
-        return {**(extra or {}), **link_metadata(self._slide_layer.metadata, self._run_scale)}
-
-    def _follow_slide(self, *layers: Any) -> None:
-        """Move freshly made result layers if the slide's um/px changed while the job ran."""
-        follow_slide_scale(layers, self._slide_layer)
-
-    def _show_empty_heatmap(self, grid: Any) -> None:
-        geometry = overlay_geometry(grid.cell_um, grid.first_centre_um, self._run_mpp())
-        data = np.full(grid.shape, np.nan, np.float32)
-        name = self._layer_name("heatmap")
-        old = self.viewer.layers[name] if name in self.viewer.layers else None
-        if (
-            old is not None
-            and old.data.shape == data.shape
-            and np.allclose(old.scale, geometry["scale"])
-            and np.allclose(old.translate, geometry["translate"])
-        ):
-            old.data = data  # a re-run on the same grid: reuse the layer (no removal, no gc pass)
-            old.metadata = self._link()
-            self._heatmap_layer = old
-        else:
-            self._heatmap_layer = self._upsert_image(name, data, geometry)
-        self._follow_slide(self._heatmap_layer)
-
-    def _upsert_image(self, name: str, data: np.ndarray, geometry: dict[str, Any]) -> Any:
-        if name in self.viewer.layers:
-            self.viewer.layers.remove(name)
-        return self.viewer.add_image(
-            data, name=name, colormap=heatmap_colormap(), contrast_limits=(0.0, 1.0), opacity=0.5,
-            blending="translucent", units=self._slide_layer.units, metadata=self._link(), **geometry,
-        )  # fmt: skip
-
     def _on_result(self, result: AnalysisResult) -> None:
-        from napari_pathology.analysis.nuclei import NucleusAnalysisResult
-
-        if isinstance(result, NucleusAnalysisResult):
-            self._show_nuclei(result)
-            return
-        geometry = overlay_geometry(result.cell_um, result.first_centre_um, self._run_mpp())
-        layer = self._heatmap_layer
-        if layer is not None and layer in self.viewer.layers and layer.data.shape == result.heatmap.shape:
-            layer.data = result.heatmap  # in place: removing a layer costs napari a full gc pass (~0.4 s)
-        else:
-            layer = self._upsert_image(self._layer_name("heatmap"), result.heatmap, geometry)
-        self._heatmap_layer = layer
-        placed = layer.metadata.get(PLACED_SCALE_KEY)  # kept: the layer may have moved since
-        metadata = self._link({"napari_pathology_result": str(result.out_dir), "spec": result.spec})
-        layer.metadata = {**metadata, PLACED_SCALE_KEY: placed or metadata[PLACED_SCALE_KEY]}
-        self._follow_slide(layer)
-        self._show_detections(result)
-        state = "partial (cancelled)" if result.partial else "complete"
-        scores = ", ".join(f"{k} {v:.3f}" for k, v in result.scores.items())
-        self.score_label.setText(f"Slide score ({result.spec['aggregator']}): {result.slide_score:.3f}")
-        self.status.setText(
-            f"{state}: {result.tiles_done}/{result.tiles_total} tiles, {len(result.detections)} "
-            f"detections; class scores {scores}. Saved in {result.out_dir}"
-        )
+        """Show whatever the result holds (heatmap, detections, points) and its slide score."""
+        self._layers.show(result)
+        score, status = result_text(result)
+        self.score_label.setText(score)
+        self.status.setText(status)
         self.progress.setRange(0, max(1, result.tiles_total))
         self.progress.setValue(result.tiles_done)
-
-    def _show_nuclei(self, result: Any) -> None:
-        """Predicted nuclei as a purity map plus in-view points; the slide score is the predicted purity."""
-        from napari_pathology._widgets.nuclei_layers import PredictionOverlay
-
-        if self._nuclei_overlay is not None:
-            self._nuclei_overlay.remove()
-        name = f"{self._slide_layer.name} {self._model_name()}"
-        self._nuclei_overlay = PredictionOverlay(self.viewer, self._slide_layer, result.nuclei, name)
-        self._link_overlay(self._nuclei_overlay)
-        state = "partial (cancelled)" if result.partial else "complete"
-        purity = "-" if result.predicted_purity is None else f"{result.predicted_purity:.3f}"
-        self.score_label.setText(f"Predicted purity (mean tumour probability): {purity}")
-        self.status.setText(f"{state}: {len(result.nuclei)} nuclei classified. Saved in {result.out_dir}")
-
-    def _show_detections(self, result: AnalysisResult) -> None:
-        name = self._layer_name("detections")
-        if name in self.viewer.layers:
-            self.viewer.layers.remove(name)
-        mpp = self._run_mpp()
-        half_x, half_y = (mpp[0] / 2, mpp[1] / 2) if mpp else (0.5, 0.5)
-        points = result.detections[:, [1, 0]] - np.array([half_y, half_x]) if len(result.detections) else []
-        scores = result.detections[:, 2] if len(result.detections) else np.zeros(0)
-        layer = self.viewer.add_points(
-            points, name=name, features={"score": scores}, size=result.cell_um * 2,
-            face_color="score", face_colormap="viridis", face_contrast_limits=(0.5, 1.0),
-            border_color="white", border_width=0.1, opacity=0.9, units=self._slide_layer.units,
-            metadata=self._link(),
-        )  # fmt: skip
-        layer.face_contrast_limits = (0.5, 1.0)
-        self._follow_slide(layer)
-
-    def _link_overlay(self, overlay: Any) -> None:
-        """Move an overlay made while the um/px changed mid-run (later changes it follows itself)."""
-        self._follow_slide(overlay.density_layer, overlay.points_layer)
 
     def _on_error(self, error: BaseException) -> None:
         self.score_label.setText("")  # no score from an earlier run beside a failure
         show_failure(self.status, error)
-
-    def _on_finished(self) -> None:
-        self.run_button.setEnabled(True)
-        self.cancel_button.setEnabled(False)
-        if self.progress.maximum() == 0:
-            self.progress.setRange(0, 1)
 
 
 def _spec_of(info: dict[str, Any]) -> Any:

@@ -11,17 +11,15 @@ partial result is saved atomically every :data:`PARTIAL_SAVE_SECONDS`, so a
 kill -9 loses at most one interval.
 
 Before any work the settings (:class:`RunSettings`) and the slide
-(:func:`check_run`) are checked and the result folder is proved writable;
+(:func:`check_run`, both in :mod:`napari_pathology.analysis.settings`) are
+checked and the result folder (:mod:`napari_pathology.analysis.folders`) is
+proved writable;
 NaN model outputs are an error (:class:`ModelOutputError`), never a cell
 "not done yet".
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
-import os
 import threading
 import time
 from collections.abc import Callable, Generator
@@ -31,138 +29,50 @@ from typing import Any
 
 import numpy as np
 
+from napari_pathology.analysis.folders import check_owner, path_tag, result_folder
 from napari_pathology.analysis.nms import non_maximum_suppression
-from napari_pathology.analysis.result import (
-    AnalysisResult,
-    ResultMismatchError,
-    check_owner,
-    folder_owner,
-    load_result,
-    save_result,
+from napari_pathology.analysis.result import AnalysisResult, ResultMismatchError, load_result, save_result
+from napari_pathology.analysis.settings import (
+    NoTissueError,
+    RunSettings,
+    RunSettingsError,
+    check_run,
+    model_stride,
+    run_key,
+    weights_digest,
 )
 from napari_pathology.devices import is_out_of_memory, resolve_device
-from napari_pathology.fileio import ensure_writable_dir, require_finite, safe_name
+from napari_pathology.fileio import ensure_writable_dir
 from napari_pathology.progress import Progress
 from napari_pathology.slide import Slide
-from napari_pathology.slide.backends import PLAUSIBLE_MPP
 
-AGGREGATORS = ("max", "mean", "fraction")
+__all__ = [  # the settings, checks and folders live in their own modules; importable from here too
+    "PARTIAL_SAVE_SECONDS",
+    "TILE_AGGREGATORS",
+    "HeatmapBlock",
+    "ModelOutputError",
+    "NoTissueError",
+    "RunSettings",
+    "RunSettingsError",
+    "aggregate",
+    "check_run",
+    "path_tag",
+    "result_folder",
+    "run_analysis",
+    "run_key",
+    "weights_digest",
+]
+
+#: The spec aggregators (:data:`napari_pathology.models.AGGREGATORS`) computed from tile probabilities
+#: here; the others (``attention``) are a model's own slide-level head.
+TILE_AGGREGATORS = ("max", "mean", "fraction")
 
 #: Seconds between saves of a partial result while a run goes on (a kill loses at most this much).
 PARTIAL_SAVE_SECONDS = 30.0
-#: Largest stride and batch size accepted (px at the model's um/px; tiles per batch).
-MAX_STRIDE = 1_000_000
-MAX_BATCH_SIZE = 65_536
-#: Level-0 um/px finer than this is not a light-microscope slide (the slides' PLAUSIBLE_MPP floor).
-MIN_PLAUSIBLE_MPP = PLAUSIBLE_MPP[0]
-
-
-class NoTissueError(ValueError):
-    """The slide has no tile with enough tissue to analyse."""
-
-
-class RunSettingsError(ValueError):
-    """A run setting is out of range; ``field`` names the setting."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
 
 
 class ModelOutputError(ValueError):
     """A model produced NaN or infinite probabilities: its weights (or precision) are broken."""
-
-
-def tissue_or_detect(slide: Slide, tissue: Any = None) -> Generator[Progress, None, Any]:
-    """The given tissue mask, or one found with the default parameters (a generator).
-
-    Raises
-    ------
-    NoTissueError
-        When no tissue is given and none is found.
-    """
-    from napari_pathology.tissue import TissueParams, detect_tissue
-
-    if tissue is not None:
-        return tissue
-    yield Progress(0, 0, "finding tissue...")
-    tissue = yield from detect_tissue(slide, TissueParams())
-    if tissue.is_empty:
-        raise NoTissueError(f"No tissue found in {slide.name}; draw or import a tissue mask.")
-    return tissue
-
-
-@dataclass(frozen=True)
-class RunSettings:
-    """How to run a model over a slide.
-
-    Parameters
-    ----------
-    stride : int, optional
-        Pixels at the model's um/px between tiles (default: the model's).
-    batch_size : int
-        Tiles per forward pass (halved automatically on out-of-memory).
-    device : str
-        ``"cpu"``, ``"cuda:N"`` or ``"auto"``.
-    tta : bool, optional
-        Average the 8 dihedral orientations (default: the model's setting).
-    amp : bool
-        Mixed precision on GPU.
-    min_tissue_fraction : float
-        Tiles whose centre region holds less tissue are skipped.
-    nms_threshold, nms_radius : float
-        Non-maximum suppression for detections (radius in heatmap cells).
-    workers : int
-        Tile-reading threads.
-    """
-
-    stride: int | None = None
-    batch_size: int = 32
-    device: str = "cpu"
-    tta: bool | None = None
-    amp: bool = True
-    min_tissue_fraction: float = 0.25
-    nms_threshold: float = 0.5
-    nms_radius: float = 5.0
-    workers: int = 2
-    save_every_s: float | None = None
-
-    def __post_init__(self) -> None:
-        """Refuse settings that cannot work (NaN, negative, zero, absurd) before any work starts."""
-        if self.stride is not None:
-            _check_int(self.stride, "stride", 1, MAX_STRIDE, "px at the model's um/px")
-        _check_int(self.batch_size, "batch_size", 1, MAX_BATCH_SIZE, "tiles")
-        _check_int(self.workers, "workers", 0, 64, "threads")
-        for name, low, high in (
-            ("min_tissue_fraction", 0.0, 1.0), ("nms_threshold", 0.0, 1.0), ("nms_radius", 0.0, None),
-        ):  # fmt: skip
-            try:
-                require_finite(getattr(self, name), name.replace("_", " "), minimum=low, maximum=high)
-            except ValueError as error:
-                raise RunSettingsError(name, str(error)) from None
-        if self.save_every_s is not None:
-            try:
-                require_finite(self.save_every_s, "partial-save interval (s)", minimum=0.0)
-            except ValueError as error:
-                raise RunSettingsError("save_every_s", str(error)) from None
-        if not isinstance(self.device, str) or not self.device.strip():
-            raise RunSettingsError(
-                "device", f"device must be a name such as cpu or cuda:0, got {self.device!r}"
-            )
-        for name in ("tta", "amp"):
-            value = getattr(self, name)
-            if not (isinstance(value, bool | np.bool_) or (name == "tta" and value is None)):
-                raise RunSettingsError(name, f"{name} must be true or false, got {value!r}")
-
-
-def _check_int(value: Any, name: str, low: int, high: int, unit: str) -> None:
-    label = name.replace("_", " ")
-    if isinstance(value, bool) or not isinstance(value, int | np.integer | float):
-        raise RunSettingsError(name, f"{label} must be a whole number, got {value!r}")
-    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
-        raise RunSettingsError(name, f"{label} must be a whole number, got {value!r}")
-    if not low <= value <= high:
-        raise RunSettingsError(name, f"{label} must be between {low} and {high} {unit}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -171,134 +81,6 @@ class HeatmapBlock:
 
     cells: np.ndarray
     values: np.ndarray
-
-
-def path_tag(path: str | os.PathLike[str]) -> str:
-    """Eight hex digits of the SHA-256 of a slide's resolved path (tells same-named slides apart)."""
-    return hashlib.sha256(os.path.realpath(os.fspath(path)).encode()).hexdigest()[:8]
-
-
-def result_folder(out_dir: str | Path, slide: Slide, model_name: str) -> Path:
-    """The folder for one slide and one model: ``OUT/<slide stem>/<model name>``, unique per slide.
-
-    ``OUT/<stem>`` is used while it is free or holds only results of this
-    slide (the path each ``result.json`` records); a slide with the same file
-    name from another folder gets ``OUT/<stem>-<8 hex digits of its resolved
-    path>`` instead, so it never writes into another slide's results. Both
-    names are sanitised (:func:`napari_pathology.fileio.safe_name`): a model
-    named ``..`` or ``a/b`` stays inside ``OUT/<stem>``.
-    """
-    out_dir = Path(out_dir)
-    stem = safe_name(Path(slide.name).stem, fallback="slide")
-    model = safe_name(model_name, fallback="model")
-    if not slide.path:
-        return out_dir / stem / model
-    tagged = out_dir / f"{stem}-{path_tag(slide.path)}"
-    if folder_owner(tagged, slide.path) is True:
-        return tagged / model
-    if folder_owner(out_dir / stem, slide.path) is not False:
-        return out_dir / stem / model
-    return tagged / model
-
-
-def check_run(slide: Slide, spec: Any, settings: RunSettings | None = None) -> None:
-    """Say why a run cannot work, in the order a user should fix it, before any work.
-
-    Checked: the slide's um/px is plausible; the slide reaches the model's
-    um/px; the slide is not smaller than a model tile; the stride is not
-    larger than the slide. Tissue comes after these (its absence is then the
-    real cause).
-
-    Raises
-    ------
-    ValueError
-        One line naming the slide, the model and the cause.
-    """
-    from napari_pathology.tiles import MPP_TOLERANCE
-
-    settings = settings or RunSettings()
-    mpp_x, mpp_y = (float(v) for v in slide.require_mpp())
-    if not all(math.isfinite(v) and v > 0 for v in (mpp_x, mpp_y)):
-        raise ValueError(f"{slide.name}: um/px must be a positive number, got {mpp_x!r} x {mpp_y!r}")
-    width, height = (int(v) for v in slide.dimensions)
-    width_um, height_um = width * mpp_x, height * mpp_y
-    size = f"{width_um:.4g} x {height_um:.4g} um"
-    if min(mpp_x, mpp_y) < MIN_PLAUSIBLE_MPP:
-        raise ValueError(
-            f"{slide.name}: {min(mpp_x, mpp_y):.3g} um/px is implausible for {spec.name} (no light "
-            f"microscope resolves below {MIN_PLAUSIBLE_MPP} um/px; the slide would be {size}); check the "
-            "slide's um/px (--mpp or the Slide panel)"
-        )
-    if getattr(spec, "output", None) == "nuclei":
-        return
-    finest = max(mpp_x, mpp_y) * min(float(d) for d in slide.level_downsamples)
-    if finest > spec.mpp * (1.0 + MPP_TOLERANCE):
-        raise ValueError(
-            f"{spec.name} needs {spec.mpp:g} um/px but {slide.name} has at best {finest:.4g} um/px "
-            "(scanned at a lower magnification); use a model for a coarser um/px, or check the slide's um/px"
-        )
-    tile_um = spec.input_size * spec.mpp
-    if max(width_um, height_um) < tile_um / 2:
-        raise ValueError(
-            f"{slide.name} is {size} at {max(mpp_x, mpp_y):.4g} um/px, smaller than half of one {spec.name} "
-            f"tile ({spec.input_size} px at {spec.mpp:g} um/px = {tile_um:.4g} um); check the slide's um/px"
-        )
-    stride = _stride(spec, settings)
-    stride_um = stride * spec.mpp
-    if stride_um > max(width_um, height_um):
-        if settings.stride is None:
-            raise ValueError(
-                f"{slide.name} ({size}) is smaller than one step of {spec.name} ({stride} px at {spec.mpp:g} "
-                f"um/px = {stride_um:.4g} um); check the slide's um/px or choose a smaller stride"
-            )
-        largest = max(1, int(max(width_um, height_um) / spec.mpp))
-        raise ValueError(
-            f"stride {stride} px at {spec.mpp:g} um/px ({stride_um:.4g} um) is larger than {slide.name} "
-            f"({size}); use a stride of at most {largest} px (the model's default is {_stride(spec, None)})"
-        )
-
-
-def _stride(spec: Any, settings: RunSettings | None) -> int:
-    if settings is not None and settings.stride is not None:
-        return int(settings.stride)
-    return int(spec.stride or spec.centre_size or spec.input_size)
-
-
-def weights_digest(model: Any) -> str:
-    """Short SHA-256 of a model's parameters and buffers (changes when weights change)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def _mask_digest(tissue: Any) -> str | None:
-    if tissue is None:
-        return None
-    mask = np.ascontiguousarray(np.asarray(tissue.mask, dtype=bool))
-    return hashlib.sha256(mask.tobytes() + repr((mask.shape, float(tissue.mpp))).encode()).hexdigest()[:16]
-
-
-def run_key(slide: Slide, spec: dict[str, Any], digest: str, settings: RunSettings, tissue: Any) -> str:
-    """Fingerprint of everything a result depends on."""
-    stamp = None
-    if slide.path:
-        stat = Path(slide.path).stat()
-        stamp = (stat.st_size, stat.st_mtime_ns)
-    fields = {
-        k: v
-        for k, v in asdict(settings).items()
-        if k not in {"batch_size", "device", "workers", "amp", "save_every_s"}
-    }
-    payload = {
-        "slide": [slide.path, stamp, slide.mpp],
-        "spec": spec,
-        "weights": digest,
-        "settings": fields,
-        "tissue": _mask_digest(tissue),
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
 def aggregate(
@@ -327,7 +109,7 @@ def aggregate(
     else:
         raise ValueError(
             f"aggregator {aggregator!r} is not computed from tile probabilities; "
-            f"models using it provide their own slide-level head (known here: {', '.join(AGGREGATORS)})"
+            f"models using it provide their own slide-level head (known here: {', '.join(TILE_AGGREGATORS)})"
         )
     scores = {name: float(v) for name, v in zip(classes, per_class, strict=True)}
     return slide_score, scores
@@ -400,8 +182,8 @@ def run_analysis(
     spec = model.spec
     if spec.output == "nuclei":
         raise ValueError(
-            f"{spec.name} classifies nuclei, not tiles: run it with "
-            "napari_pathology.analysis.nuclei.run_nucleus_analysis (what Run and the CLI do)"
+            f"{spec.name} classifies nuclei, not tiles: run it with napari_pathology.analysis.run "
+            "(what Run and the CLI do)"
         )
     spec_dict = spec.to_dict()
     slide.require_mpp()
@@ -410,7 +192,7 @@ def run_analysis(
     if target is not None:
         ensure_writable_dir(target.parent)
         check_owner(target, slide.path)
-    stride = _stride(spec, settings)
+    stride = model_stride(spec, settings)
     grid = make_tile_grid(
         slide, spec.mpp, spec.input_size, stride, tissue=tissue,
         min_tissue_fraction=settings.min_tissue_fraction if tissue is not None else 0.0,
@@ -423,7 +205,7 @@ def run_analysis(
             "the minimum tissue fraction."
         )
     classes = list(spec.classes)
-    positive = classes.index(spec.positive_class) if spec.positive_class else len(classes) - 1
+    positive = spec.positive_index
     digest = weights_digest(model)
     key = run_key(slide, spec_dict, digest, settings, tissue)
     heatmap = np.full(grid.shape, np.nan, np.float32)

@@ -1,79 +1,39 @@
-"""Whole-slide nucleus purity through the engine: detect every nucleus in the tissue, classify each.
+"""Whole-slide nucleus purity: detect every nucleus in the tissue, classify each (the ``nucleus`` runner).
 
-What **Run** does when the chosen model is a ``nucleus-purity`` classifier
-(METHODS.md section 3): nuclei are detected chunk by chunk inside the tissue,
-each gets a tumour probability, and the slide score is the predicted purity
-(the mean probability). The result is saved beside the other results: the
-nuclei as CSV, a purity grid, and a JSON summary. No Qt.
+What **Run** does when the chosen model reads nuclei (METHODS.md section 3):
+nuclei are detected chunk by chunk inside the tissue, each gets a tumour
+probability, and the result is an :class:`~napari_pathology.analysis.result.AnalysisResult`
+like every other run's: the nuclei are its ``points``, the mean tumour
+probability per :data:`GRID_CELL_UM` cell its heatmap (kind ``purity``), and
+its slide score the predicted purity (the mean probability), saved with
+:func:`~napari_pathology.analysis.result.save_result` (atomic, digest-checked).
+No Qt.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import threading
-from collections.abc import Generator
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Generator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from napari_pathology.analysis.engine import ModelOutputError, NoTissueError, RunSettings, check_run
-from napari_pathology.analysis.result import check_owner, recover_result_folder
-from napari_pathology.fileio import atomic_path, ensure_writable_dir
-from napari_pathology.nuclei.density import DensityGrid, density_grid
-from napari_pathology.nuclei.points import NucleusPoints, write_csv
+from napari_pathology.analysis.engine import ModelOutputError
+from napari_pathology.analysis.folders import check_owner
+from napari_pathology.analysis.result import AnalysisResult, save_result
+from napari_pathology.analysis.settings import NoTissueError, RunSettings, check_run, run_key, weights_digest
+from napari_pathology.fileio import ensure_writable_dir
 from napari_pathology.progress import Progress
 
-__all__ = ["NucleusAnalysisResult", "run_nucleus_analysis"]
+__all__ = ["GRID_CELL_UM", "PURITY_SCORE_NAME", "run_nucleus_analysis"]
 
-#: Side of the purity grid cells saved with a result (micrometres).
+#: Side of the purity grid cells of a result (micrometres).
 GRID_CELL_UM = 64.0
-
-
-@dataclass(frozen=True)
-class NucleusAnalysisResult:
-    """Every nucleus of a slide with its tumour probability, and the slide's predicted purity.
-
-    Attributes
-    ----------
-    nuclei : NucleusPoints
-        Detected nuclei (source ``detected``) with ``probability`` set, unless cancelled before.
-    predicted_purity : float or None
-        Mean tumour probability over the classified nuclei.
-    grid : DensityGrid
-        Nuclei per cell and mean tumour probability per cell.
-    spec : dict
-        The model's spec.
-    partial : bool
-        Whether the run was cancelled (nuclei found so far are kept).
-    out_dir : Path or None
-        Where it was saved.
-    """
-
-    nuclei: NucleusPoints
-    predicted_purity: float | None
-    grid: DensityGrid
-    spec: dict[str, Any]
-    partial: bool
-    out_dir: Path | None
-
-    def summary(self) -> str:
-        """One line for logs and the CLI."""
-        state = "PARTIAL (cancelled)" if self.partial else "complete"
-        purity = "-" if self.predicted_purity is None else f"{self.predicted_purity:.3f}"
-        return f"{self.spec.get('name')}: {state}, {len(self.nuclei)} nuclei, predicted purity {purity}"
-
-    @property
-    def detections(self) -> np.ndarray:
-        """No tile detections: an empty ``(0, 3)`` array, as a tile result without any has."""
-        return np.empty((0, 3))
-
-    @property
-    def slide_score(self) -> float:
-        """The predicted purity (NaN when nothing was classified)."""
-        return float("nan") if self.predicted_purity is None else self.predicted_purity
+#: What the slide score of a nucleus run is.
+PURITY_SCORE_NAME = "predicted purity (mean tumour probability)"
 
 
 def run_nucleus_analysis(
@@ -84,7 +44,8 @@ def run_nucleus_analysis(
     out_dir: str | Path | None = None,
     cancel: threading.Event | None = None,
     detector_params: Any = None,
-) -> Generator[Progress, None, NucleusAnalysisResult]:
+    on_saved: Callable[[AnalysisResult], None] | None = None,
+) -> Generator[Progress, None, AnalysisResult]:
     """Detect and classify every nucleus in the tissue; a generator of :class:`Progress`.
 
     Parameters
@@ -92,27 +53,32 @@ def run_nucleus_analysis(
     slide : Slide
         An opened slide with um/px.
     model : PathologyModel
-        A ``nucleus-purity`` model.
+        A model whose spec's output is ``nuclei`` (a nucleus classifier).
     tissue : TissueMask or None
         Where to look (chunks without tissue are skipped); None searches the whole slide.
     settings : RunSettings, optional
-        Device and batch size (others are ignored here).
+        Device and batch size (the tile settings are not used here).
     out_dir : path-like, optional
-        Folder for ``nuclei.csv``, ``purity_grid.npy`` and ``result.json``.
+        Result folder (``nuclei.csv``, ``heatmap.zarr``, ``result.json``...).
     cancel : threading.Event, optional
         Set it to stop; the nuclei found so far are kept and labelled partial.
     detector_params : NucleusParams, optional
         Parameters of the default detector.
+    on_saved : callable, optional
+        Called with the result once it is on disk.
 
     Returns
     -------
     Generator
-        Yields :class:`Progress`, returns a :class:`NucleusAnalysisResult`.
+        Yields :class:`Progress`, returns an :class:`AnalysisResult` (heatmap kind ``purity``,
+        the nuclei as ``points``, ``tiles_done`` / ``tiles_total`` counted in nuclei classified / found).
 
     Raises
     ------
     NoTissueError
         When the tissue mask is empty.
+    ModelOutputError
+        When the model gives NaN or infinite probabilities (nothing is saved).
     """
     from napari_pathology.nuclei.classify import require_purity_model
     from napari_pathology.nuclei.run import detect_in_slide
@@ -128,94 +94,90 @@ def run_nucleus_analysis(
         raise NoTissueError(f"No tissue found in {slide.name}; draw or import a tissue mask.")
     require_purity_model(model)  # before the long detection
     detection = detect_in_slide(slide, tissue=tissue, params=detector_params, cancel=cancel)
-    return _run(slide, model, detection, settings, out_dir, cancel)
+    return _run(slide, model, tissue, detection, settings, out_dir, cancel, on_saved)
+
+
+def _classify(
+    slide: Any, model: Any, nuclei: Any, settings: RunSettings, cancel: threading.Event
+) -> Generator[Progress, None, np.ndarray | None]:
+    """Tumour probabilities of ``nuclei``, or None when cancelled."""
+    from napari_pathology.nuclei.classify import classify_nuclei
+
+    job = classify_nuclei(
+        slide, nuclei.xy_um(), model, device=settings.device, batch_size=max(64, settings.batch_size)
+    )
+    try:
+        while True:
+            event = next(job)
+            if cancel.is_set():
+                job.close()
+                return None
+            yield Progress(event.done, event.total, f"classifying {len(nuclei)} nuclei: {event.message}")
+    except StopIteration as finished:
+        probability = np.asarray(finished.value, dtype=np.float64)
+    if not np.isfinite(probability).all():
+        bad = int((~np.isfinite(probability)).sum())
+        raise ModelOutputError(
+            f"model {model.spec.name} produced NaN or infinite outputs for {bad} of {len(probability)} "
+            "nuclei; its weights are probably broken. Retrain it or use another checkpoint; nothing was "
+            "saved."
+        )
+    return probability
 
 
 def _run(
     slide: Any,
     model: Any,
+    tissue: Any,
     detection: Generator[Progress, None, Any],
     settings: RunSettings,
     out_dir: str | Path | None,
     cancel: threading.Event,
-) -> Generator[Progress, None, NucleusAnalysisResult]:
-    from napari_pathology.nuclei.classify import classify_nuclei
+    on_saved: Callable[[AnalysisResult], None] | None,
+) -> Generator[Progress, None, AnalysisResult]:
+    from napari_pathology.nuclei.density import density_grid
+    from napari_pathology.nuclei.points import NucleusPoints
 
+    started = time.perf_counter()
     table = yield from detection
     nuclei = NucleusPoints.from_table(table, source="detected")
     partial = cancel.is_set()
     if len(nuclei) and not partial:
-        job = classify_nuclei(
-            slide, nuclei.xy_um(), model, device=settings.device, batch_size=max(64, settings.batch_size)
-        )
-        try:
-            while True:
-                event = next(job)
-                if cancel.is_set():
-                    job.close()
-                    partial = True
-                    break
-                yield Progress(event.done, event.total, f"classifying {len(nuclei)} nuclei: {event.message}")
-        except StopIteration as finished:
-            probability = np.asarray(finished.value, dtype=np.float64)
-            if not np.isfinite(probability).all():
-                bad = int((~np.isfinite(probability)).sum())
-                raise ModelOutputError(
-                    f"model {model.spec.name} produced NaN or infinite outputs for {bad} of "
-                    f"{len(probability)} nuclei; its weights are probably broken. Retrain it or use "
-                    "another checkpoint; nothing was saved."
-                ) from None
-            nuclei = nuclei.with_probabilities(finished.value)
+        probability = yield from _classify(slide, model, nuclei, settings, cancel)
+        if probability is None:
+            partial = True
+        else:
+            nuclei = nuclei.with_probabilities(probability)
     mpp_x, mpp_y = slide.require_mpp()
     width, height = slide.dimensions
     grid = density_grid(nuclei.xy_um(), (width * mpp_x, height * mpp_y), GRID_CELL_UM, nuclei.probability)
-    result = NucleusAnalysisResult(
-        nuclei=nuclei,
-        predicted_purity=nuclei.predicted_purity(),
-        grid=grid,
-        spec=model.spec.to_dict(),
-        partial=partial,
-        out_dir=Path(out_dir) if out_dir is not None else None,
-    )
+    spec = model.spec.to_dict()
+    digest = weights_digest(model)
+    purity = nuclei.predicted_purity()
+    slide_score = float("nan") if purity is None else float(purity)
+    result = AnalysisResult(
+        slide_path=slide.path, slide_name=slide.name, spec=spec, heatmap=grid.mean_probability,
+        class_heatmaps=None, cell_um=grid.cell_um, first_centre_um=grid.first_centre_um,
+        slide_mpp=(mpp_x, mpp_y), detections=np.zeros((0, 3)), slide_score=slide_score,
+        scores=_class_scores(list(model.spec.classes), model.spec.positive_index, slide_score),
+        partial=partial, tiles_done=int(np.isfinite(nuclei.probability).sum()), tiles_total=len(nuclei),
+        key=run_key(slide, spec, digest, settings, tissue),
+        provenance={
+            "settings": asdict(settings), "weights": digest, "cancelled": partial,
+            "seconds": round(time.perf_counter() - started, 3), "grid_cell_um": GRID_CELL_UM,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        },
+        heatmap_kind="purity", points=nuclei, unit="nuclei", score_name=PURITY_SCORE_NAME,
+    )  # fmt: skip
     if out_dir is not None:
-        save_nucleus_result(result, slide.name, slide.path)
+        save_result(result, out_dir)
+        if on_saved is not None:
+            on_saved(result)
     return result
 
 
-def save_nucleus_result(
-    result: NucleusAnalysisResult, slide_name: str, slide_path: str | None = None
-) -> Path:
-    """Write ``nuclei.csv``, ``purity_grid.npy`` and ``result.json`` into ``result.out_dir``, atomically.
-
-    The folder is written whole (:func:`napari_pathology.fileio.atomic_path`):
-    a kill or a full disk leaves the previous result, never a torn one.
-
-    Raises
-    ------
-    ResultOwnerError
-        When the folder holds the result of another slide.
-    OutputError
-        When the disk refuses the write (one line naming the folder).
-    """
-    if result.out_dir is None:
-        raise ValueError("the result has no out_dir to save into")
-    folder = Path(result.out_dir)
-    recover_result_folder(folder)
-    check_owner(folder, slide_path)
-    summary = {
-        "slide": slide_name,
-        "slide_path": slide_path,
-        "slide_realpath": os.path.realpath(slide_path) if slide_path else None,
-        "model": result.spec.get("name"),
-        "n_nuclei": len(result.nuclei),
-        "predicted_purity": result.predicted_purity,
-        "partial": result.partial,
-        "grid_cell_um": result.grid.cell_um,
-        "spec": result.spec,
-    }
-    with atomic_path(folder) as staging:
-        staging.mkdir()  # permissions from the umask
-        write_csv(result.nuclei, staging / "nuclei.csv")
-        np.save(staging / "purity_grid.npy", result.grid.mean_probability)
-        (staging / "result.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    return folder
+def _class_scores(classes: list[str], positive: int, purity: float) -> dict[str, float]:
+    """Mean probability of each class over the nuclei: the purity, and one minus it for the other class."""
+    if len(classes) != 2:
+        return {classes[positive]: purity}
+    return {name: purity if k == positive else 1.0 - purity for k, name in enumerate(classes)}

@@ -5,9 +5,15 @@ its input kind (:data:`RUNNERS`: ``tile`` is the sliding-window engine,
 ``nucleus`` detects every nucleus and classifies each); a family may
 override :meth:`~napari_pathology.families.Family.run`. A model of no
 registered family (built in code) runs by its spec's output: ``nuclei`` with
-the nucleus runner, anything else with the tile engine. Callers never branch
-on a family or a result class: every result has ``summary()``,
-``slide_score``, ``partial`` and ``out_dir``.
+the nucleus runner, anything else with the tile engine.
+
+Every runner returns one type,
+:class:`~napari_pathology.analysis.result.AnalysisResult` (its module says
+how a runner fills it: a heatmap of a recorded kind, detections, points,
+slide and per-class scores, provenance), saves it with
+:func:`~napari_pathology.analysis.result.save_result` when given ``out_dir``
+and calls ``on_saved`` with it once on disk. Callers never branch on a
+family or a result class.
 """
 
 from __future__ import annotations
@@ -32,11 +38,11 @@ def _nucleus_runner(
 ) -> Generator[Any, None, Any]:  # fmt: skip
     from napari_pathology.analysis.nuclei import run_nucleus_analysis
 
-    return run_nucleus_analysis(slide, model, tissue, settings, out_dir, cancel)
+    return run_nucleus_analysis(slide, model, tissue, settings, out_dir, cancel, on_saved=on_saved)
 
 
 #: Inference runner by input kind: ``runner(slide, model, *, tissue, settings, out_dir, cancel,
-#: reuse, on_saved)`` -> a generator of progress returning a result.
+#: reuse, on_saved)`` -> a generator of progress returning an AnalysisResult.
 RUNNERS: dict[str, Callable[..., Generator[Any, None, Any]]] = {
     "tile": _tile_runner,
     "nucleus": _nucleus_runner,
@@ -64,7 +70,7 @@ def run(
     reuse: bool = True,
     on_saved: Callable[[Any], None] | None = None,
 ) -> Generator[Any, None, Any]:
-    """Run ``model`` over ``slide`` the way its family runs: yields progress, returns its result.
+    """Run ``model`` over ``slide`` the way its family runs: yields progress, returns an AnalysisResult.
 
     Parameters are those of :func:`napari_pathology.analysis.run_analysis`;
     a family that has no use for one (``reuse`` for nuclei) ignores it.

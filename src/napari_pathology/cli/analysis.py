@@ -83,9 +83,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
                     return f"interrupted: the complete result is in {out}"
                 return (
                     f"interrupted: partial result kept in {out} ({on_disk.tiles_done}/{on_disk.tiles_total} "
-                    "tiles); run the same command again to resume"
+                    f"{on_disk.unit}); run the same command again to resume"
                 )
-        return f"interrupted: nothing was kept in {out} (no finished tiles were saved); a rerun starts over"
+        return f"interrupted: nothing was kept in {out} (nothing finished was saved); a rerun starts over"
 
     with sigterm_as_interrupt() as received:
         slide = open_slide(args.slide, mpp=args.mpp)

@@ -1,0 +1,338 @@
+"""napari layers of an analysis result: what the Analyze panel shows, whatever runner made it.
+
+:class:`ResultLayers` draws one run on one slide: the growing heatmap while
+the run goes on, then every part of the :class:`~napari_pathology.analysis.AnalysisResult`:
+its heatmap (named and coloured by its kind: ``heatmap``, ``attention``,
+``purity``, ``activation map``), its detections as points with their scores,
+its nuclei as in-view points coloured by tumour probability. Every layer is
+tied to the slide (:func:`napari_pathology._layers.link_metadata`) so it
+follows the slide's um/px.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from napari_pathology._layers import (
+    PLACED_SCALE_KEY,
+    follow_slide_scale,
+    link_metadata,
+    overlay_geometry,
+    placed_scale,
+)
+from napari_pathology._widgets.nuclei_layers import (
+    DEFAULT_DIAMETER_UM,
+    point_sizes,
+    probability_rgba,
+    view_box_um,
+    world_from_um,
+)
+from napari_pathology.analysis.result import HEATMAP_KINDS
+
+if TYPE_CHECKING:
+    import napari
+
+    from napari_pathology.analysis import AnalysisResult, HeatmapBlock
+
+#: Colormap of each heatmap kind (a napari colormap name, or "transparent-low" for
+#: :func:`transparent_low_colormap`); kinds not listed get :data:`DEFAULT_COLORMAP`.
+HEATMAP_COLORMAPS = {
+    "probability": "transparent-low",
+    "attention": "turbo",
+    "purity": "coolwarm",
+    "activation": "magma",
+}
+DEFAULT_COLORMAP = "viridis"
+HEATMAP_OPACITY = 0.5
+
+
+def transparent_low_colormap(name: str = "inferno") -> Any:
+    """``name`` (inferno) fading in from transparent: low values leave the tissue visible.
+
+    Plain inferno paints probability 0 black, which at 0.5 opacity darkens
+    all the tissue; here alpha rises from 0 at probability 0 to 1 at 0.4.
+    """
+    from napari.utils.colormaps import Colormap, ensure_colormap
+
+    colors = np.array(ensure_colormap(name).colors, dtype=np.float32)
+    colors[:, 3] = np.clip(np.linspace(0.0, 2.5, len(colors)), 0.0, 1.0)
+    return Colormap(colors, name=f"{name} (transparent low)", display_name=f"{name}, transparent low")
+
+
+def heatmap_colormap(kind: str = "probability") -> Any:
+    """The colormap a heatmap of ``kind`` is shown with."""
+    name = HEATMAP_COLORMAPS.get(kind, DEFAULT_COLORMAP)
+    return transparent_low_colormap() if name == "transparent-low" else name
+
+
+def heatmap_limits(kind: str, data: np.ndarray) -> tuple[float, float]:
+    """Contrast limits: 0-1 for kinds bounded to it, else the range of the finite values."""
+    if HEATMAP_KINDS[kind].bounded:
+        return (0.0, 1.0)
+    finite = np.asarray(data, dtype=np.float64)[np.isfinite(data)]
+    if not finite.size:
+        return (0.0, 1.0)
+    low, high = float(finite.min()), float(finite.max())
+    return (low, high) if high > low else (low, low + 1.0)
+
+
+def result_text(result: AnalysisResult) -> tuple[str, str]:
+    """The panel's two lines for a result: its slide score, and its state, counts and folder."""
+    title = result.score_title[:1].upper() + result.score_title[1:]
+    score = f"{result.slide_score:.3f}" if np.isfinite(result.slide_score) else "-"
+    state = "partial (cancelled)" if result.partial else "complete"
+    parts = [
+        f"{result.tiles_done}/{result.tiles_total} {result.unit}",
+        f"{len(result.detections)} detections",
+    ]
+    if result.points is not None:
+        parts.append(f"{result.n_points} nuclei")
+    scores = ", ".join(f"{k} {v:.3f}" for k, v in result.scores.items())
+    return (
+        f"{title}: {score}",
+        f"{state}: {', '.join(parts)}; class scores {scores}. Saved in {result.out_dir}",
+    )
+
+
+class ResultLayers:
+    """The layers of one run of one model on one slide.
+
+    Parameters
+    ----------
+    viewer : napari.Viewer
+        The viewer.
+    slide_layer : napari.layers.Image
+        The slide the run reads.
+    model_name : str
+        Goes into the layer names: ``"<slide> <model> <title>"``.
+    run_scale : (float, float)
+        The slide layer's ``scale`` ``(y, x)`` (its um/px) the run computes with.
+    """
+
+    def __init__(
+        self, viewer: napari.Viewer, slide_layer: Any, model_name: str, run_scale: tuple[float, float]
+    ) -> None:
+        self.viewer = viewer
+        self.slide_layer = slide_layer
+        self.model_name = model_name
+        self.run_scale = run_scale
+        self.heatmap_layer: Any = None
+        self.detections_layer: Any = None
+        self.points: InViewPoints | None = None
+
+    @property
+    def run_mpp(self) -> tuple[float, float]:
+        """The slide's ``(mpp_x, mpp_y)`` the run computes with."""
+        sy, sx = self.run_scale
+        return (sx, sy)
+
+    def name(self, title: str) -> str:
+        """A layer name: ``"<slide> <model> <title>"``."""
+        return f"{self.slide_layer.name} {self.model_name} {title}"
+
+    def link(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Metadata tying a layer to the run's slide, placed at the run's um/px."""
+        return {**(extra or {}), **link_metadata(self.slide_layer.metadata, self.run_scale)}
+
+    def _add_image(self, title: str, data: np.ndarray, kind: str, geometry: dict[str, Any]) -> Any:
+        self._remove(self.name(title))
+        return self.viewer.add_image(
+            data, name=self.name(title), colormap=heatmap_colormap(kind),
+            contrast_limits=heatmap_limits(kind, data), opacity=HEATMAP_OPACITY, blending="translucent",
+            units=self.slide_layer.units, metadata=self.link(), **geometry,
+        )  # fmt: skip
+
+    def _remove(self, name: str, keep: Any = None) -> None:
+        if name in self.viewer.layers and self.viewer.layers[name] is not keep:
+            self.viewer.layers.remove(name)
+
+    def show_grid(self, grid: Any, kind: str = "probability") -> Any:
+        """An empty heatmap laid out on a run's tile grid, to fill in as blocks arrive."""
+        geometry = overlay_geometry(grid.cell_um, grid.first_centre_um, self.run_mpp)
+        data = np.full(grid.shape, np.nan, np.float32)
+        title = HEATMAP_KINDS[kind].title
+        old = self.viewer.layers[self.name(title)] if self.name(title) in self.viewer.layers else None
+        if (
+            old is not None
+            and old.data.shape == data.shape
+            and np.allclose(old.scale, geometry["scale"])
+            and np.allclose(old.translate, geometry["translate"])
+        ):
+            old.data = data  # a re-run on the same grid: reuse the layer (no removal, no gc pass)
+            old.metadata = self.link()
+            self.heatmap_layer = old
+        else:
+            self.heatmap_layer = self._add_image(title, data, kind, geometry)
+        follow_slide_scale([self.heatmap_layer], self.slide_layer)
+        return self.heatmap_layer
+
+    def paint(self, block: HeatmapBlock) -> None:
+        """Write finished cells into the growing heatmap (the caller refreshes it)."""
+        if self.heatmap_layer is not None:
+            rows, cols = block.cells[:, 0], block.cells[:, 1]
+            self.heatmap_layer.data[rows, cols] = block.values
+
+    def show(self, result: AnalysisResult) -> None:
+        """Show everything ``result`` holds: its heatmap, detections and points."""
+        self._show_heatmap(result)
+        self._show_detections(result)
+        self._show_points(result)
+
+    def _show_heatmap(self, result: AnalysisResult) -> None:
+        kind = result.heatmap_kind
+        title = result.kind.title
+        layer = self.heatmap_layer
+        if layer is not None and layer in self.viewer.layers and layer.data.shape == result.heatmap.shape:
+            layer.data = result.heatmap  # in place: removing a layer costs napari a full gc pass (~0.4 s)
+            if layer.name != self.name(title):
+                self._remove(self.name(title), keep=layer)
+                layer.name = self.name(title)
+            layer.colormap = heatmap_colormap(kind)
+            layer.contrast_limits = heatmap_limits(kind, result.heatmap)
+        else:
+            geometry = overlay_geometry(result.cell_um, result.first_centre_um, self.run_mpp)
+            layer = self._add_image(title, result.heatmap, kind, geometry)
+        self.heatmap_layer = layer
+        placed = layer.metadata.get(PLACED_SCALE_KEY)  # kept: the layer may have moved since
+        metadata = self.link({
+            "napari_pathology_result": str(result.out_dir), "spec": result.spec, "heatmap_kind": kind,
+        })  # fmt: skip
+        layer.metadata = {**metadata, PLACED_SCALE_KEY: placed or metadata[PLACED_SCALE_KEY]}
+        follow_slide_scale([layer], self.slide_layer)
+
+    def _show_detections(self, result: AnalysisResult) -> None:
+        name = self.name("detections")
+        self._remove(name)
+        self.detections_layer = None
+        if not len(result.detections):
+            return
+        scores = result.detections[:, 2]
+        layer = self.viewer.add_points(
+            world_from_um(result.detections[:, :2], self.run_mpp), name=name, features={"score": scores},
+            size=result.cell_um * 2, face_color="score", face_colormap="viridis",
+            face_contrast_limits=(0.5, 1.0), border_color="white", border_width=0.1, opacity=0.9,
+            units=self.slide_layer.units, metadata=self.link(),
+        )  # fmt: skip
+        layer.face_contrast_limits = (0.5, 1.0)
+        follow_slide_scale([layer], self.slide_layer)
+        self.detections_layer = layer
+
+    def _show_points(self, result: AnalysisResult) -> None:
+        name = self.name("nuclei")
+        if self.points is not None:
+            self.points.remove()
+        self._remove(name)
+        self.points = None
+        if result.points is not None:
+            self.points = InViewPoints(self.viewer, result.points, name, self.run_mpp, self)
+
+
+def _camera(viewer: napari.Viewer) -> Any:
+    """The viewer's camera (``viewer.scene.camera`` since napari 0.9, ``viewer.camera`` before)."""
+    scene = getattr(viewer, "scene", None)
+    return scene.camera if scene is not None else viewer.camera
+
+
+class InViewPoints:
+    """Points of a result (10^5-10^6 nuclei) that keep panning fluid: only those in view are drawn.
+
+    The points inside the view are drawn, coloured by tumour probability, when
+    there are at most ``max_points`` of them, refreshed shortly after the
+    camera stops moving. The layer is tied to the slide: when the slide's
+    um/px changes, the points (micrometres at the run's um/px) follow.
+
+    Parameters
+    ----------
+    viewer : napari.Viewer
+        The viewer.
+    points : NucleusPoints
+        The nuclei, in micrometres at ``run_mpp``.
+    name : str
+        The layer's name.
+    run_mpp : (float, float)
+        The slide's ``(mpp_x, mpp_y)`` the points were computed at.
+    owner : ResultLayers
+        Gives the slide layer and the link metadata.
+    max_points : int
+        Most points drawn at once.
+    """
+
+    def __init__(
+        self, viewer: napari.Viewer, points: Any, name: str, run_mpp: tuple[float, float],
+        owner: ResultLayers, max_points: int = 8000,
+    ) -> None:  # fmt: skip
+        from qtpy.QtCore import QTimer
+
+        from napari_pathology.nuclei.density import PointIndex
+
+        self.viewer = viewer
+        self.points = points
+        self.run_mpp = run_mpp
+        self.max_points = max_points
+        self.index = PointIndex(points.xy_um())
+        self.layer = viewer.add_points(
+            np.zeros((0, 2)), name=name, size=DEFAULT_DIAMETER_UM, border_width=0,
+            units=owner.slide_layer.units, metadata=owner.link({"kind": "points"}),
+            features={"probability": np.zeros(0)},
+        )  # fmt: skip
+        follow_slide_scale([self.layer], owner.slide_layer)
+        self.shown = np.zeros(0, np.int64)
+        self._timer = QTimer()
+        self._timer.setSingleShot(True)
+        self._timer.setInterval(80)
+        self._timer.timeout.connect(self.update)
+        camera = _camera(viewer)
+        camera.events.center.connect(self._schedule)
+        camera.events.zoom.connect(self._schedule)
+        self._connected = True
+        self.update()
+
+    def _schedule(self, event: Any = None) -> None:
+        self._timer.start()
+
+    def _factors(self) -> tuple[float, float]:
+        """How far the slide's um/px moved since the run: ``(now / run)`` in x and y."""
+        sy, sx = placed_scale(self.layer.metadata) or self.run_mpp[::-1]
+        return sx / self.run_mpp[0], sy / self.run_mpp[1]
+
+    def update(self) -> None:
+        """Draw the points in view, or none when there are too many to stay fluid."""
+        if self.layer not in self.viewer.layers:
+            self.disconnect()
+            return
+        fx, fy = self._factors()
+        mpp = (self.run_mpp[0] * fx, self.run_mpp[1] * fy)
+        x, y, w, h = view_box_um(self.viewer, mpp, pad=1.2)
+        box = (x / fx, y / fy, w / fx, h / fy)  # in micrometres at the run's um/px
+        index = np.zeros(0, np.int64)
+        if self.index.count_upper_bound(box) <= 4 * self.max_points:
+            index = self.index.query(box)
+            if len(index) > self.max_points:
+                index = np.zeros(0, np.int64)
+        if np.array_equal(index, self.shown):
+            return
+        self.shown = index
+        subset = self.points.subset(index)
+        self.layer.data = world_from_um(subset.xy_um() * np.array([fx, fy]), mpp)
+        self.layer.features = {"probability": subset.probability.astype(np.float64)}
+        if len(index):
+            self.layer.size = point_sizes(subset.area_um2) * float(np.sqrt(fx * fy))
+            self.layer.face_color = probability_rgba(subset.probability)
+
+    def remove(self) -> None:
+        """Take the layer out of the viewer and stop following the camera."""
+        self.disconnect()
+        if self.layer in self.viewer.layers:
+            self.viewer.layers.remove(self.layer)
+
+    def disconnect(self) -> None:
+        """Stop following the camera (once)."""
+        self._timer.stop()
+        if not self._connected:
+            return
+        self._connected = False
+        camera = _camera(self.viewer)
+        camera.events.center.disconnect(self._schedule)
+        camera.events.zoom.disconnect(self._schedule)
