@@ -13,14 +13,17 @@ that fed the classifier.
 ImageNet weights are found in torch's cache under the file names of
 torchvision's own weight enums (``resnet50-0676ba61.pth``...), or given as a
 path; nothing is downloaded. Without weights the encoder is built untrained
-and says so.
+and says so (initialised from a fixed seed, so its features, and their
+cache, are the same from run to run).
 
 No Qt, no napari.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -101,6 +104,17 @@ def cached_torchvision() -> dict[str, Path]:
     return found
 
 
+@contextlib.contextmanager
+def _seeded(untrained: bool) -> Iterator[None]:
+    """An untrained network is initialised from a fixed seed: the same weights (and cache) every run."""
+    if not untrained:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        yield
+
+
 def _untrained(name: str, arch: str) -> dict[str, Any]:
     where = torch_cache_dir()
     message = (
@@ -153,7 +167,8 @@ def build_resnet50_trunc(weights: str | Path | None = None) -> Encoder:
     EncoderError
         A file that is not ResNet-50 weights.
     """
-    resnet = _models().resnet50(weights=None)
+    with _seeded(weights is None):
+        resnet = _models().resnet50(weights=None)
     if weights is None:
         provenance = _untrained("resnet50-trunc", "ResNet-50")
     else:
@@ -219,7 +234,8 @@ def build_torchvision(arch: str, weights: str | Path | None = None, patch_size: 
     kwargs: dict[str, Any] = {}
     if arch in ("inception_v3", "googlenet"):  # their ImageNet files hold the auxiliary heads
         kwargs = {"aux_logits": True, "init_weights": False}
-    net = models.get_model(arch, weights=None, **kwargs)
+    with _seeded(weights is None):
+        net = models.get_model(arch, weights=None, **kwargs)
     if weights is None:
         provenance = _untrained(name, arch)
     else:
