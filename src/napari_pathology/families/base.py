@@ -265,7 +265,12 @@ class Family:
         raise NotImplementedError(f"family {self.name!r} cannot be trained")
 
     def loss(self) -> Callable[..., Any] | None:
-        """The loss ``fit`` uses, ``loss(logits, targets) -> tensor`` (None: cross-entropy)."""
+        """The loss ``fit`` uses, ``loss(output, targets) -> tensor`` (None: cross-entropy).
+
+        ``output`` is what the trainer's forward returned: the logits, or a
+        ``(logits, extras)`` pair or a mapping with ``"logits"`` (see
+        :func:`napari_pathology.training.loop.fit`).
+        """
         return None
 
     # ------------------------------------------------------------------ inference

@@ -3,51 +3,71 @@
 :func:`fit` is a generator of :class:`~napari_pathology.training.events.TrainEvent`
 driving any :class:`~napari_pathology.models.PathologyModel` over an
 iterator of ``(x, y)`` batches. It validates every ``eval_every`` steps,
-keeps the best checkpoint (highest validation ``score``) and the last one,
-both written atomically with their spec, provenance, metrics and weight
-digest, plus the optimiser state beside the last one so a stopped or crashed
-job resumes where its last save left it (:func:`check_resume`, called by the
-trainers before they start any reader thread). Setting the ``stop`` event
-ends the job after the current step, saved. :func:`check_output` refuses an
-unwritable output folder and an existing model (unless resuming or told to
-overwrite) before any work; :func:`torch_threads` holds torch's CPU threads
-at the job's setting for its duration. An out-of-memory error
-splits the batch into halves with gradient accumulation (same effective
-batch, half the memory) and says so. Mixed precision on CUDA (bf16 where
-supported, fp16 with a gradient scaler otherwise).
+keeps the best checkpoint and the last one, both written atomically with
+their spec, provenance, metrics and weight digest, plus the optimiser state
+beside the last one so a stopped or crashed job resumes where its last save
+left it (:mod:`.checkpoints`). Setting the ``stop`` event ends the job after
+the current step, saved. An out-of-memory error splits the batch into halves
+with gradient accumulation (same effective batch, half the memory) and says
+so. Mixed precision on CUDA (bf16 where supported, fp16 with a gradient
+scaler otherwise).
 
-No Qt, no napari.
+The best checkpoint is the one whose validation metric ``best_metric`` is
+highest (``best_mode="max"``) or lowest (``"min"``): a family passes its
+:attr:`~napari_pathology.families.Family.best_metric` and ``best_mode``.
+The loss is a hook too (a family's :meth:`~napari_pathology.families.Family.loss`,
+see :mod:`.losses`): ``forward(model, x)`` may return the logits alone, a
+``(logits, extras)`` pair or a mapping with ``"logits"`` (e.g. an
+attention-MIL network whose forward also computes an instance loss), and
+``loss(output, targets)`` receives that output whole. Without a loss hook
+it is cross-entropy of the logits.
+
+The job's files and threads (:func:`check_output`, :func:`check_resume`,
+:func:`torch_threads`...) live in :mod:`.checkpoints` and :mod:`.runtime`
+and are re-exported here. No Qt, no napari.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from napari_pathology.devices import is_out_of_memory, resolve_device
 from napari_pathology.fileio import OutputError, ensure_writable_dir
 from napari_pathology.models.registry import (
-    ModelError,
     PathologyModel,
-    load_untrusted,
     save_checkpoint,
     save_torch_file,
     tensors_digest,
 )
+from napari_pathology.training.checkpoints import (
+    check_output,
+    check_resume,
+    checkpoint_paths,
+    load_last_checkpoint,
+    resume_state,
+)
 from napari_pathology.training.common import check_count, check_flag
 from napari_pathology.training.events import TrainEvent, TrainingError, TrainResult
+from napari_pathology.training.losses import as_float, cross_entropy, logits_of
+from napari_pathology.training.runtime import (
+    MAX_DEFAULT_THREADS,
+    default_threads,
+    default_threads_here,
+    seed_everything,
+    torch_threads,
+)
 
 __all__ = [
+    "BEST_MODES",
+    "MAX_DEFAULT_THREADS",
     "LoopSettings",
     "check_output",
     "check_resume",
@@ -56,14 +76,15 @@ __all__ = [
     "default_threads_here",
     "fit",
     "load_last_checkpoint",
+    "logits_of",
     "recalibrate_batch_norm",
     "resume_state",
     "seed_everything",
     "torch_threads",
 ]
 
-#: Most CPU threads a job uses by default (more contend with each other on a shared machine).
-MAX_DEFAULT_THREADS = 4
+#: Whether a higher (``"max"``) or lower (``"min"``) value of the best metric is better.
+BEST_MODES = ("max", "min")
 
 
 @dataclass(frozen=True)
@@ -107,164 +128,13 @@ class LoopSettings:
         check_flag(self, "amp")
 
 
-def checkpoint_paths(out: str | os.PathLike[str]) -> tuple[Path, Path, Path]:
-    """``(best, last, state)`` paths for a job writing ``out``."""
-    best = Path(out)
-    if best.suffix not in (".pt", ".pth", ".ckpt"):
-        best = best.with_name(best.name + ".pt")
-    last = best.with_name(best.stem + ".last.pt")
-    state = best.with_name(best.stem + ".last.state.pt")
-    return best, last, state
-
-
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed torch (CPU and CUDA) and return a generator for sampling."""
-    torch.manual_seed(int(seed))
-    return torch.Generator().manual_seed(int(seed))
-
-
-_JOB_THREADS = threading.local()
-
-
-@contextlib.contextmanager
-def default_threads_here(threads: int | None) -> Iterator[None]:
-    """Within the block, on this thread, :func:`default_threads` is ``threads`` (None: unchanged).
-
-    A queue that runs jobs beside a GUI sets 1, so that a job whose settings
-    leave ``threads`` unset does not compete with the viewer for the cores.
-    """
-    previous = getattr(_JOB_THREADS, "threads", None)
-    _JOB_THREADS.threads = threads if threads is not None else previous
-    try:
-        yield
-    finally:
-        _JOB_THREADS.threads = previous
-
-
-def default_threads() -> int:
-    """CPU threads for a job by default: the usable cores, at most :data:`MAX_DEFAULT_THREADS`.
-
-    Inside :func:`default_threads_here` (a training queue's jobs), its value.
-    """
-    override = getattr(_JOB_THREADS, "threads", None)
-    if override is not None:
-        return max(1, int(override))
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, MAX_DEFAULT_THREADS))
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int | None) -> Iterator[int]:
-    """Run the block with ``torch.set_num_threads(threads)`` (None: :func:`default_threads`), then restore.
-
-    On a shared CPU, more threads than free cores make small networks much
-    slower (threads wait on each other), so every job sets its own count.
-    """
-    n = default_threads() if threads is None else int(threads)
-    if n < 1:
-        raise TrainingError(f"threads must be at least 1, got {threads!r}")
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield n
-    finally:
-        torch.set_num_threads(previous)
-
-
-def check_output(out: str | os.PathLike[str], *, resume: bool = False, overwrite: bool = False) -> Path:
-    """Refuse, before any work, an output that cannot be written or that would replace a trained model.
-
-    Returns the best checkpoint path.
-
-    Raises
-    ------
-    OutputError
-        When the folder cannot be created or written (one line naming it).
-    TrainingError
-        When ``out`` (or its last checkpoint) exists and neither ``resume`` nor ``overwrite`` is set.
-
-    """
-    best, last, _state = checkpoint_paths(out)
-    ensure_writable_dir(best.parent)
-    if not (resume or overwrite):
-        existing = next((p for p in (best, last) if p.exists()), None)
-        if existing is not None:
-            raise TrainingError(
-                f"{existing} exists; use --resume to continue it or choose another --out, "
-                "or --overwrite to replace it"
-            )
-    return best
-
-
-def load_last_checkpoint(out: str | os.PathLike[str]) -> PathologyModel:
-    """The last checkpoint of a job writing ``out``, to resume; :class:`TrainingError` if there is none."""
-    from napari_pathology.models.registry import load_checkpoint
-
-    last = checkpoint_paths(out)[1]
-    if not last.is_file():
-        raise TrainingError(
-            f"cannot resume: {last} does not exist (no checkpoint was saved); start without --resume"
-        )
-    try:
-        return load_checkpoint(last)
-    except ModelError as error:
-        raise TrainingError(f"cannot resume: {error}") from error
-
-
-def resume_state(out: str | os.PathLike[str]) -> dict[str, Any]:
-    """The optimiser state and step saved beside the last checkpoint of ``out``, checked.
-
-    Raises
-    ------
-    TrainingError
-        One line naming the file when it is missing, holds code, is torn,
-        lacks the optimiser state or step, or its tensors do not match their digest.
-
-    """
-    _, last, state_path = checkpoint_paths(out)
-    if not state_path.is_file():
-        raise TrainingError(
-            f"cannot resume: the optimiser state {state_path} is missing (it is written beside "
-            f"{last.name}); start without --resume, or with --overwrite to train {Path(out).name} afresh"
-        )
-    try:
-        state = load_untrusted(state_path, f"cannot resume from {state_path}")
-    except ModelError as error:
-        raise TrainingError(str(error)) from error
-    where = f"cannot resume from {state_path}"
-    if not isinstance(state, Mapping) or not isinstance(state.get("optimizer"), Mapping):
-        raise TrainingError(f"{where}: it holds no optimiser state (not a file written by a training job)")
-    step = state.get("step")
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise TrainingError(f"{where}: its step {step!r} is not a whole number >= 0")
-    digest = state.get("sha256")
-    if digest is not None and digest != tensors_digest(state.get("optimizer")):
-        raise TrainingError(
-            f"{where}: the file is damaged: its tensors do not match the digest saved with them"
-        )
-    return dict(state)
-
-
-def check_resume(out: str | os.PathLike[str]) -> tuple[PathologyModel, dict[str, Any]]:
-    """The last checkpoint and optimiser state of ``out``, both checked; call it before any other work.
-
-    Raises
-    ------
-    TrainingError
-        One line, when either is missing, damaged or holds code.
-
-    """
-    last = checkpoint_paths(out)[1]
-    if not last.is_file():
-        raise TrainingError(
-            f"cannot resume: {last} does not exist (no checkpoint was saved); start without --resume"
-        )
-    state = resume_state(out)
-    model = load_last_checkpoint(out)
-    return model, state
+def _check_best(best_metric: str, best_mode: str) -> float:
+    """The sign that turns ``best_metric`` into a higher-is-better key; refuses a bad metric or mode."""
+    if not isinstance(best_metric, str) or not best_metric:
+        raise TrainingError(f"best_metric must be the name of a validation metric, got {best_metric!r}")
+    if best_mode not in BEST_MODES:
+        raise TrainingError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
+    return 1.0 if best_mode == "max" else -1.0
 
 
 def _autocast(device: torch.device, amp: bool) -> tuple[Any, torch.amp.GradScaler | None]:
@@ -288,7 +158,9 @@ def fit(
     stop: threading.Event | None = None,
     resume: dict[str, Any] | None = None,
     after_validation: Callable[[PathologyModel, int], str | None] | None = None,
-    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    loss: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
+    best_metric: str = "score",
+    best_mode: str = "max",
 ) -> Generator[TrainEvent, None, TrainResult]:
     """Train ``model`` on ``batches`` (cross-entropy unless ``loss``); yields events, returns the result.
 
@@ -304,10 +176,12 @@ def fit(
     settings : LoopSettings
         Steps, output, validation interval, device, mixed precision.
     validate : callable, optional
-        ``validate(model) -> metrics``; must include ``"score"`` (higher is
-        better) to choose the best checkpoint. Without it the last is best.
+        ``validate(model) -> metrics``; must include ``best_metric`` to choose
+        the best checkpoint. Without it the last is best.
     forward : callable, optional
-        ``forward(model, x) -> logits`` (default ``model(x)``), e.g. a head on cached features.
+        ``forward(model, x) -> output`` (default ``model(x)``), e.g. a head on
+        cached features. The output is the logits, a ``(logits, extras)`` pair
+        or a mapping with ``"logits"``; it goes to ``loss`` whole.
     scheduler : optional
         Stepped once per optimiser step.
     provenance : dict, optional
@@ -321,12 +195,28 @@ def fit(
         (batch norm freshly recalibrated), e.g. hard-negative mining; its
         message becomes a ``log`` event.
     loss : callable, optional
-        ``loss(logits, targets) -> scalar tensor`` of one (micro-)batch, mean
-        over its items (default cross-entropy): a family's loss hook
-        (:meth:`napari_pathology.families.Family.loss`).
+        ``loss(output, targets) -> scalar tensor`` of one (micro-)batch, mean
+        over its items, where ``output`` is what ``forward`` returned (its
+        logits in float32): a family's loss hook
+        (:meth:`napari_pathology.families.Family.loss`). Default:
+        cross-entropy of :func:`logits_of` ``(output)``. E.g. CLAM's
+        ``0.7 * F.cross_entropy(out[0], y) + 0.3 * out[1]["instance_loss"]``.
+    best_metric : str
+        The validation metric that picks the best checkpoint (a family's
+        ``best_metric``); ``validate`` must return it. A NaN never becomes best.
+    best_mode : {"max", "min"}
+        Whether a higher or a lower ``best_metric`` is better.
+
+    Raises
+    ------
+    TrainingError
+        For a bad ``best_metric``/``best_mode``, a validation without
+        ``best_metric``, a state to resume that chose its best by another
+        metric, a loss that is not finite, or out of memory with one sample.
     """
+    sign = _check_best(best_metric, best_mode)
     device = resolve_device(settings.device)
-    criterion = loss or F.cross_entropy
+    criterion = loss or cross_entropy
     best_path, last_path, state_path = checkpoint_paths(settings.out)
     ensure_writable_dir(best_path.parent)
     forward = forward or (lambda m, x: m(x))
@@ -340,6 +230,7 @@ def fit(
             history = list(resume.get("history", []))
             best_score = float(resume.get("best_score", -math.inf))
             best_metrics = dict(resume.get("best_metrics", {}))
+            chosen = (resume.get("best_metric", best_metric), resume.get("best_mode", best_mode))
             if scheduler is not None and "scheduler" in resume:
                 scheduler.load_state_dict(resume["scheduler"])
         except (KeyError, TypeError, ValueError, RuntimeError) as error:
@@ -347,6 +238,11 @@ def fit(
                 f"cannot resume from {state_path}: its optimiser state does not fit this model "
                 f"({str(error).splitlines()[0] if str(error) else type(error).__name__})"
             ) from error
+        if chosen != (best_metric, best_mode):
+            raise TrainingError(
+                f"cannot resume from {state_path}: its best checkpoint was chosen by {chosen[0]} "
+                f"({chosen[1]}), this job chooses by {best_metric} ({best_mode})"
+            )
     saved_step = step  # the step of the last checkpoint on disk
     provenance = {**(provenance or {}), "loop": {**asdict(settings), "out": str(settings.out)}}
     started = time.perf_counter()
@@ -376,6 +272,7 @@ def fit(
         state = {
             "optimizer": optimizer_state, "step": step, "history": history,
             "best_score": best_score, "best_metrics": best_metrics,
+            "best_metric": best_metric, "best_mode": best_mode,
             "sha256": tensors_digest(optimizer_state),
         }  # fmt: skip
         if scheduler is not None:
@@ -395,7 +292,12 @@ def fit(
             with torch.no_grad(), context:
                 metrics = {k: _plain(v) for k, v in validate(model).items()}
             model.train()
-            score = float(metrics.get("score", -math.inf))
+            if best_metric not in metrics:
+                raise TrainingError(
+                    f"the validation returned no {best_metric!r} (the metric that picks the best "
+                    f"checkpoint), only {', '.join(map(repr, metrics)) or 'nothing'}"
+                )
+            score = _best_key(metrics[best_metric], sign)
             shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
             events.append(event("validation", metrics=metrics, message=f"step {step}: {shown}"))
         else:  # no validation set: the latest weights are the best known
@@ -430,7 +332,7 @@ def fit(
             x, y = next(batches)
             while True:
                 try:
-                    loss = _train_step(
+                    value = _train_step(
                         model, forward, optimizer, x, y, device, context, scaler, split, criterion
                     )
                     break
@@ -450,15 +352,15 @@ def fit(
                         f"out of memory on {device}: splitting each batch of {len(x)} into {split} parts "
                         "(same effective batch, gradients accumulated)"
                     ))  # fmt: skip
-            if not math.isfinite(loss):
+            if not math.isfinite(value):
                 raise TrainingError(
-                    f"the loss became {loss} at step {step + 1}; lower the learning rate ({kept()})"
+                    f"the loss became {value} at step {step + 1}; lower the learning rate ({kept()})"
                 )
             if scheduler is not None:
                 scheduler.step()
             step += 1
-            smoothed = loss if smoothed is None else 0.9 * smoothed + 0.1 * loss
-            history.append({"step": step, "loss": loss})
+            smoothed = value if smoothed is None else 0.9 * smoothed + 0.1 * value
+            history.append({"step": step, "loss": value})
             if step % settings.log_every == 0 or step == settings.steps:
                 yield event(
                     "step", loss=smoothed, message=f"step {step}/{settings.steps} loss {smoothed:.4f}"
@@ -530,7 +432,7 @@ def _train_step(
     context: Any,
     scaler: Any,
     split: int,
-    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+    criterion: Callable[[Any, torch.Tensor], torch.Tensor] = cross_entropy,
 ) -> float:
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
@@ -539,7 +441,7 @@ def _train_step(
         part_x = part_x.to(device, non_blocking=True)
         part_y = part_y.to(device, non_blocking=True)
         with context:
-            loss = criterion(forward(model, part_x).float(), part_y) * (len(part_x) / n)
+            loss = criterion(as_float(forward(model, part_x)), part_y) * (len(part_x) / n)
         (scaler.scale(loss) if scaler is not None else loss).backward()
         total += float(loss.detach())
     if scaler is not None:
@@ -548,6 +450,15 @@ def _train_step(
     else:
         optimizer.step()
     return total
+
+
+def _best_key(value: Any, sign: float) -> float:
+    """``value`` as a higher-is-better key (``sign`` -1 for a lower-is-better metric); NaN: never best."""
+    try:
+        key = sign * float(value)
+    except (TypeError, ValueError):
+        raise TrainingError(f"the best metric must be a number, got {value!r}") from None
+    return key if math.isfinite(key) or key == math.inf else -math.inf
 
 
 def _plain(value: Any) -> Any:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from napari_pathology.analysis.metrics import roc_auc
 from napari_pathology.cohort import read_slide_table
+from napari_pathology.families.metastasis import FAMILY
 from napari_pathology.families.metastasis.patches import (
     BatchStream,
     PatchSampler,
@@ -226,7 +227,8 @@ def _train(job: MetastasisTraining, stop: threading.Event | None) -> Generator[T
                 yield from fit(
                     model, stream, optimizer, settings, validate=validate, scheduler=scheduler,
                     provenance=provenance, stop=stop, resume=resume[1] if resume else None,
-                    after_validation=after_validation,
+                    after_validation=after_validation, loss=FAMILY.loss(), best_metric=FAMILY.best_metric,
+                    best_mode=FAMILY.best_mode,
                 )
             )  # fmt: skip
         finally:
@@ -256,8 +258,8 @@ def _patch_validation(x: torch.Tensor, y: torch.Tensor) -> Any:
         logits = torch.cat([model(x[i : i + 64].to(device)).float().cpu() for i in range(0, len(x), 64)])
         probs = torch.softmax(logits, 1)[:, model.spec.positive_index].numpy()
         loss = float(F.cross_entropy(logits, y))
-        return {
-            "score": -loss,  # a proper scoring rule; AUC saturates on a few hundred patches
+        return {  # the best is the lowest val_loss (the family's best_metric): a proper scoring rule;
+            # AUC saturates on a few hundred patches
             "auc": roc_auc(labels, probs),
             "accuracy": float(((probs >= 0.5) == (labels == 1)).mean()),
             "val_loss": loss,

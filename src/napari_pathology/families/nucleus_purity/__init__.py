@@ -1,7 +1,9 @@
 """The ``nucleus-purity`` family: a small CNN on a patch around each nucleus (nucleus input).
 
-Network and registered spec in :mod:`.model`, labelled nuclei from files
-in :mod:`.data`, the trainer and its settings in :mod:`.train`.
+Network and registered spec in :mod:`.model`, labelled nuclei (and from
+files) in :mod:`.data`, the split and purity error by region in
+:mod:`.regions`, patches and batches in :mod:`.patches`, validation and
+evaluation in :mod:`.evaluate`, the trainer and its settings in :mod:`.train`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Labelled nuclei from files: what ``napari-pathology train nucleus-purity --data`` reads.
+"""Labelled nuclei: :class:`LabelledNuclei`, and what ``napari-pathology train nucleus-purity --data`` reads.
 
 ``--data`` is either one slide (its labels are the Nuclei panel's autosave
 sidecar beside it) or a CSV table with a ``slide`` column and an optional
@@ -13,17 +13,122 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from napari_pathology.families.nucleus_purity.train import LabelledNuclei
 from napari_pathology.fileio import read_text_file, require_finite
 from napari_pathology.nuclei.points import LABELS, NucleusPoints, read_csv, read_geojson, sidecar_path
 from napari_pathology.training.events import TrainingError
 
-__all__ = ["labelled_nuclei", "read_nucleus_training_data"]
+__all__ = ["LabelledNuclei", "labelled_nuclei", "read_nucleus_training_data", "synthetic_labelled_nuclei"]
+
+
+@dataclass(frozen=True, eq=False)
+class LabelledNuclei:
+    """Nuclei of one slide labelled tumour or normal.
+
+    Parameters
+    ----------
+    slide_path : Path
+        The slide (or plain image) the points are on.
+    xy_um : ndarray
+        ``(N, 2)`` centroids ``x_um, y_um`` from the slide's top-left corner.
+    is_tumour : ndarray
+        ``(N,)`` bool: tumour (True) or normal (False).
+    region_ids : ndarray, optional
+        ``(N,)`` int: the drawn region each nucleus lies in (-1: none). Nuclei
+        of one region stay on one side of the train/validation split, and
+        purity is measured per region.
+    mpp : float, optional
+        um/px to use instead of the file's (required for files without it).
+
+    Raises
+    ------
+    TrainingError
+        For arrays of the wrong shape or length, or non-finite points.
+
+    """
+
+    slide_path: Path
+    xy_um: np.ndarray
+    is_tumour: np.ndarray
+    region_ids: np.ndarray | None = None
+    mpp: float | None = None
+
+    def __post_init__(self) -> None:
+        def fix(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        fix("slide_path", Path(self.slide_path))
+        xy = np.asarray(self.xy_um, dtype=np.float64)
+        xy = xy.reshape(0, 2) if xy.size == 0 else xy
+        if xy.ndim != 2 or xy.shape[1] != 2 or not np.isfinite(xy).all():
+            raise TrainingError(
+                f"{self.slide_path.name}: xy_um must be a finite (N, 2) array, got {xy.shape}"
+            )
+        labels = np.asarray(self.is_tumour)
+        if labels.shape != (len(xy),):
+            raise TrainingError(
+                f"{self.slide_path.name}: is_tumour must have one value per nucleus "
+                f"({len(xy)}), got shape {labels.shape}"
+            )
+        if labels.dtype != bool:
+            if labels.size and not np.isin(labels, (0, 1)).all():
+                raise TrainingError(f"{self.slide_path.name}: is_tumour must be bool or 0/1")
+            labels = labels.astype(bool)
+        fix("xy_um", xy)
+        fix("is_tumour", labels)
+        if self.region_ids is not None:
+            regions = np.asarray(self.region_ids)
+            if regions.shape != (len(xy),) or (regions.size and not np.issubdtype(regions.dtype, np.integer)):
+                raise TrainingError(
+                    f"{self.slide_path.name}: region_ids must be (N,) integers (-1 = no region), "
+                    f"got {regions.shape} {regions.dtype}"
+                )
+            fix("region_ids", regions.astype(np.int64))
+        if self.mpp is not None and not (math.isfinite(float(self.mpp)) and float(self.mpp) > 0):
+            raise TrainingError(f"{self.slide_path.name}: mpp must be a positive number, got {self.mpp!r}")
+
+    def __len__(self) -> int:
+        return len(self.xy_um)
+
+
+def synthetic_labelled_nuclei(slide_path: str | os.PathLike[str]) -> LabelledNuclei:
+    """Every rendered nucleus of a synthetic slide, from its ``*.nuclei.csv``.
+
+    Kind ``tumour`` is tumour; every other kind (epithelial, lymphocyte,
+    fibroblast, histiocyte) is normal. No regions (the trainer makes blocks).
+
+    Raises
+    ------
+    TrainingError
+        When the CSV is missing or lacks the ``x_um``, ``y_um`` and ``kind`` columns.
+
+    """
+    from napari_pathology.slide.synthetic import truth_paths
+
+    path = truth_paths(slide_path)["nuclei_csv"]
+    if not path.is_file():
+        raise TrainingError(f"no nucleus table beside {Path(slide_path).name} ({path.name} is missing)")
+    try:
+        rows = list(csv.DictReader(io.StringIO(read_text_file(path, "nucleus table"), newline="")))
+    except (ValueError, csv.Error) as error:
+        raise TrainingError(f"{path.name}: {error}") from None
+    if rows and not {"x_um", "y_um", "kind"} <= set(rows[0]):
+        raise TrainingError(f"{path.name} needs x_um, y_um and kind columns")
+    xy = np.zeros((len(rows), 2), np.float64)
+    for k, row in enumerate(rows):
+        try:
+            xy[k] = [require_finite(row["x_um"], "x_um"), require_finite(row["y_um"], "y_um")]
+        except ValueError as error:
+            raise TrainingError(f"{path.name}, line {k + 2}: {error}") from None
+    tumour = np.array([r["kind"] == "tumour" for r in rows], bool)
+    return LabelledNuclei(Path(slide_path), xy, tumour)
 
 
 def labelled_nuclei(

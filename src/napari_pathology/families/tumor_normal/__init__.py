@@ -25,7 +25,10 @@ class TumorNormalFamily(Family):
     input_kind = "tile"
     title = "tumour/normal tile classifier (Coudray et al. 2018)"
     data_sources = ("slide_table",)
-    best_metric = "slide_auc"
+    #: The validation's ``score``: the slide AUC of the tumour-predicted fraction (tile accuracy when
+    #: the held-out slides are of one class), ties broken by 0.01 x the gap between tumour and normal
+    #: slides' mean fraction (see ``train._tpf_validation``).
+    best_metric = "score"
     best_mode = "max"
     demo_weights: ClassVar[dict[str, str]] = {"tumor-normal": "tumor-normal-demo.pt"}
 
