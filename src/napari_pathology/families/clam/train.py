@@ -99,7 +99,7 @@ class ClamTraining:
     patience : int
         Epochs without a lower validation loss before early stopping.
     min_epochs : int
-        Epochs before early stopping may end the job.
+        Epochs that must pass before early stopping may end the job.
     val_fraction : float
         Share of slides held out for validation, per label.
     weighted_sample : bool
@@ -364,13 +364,17 @@ def _early_stopping(
     def check(_model: PathologyModel, step: int) -> str | None:
         if not job.early_stopping or not losses:
             return None
-        best = int(np.argmin(losses))
-        waited = len(losses) - 1 - best
+        best, waited = math.inf, 0
+        for value in losses:  # as CLAM: a loss equal to the best resets the count, a NaN never does
+            if value <= best:
+                best, waited = value, 0
+            else:
+                waited += 1
         epoch = step // steps_per_epoch
-        if waited >= job.patience and epoch >= job.min_epochs:
+        if waited >= job.patience and epoch > job.min_epochs:
             halt.reason = (
                 f"early stopping after epoch {epoch}: the validation loss has not improved for {waited} "
-                f"epochs (best {losses[best]:.4f})"
+                f"epochs (best {best:.4f})"
             )
             halt.set()
             return halt.reason
