@@ -180,14 +180,14 @@ def test_bad_data_is_refused_in_one_line(tmp_path):
     _one_line(info)
     with h5py.File(tmp_path / "features" / "s2.h5", "w") as h5:
         h5["coords"] = np.zeros((3, 2))
-    with pytest.raises(TrainingError, match=r"s2\.h5: no 'features' dataset") as info:
+    with pytest.raises(TrainingError, match=r"s2\.h5 has no 'features' dataset") as info:
         _run(_fast(table, tmp_path / "c.pt"))
     _one_line(info)
     _write_bag(tmp_path / "features" / "s2.h5", np.zeros((5, DIM + 1)))
-    with pytest.raises(TrainingError, match=r"have different sizes \(16, 17\)") as info:
+    with pytest.raises(TrainingError, match=r"have different sizes \(16 in s0\.h5, 17 in s2\.h5\)") as info:
         _run(_fast(table, tmp_path / "d.pt"))
     (tmp_path / "features" / "s2.h5").write_text("not hdf5")
-    with pytest.raises(TrainingError, match=r"s2\.h5: not an HDF5 feature file") as info:
+    with pytest.raises(TrainingError, match=r"s2\.h5 is not an HDF5 feature file") as info:
         _run(_fast(table, tmp_path / "e.pt"))
     _write_bag(tmp_path / "features" / "s2.h5", np.zeros((0, DIM)))
     with pytest.raises(TrainingError, match="the bag holds no patches"):

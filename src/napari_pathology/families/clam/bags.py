@@ -1,11 +1,11 @@
 """Bags for CLAM training: patch features from CLAM-layout h5 files, checked where they come in.
 
 A slide's bag is ``<features_dir>/<slide stem>.h5`` as CLAM's extractor and
-``napari-pathology features`` write it: a dataset ``features`` (N, D) of
-floats and, optionally for training, ``coords`` (N, 2). Read with h5py; a
-missing file, a file that is not HDF5, one without ``features``, an empty or
-non-finite bag, or a feature size other than the model's is refused in one
-line naming the file. No Qt, no napari.
+``napari-pathology features`` write it (read by
+:func:`napari_pathology.features.clam_h5.read_clam_h5`: ``features`` (N, D)
+and ``coords`` (N, 2)). A missing file, a file that is not HDF5, one
+without ``features``, an empty or non-finite bag, or a feature size other
+than the model's is refused in one line naming the file. No Qt, no napari.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 
 from napari_pathology.training.events import TrainingError
 
-__all__ = ["BagCache", "bag_path", "bag_shape", "read_bag"]
+__all__ = ["BagCache", "bag_path", "read_bag"]
 
 #: Bytes of features kept in memory between epochs (the rest is read again from disk each time).
 CACHE_BYTES = 2 * 2**30
@@ -28,79 +28,61 @@ def bag_path(features_dir: str | os.PathLike[str], slide: str | os.PathLike[str]
     return Path(features_dir) / f"{Path(slide).stem}.h5"
 
 
-def _open(path: Path):
-    import h5py
+def read_bag(path: str | os.PathLike[str], embed_dim: int | None = None) -> np.ndarray:
+    """The ``(N, D)`` float32 features of a CLAM-layout h5 file, checked (D must be ``embed_dim``).
 
-    if not path.is_file():
+    Raises
+    ------
+    TrainingError
+        One line naming the file: missing, not HDF5, no ``features``, no
+        patches, NaN or infinite values, or another feature size.
+
+    """
+    from napari_pathology.features.clam_h5 import read_clam_h5
+
+    path = Path(path)
+    if not path.exists():
         raise TrainingError(
             f"no features for this slide: {path} does not exist (extract them with "
             f"'napari-pathology features SLIDE --out {path.parent}', or give --features-dir)"
         )
     try:
-        return h5py.File(path, "r")
-    except OSError as error:
-        raise TrainingError(f"{path}: not an HDF5 feature file, or a damaged one ({error})") from None
-
-
-def _dataset(handle, path: Path):
-    import h5py
-
-    features = handle.get("features")
-    if not isinstance(features, h5py.Dataset):
-        raise TrainingError(
-            f"{path}: no 'features' dataset (a CLAM feature file holds features (N, D) and coords (N, 2))"
-        )
-    if features.ndim != 2 or features.dtype.kind not in "fiu":
-        raise TrainingError(
-            f"{path}: 'features' must be a 2-D array of numbers (N patches, D), got {features.shape} "
-            f"{features.dtype}"
-        )
-    if features.shape[0] == 0:
+        features = read_clam_h5(path).features
+    except (OSError, ValueError, KeyError) as error:
+        raise TrainingError(str(error).splitlines()[0] if str(error) else f"{path}: unreadable") from None
+    if len(features) == 0:
         raise TrainingError(f"{path}: the bag holds no patches (no tissue found on the slide?)")
-    coords = handle.get("coords")
-    if isinstance(coords, h5py.Dataset) and coords.shape != (features.shape[0], 2):
+    if embed_dim is not None and features.shape[1] != embed_dim:
         raise TrainingError(
-            f"{path}: 'coords' has shape {coords.shape}, expected ({features.shape[0]}, 2) for its features"
+            f"{path}: features of dimension {features.shape[1]}, the model takes {embed_dim} "
+            "(features from another encoder?)"
         )
-    return features
-
-
-def bag_shape(path: str | os.PathLike[str]) -> tuple[int, int]:
-    """``(N, D)`` of a feature file, checked, without reading the features."""
-    path = Path(path)
-    with _open(path) as handle:
-        return tuple(int(n) for n in _dataset(handle, path).shape)  # type: ignore[return-value]
-
-
-def read_bag(path: str | os.PathLike[str], embed_dim: int | None = None) -> np.ndarray:
-    """The ``(N, D)`` float32 features of a CLAM-layout h5 file, checked (D must be ``embed_dim``)."""
-    path = Path(path)
-    with _open(path) as handle:
-        dataset = _dataset(handle, path)
-        if embed_dim is not None and dataset.shape[1] != embed_dim:
-            raise TrainingError(
-                f"{path}: features of dimension {dataset.shape[1]}, the model takes {embed_dim} "
-                "(features from another encoder?)"
-            )
-        features = np.asarray(dataset[()], dtype=np.float32)
     if not np.isfinite(features).all():
         raise TrainingError(f"{path}: the features hold NaN or infinite values; extract them again")
     return features
 
 
 class BagCache:
-    """Bags read once and kept in memory up to ``limit`` bytes; the others are read from disk each time."""
+    """Bags read once and kept in memory up to ``limit`` bytes; the others are read from disk each time.
 
-    def __init__(self, embed_dim: int, limit: int = CACHE_BYTES) -> None:
-        self.embed_dim, self.limit, self.used = int(embed_dim), int(limit), 0
+    ``embed_dim`` (None: taken from the first bag read) is the feature size every bag must have.
+    """
+
+    def __init__(self, embed_dim: int | None = None, limit: int = CACHE_BYTES) -> None:
+        self.embed_dim, self.limit, self.used = embed_dim, int(limit), 0
         self._kept: dict[Path, np.ndarray] = {}
+
+    def keep(self, path: Path, bag: np.ndarray) -> None:
+        """Keep a bag already read (and checked) if it fits in the memory budget."""
+        if path not in self._kept and self.used + bag.nbytes <= self.limit:
+            self._kept[path] = bag
+            self.used += bag.nbytes
 
     def __call__(self, path: Path) -> np.ndarray:
         """The bag at ``path``."""
         if path in self._kept:
             return self._kept[path]
         bag = read_bag(path, self.embed_dim)
-        if self.used + bag.nbytes <= self.limit:
-            self._kept[path] = bag
-            self.used += bag.nbytes
+        self.embed_dim = bag.shape[1]
+        self.keep(path, bag)
         return bag

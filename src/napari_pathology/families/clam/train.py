@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from napari_pathology.cohort import SlideEntry, read_slide_table
-from napari_pathology.families.clam.bags import BagCache, bag_path, bag_shape
+from napari_pathology.families.clam.bags import BagCache, bag_path, read_bag
 from napari_pathology.families.clam.interop import import_clam_checkpoint
 from napari_pathology.families.clam.losses import INSTANCE_LOSSES, clam_loss
 from napari_pathology.families.clam.model import FAMILY, MODEL_TYPES, SIZES, ClamNet, clam_spec
@@ -437,29 +437,40 @@ def _train(job: ClamTraining, stop: threading.Event | None) -> Generator[TrainEv
     features_dir = job.features_dir or job.data.parent / "features"
     if job.data.is_dir():
         features_dir = job.features_dir or job.data / "features"
-    shapes = {e.path: bag_shape(bag_path(features_dir, e.path)) for e in entries}
-    dims = sorted({d for _, d in shapes.values()})
-    if len(dims) != 1:
-        raise TrainingError(
-            f"the feature files in {features_dir} have different sizes ({', '.join(map(str, dims))}); "
-            "extract every slide with the same encoder"
-        )
-    model, init = _build_model(job, classes, dims[0], resume[0] if resume else None)
+    cache = BagCache()
+    sizes: dict[Path, int] = {}
+    for k, entry in enumerate(entries):  # every bag checked before training starts
+        if k % 50 == 0:
+            yield TrainEvent(
+                "log", 0, 0, message=f"reading features {k + 1}/{len(entries)} from {features_dir}"
+            )
+        path = bag_path(features_dir, entry.path)
+        bag = read_bag(path)
+        if cache.embed_dim is not None and bag.shape[1] != cache.embed_dim:
+            first = bag_path(features_dir, entries[0].path).name
+            raise TrainingError(
+                f"the feature files in {features_dir} have different sizes ({cache.embed_dim} in {first}, "
+                f"{bag.shape[1]} in {path.name}); extract every slide with the same encoder"
+            )
+        cache.embed_dim = bag.shape[1]
+        cache.keep(path, bag)
+        sizes[entry.path] = len(bag)
+    dim = int(cache.embed_dim or 0)
+    model, init = _build_model(job, classes, dim, resume[0] if resume else None)
     train, val = split_by_slide(entries, job.val_fraction, job.seed)
 
     def items(group: list[SlideEntry]) -> list[tuple[Path, int]]:
         return [(bag_path(features_dir, e.path), classes.index(str(e.label))) for e in group]
 
     train_items, val_items = items(train), items(val)
-    small = sum(1 for e in entries if shapes[e.path][0] < 2 * model.net.k_sample)
+    small = sum(1 for e in entries if sizes[e.path] < 2 * model.net.k_sample)
     net = model.net
     yield TrainEvent("log", 0, 0, message=(
         f"{len(train)} training and {len(val)} validation slides, classes {', '.join(classes)}; "
-        f"CLAM-{net.model_type.upper()} {'gated' if net.gate else 'plain'}, {dims[0]}-d features from "
+        f"CLAM-{net.model_type.upper()} {'gated' if net.gate else 'plain'}, {dim}-d features from "
         f"{features_dir}; {init}"
         + (f"; {small} bag(s) hold fewer than 2B = {2 * net.k_sample} patches (B = N // 2)" if small else "")
     ))  # fmt: skip
-    cache = BagCache(dims[0])
     steps_per_epoch = len(train_items)
     total = job.epochs * steps_per_epoch
     losses: list[float] = []
