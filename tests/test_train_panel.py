@@ -70,9 +70,9 @@ def configure(panel: TrainPanel, tmp_path, steps: int) -> None:
     panel.select_start("metastasis")
     panel.set_source("viewer")
     panel.shapes_combo.setCurrentText("regions")
-    panel.val_spin.setValue(0.0)
-    panel.steps_spin.setValue(steps)
-    panel.batch_spin.setValue(2)
+    panel.setting_widget("val_fraction").value = 0.0
+    panel.setting_widget("steps").value = steps
+    panel.setting_widget("batch_size").value = 2
     panel.device_combo.setCurrentIndex(panel.device_combo.findData("cpu"))
     panel.out_edit.setText(str(tmp_path))
     panel.name_edit.setText("tuned")
@@ -178,17 +178,17 @@ def test_bad_set_ups_are_refused_without_a_job(
     viewer.layers.remove(normal_only)
     add_regions(viewer, slide_layer, synthetic_slide, labels=("tumour", "normal"))
     panel.shapes_combo.setCurrentText("regions")
-    panel.val_spin.setValue(0.2)
+    panel.setting_widget("val_fraction").value = 0.2
     refused("too few slides for a validation split")  # one slide cannot be split
-    panel.val_spin.setValue(0.0)
-    panel.lr_edit.setText("fast")
+    panel.setting_widget("val_fraction").value = 0.0
+    panel.setting_widget("lr").value = "fast"
     refused("not a number")
-    panel.lr_edit.clear()
+    panel.setting_widget("lr").value = ""
     slide_layer.metadata = {**slide_layer.metadata, "mpp_missing": True, "mpp_x": None, "mpp_y": None}
     refused("no um/px")
     # tumour/normal classifiers learn from slide labels: drawn regions are not offered
     panel.select_family("tumor-normal")
-    assert panel.source == "table" and panel.steps_spin.value() == 20  # epochs
+    assert panel.source == "table" and panel.setting_widget("epochs").value == 20  # from its dataclass
     refused("choose a slide table")
 
 
@@ -276,13 +276,14 @@ def test_panel_bookkeeping_without_qt(tmp_path):
     import math
     from types import SimpleNamespace
 
+    from napari_pathology.families import get_family
     from napari_pathology.training.events import TrainingError
     from napari_pathology.training.panel_jobs import (
         JobRecord,
         checkpoint_text,
         curve_metric,
         format_eta,
-        parse_lr,
+        parse_setting,
         unique_name,
     )
 
@@ -298,10 +299,12 @@ def test_panel_bookkeeping_without_qt(tmp_path):
     assert math.isinf(resumed.eta(step(5, 40.0)))  # its elapsed counts the skipped steps
     assert resumed.eta(step(6, 41.0)) == 4.0
 
-    assert parse_lr(" ") is None and parse_lr("1e-4") == 1e-4
-    for bad in ("abc", "0", "-1"):
-        with pytest.raises(TrainingError):
-            parse_lr(bad)
+    family = get_family("metastasis")
+    lr = next(f for f in family.setting_fields() if f.name == "lr")
+    assert parse_setting(family, lr, " ") is None and parse_setting(family, lr, "1e-4") == 1e-4
+    for bad, message in (("abc", "not a number"), ("0", "must be positive"), ("-1", "must be positive")):
+        with pytest.raises(TrainingError, match=f"Learning rate.*{message}"):
+            parse_setting(family, lr, bad)
 
     (tmp_path / "tuned.pt").write_bytes(b"")
     assert unique_name("tuned", tmp_path, ()) == "tuned-2"
@@ -349,3 +352,79 @@ def test_drawn_regions_grouped_checked_and_written(tmp_path):
     [[written]] = geojson_to_polygons(json.loads(entry.annotations.read_text()))
     assert np.allclose(written[: len(ring)], ring)
     assert entry.normal_annotations.name == "tuned.normal.geojson"
+
+
+def test_settings_rows_are_generated_from_the_dataclass_without_qt():
+    from napari_pathology.families import get_family
+    from napari_pathology.training.events import TrainingError
+    from napari_pathology.training.panel_jobs import (
+        PANEL_SETTINGS,
+        form_fields,
+        parse_setting,
+        setting_label,
+        setting_range,
+    )
+
+    family = get_family("metastasis")
+    fields = {f.name: f for f in form_fields(family)}
+    assert not PANEL_SETTINGS & set(fields) and list(fields)[:2] == ["steps", "batch_size"]
+    assert setting_label(family, fields["lr"]) == "Learning rate"
+    assert setting_label(family, fields["batch_size"]) == "Batch size"
+    assert setting_range(family, fields["steps"]) == (0, 1e9, 1)
+    assert setting_range(family, fields["hard_negative_fraction"]) == (0.0, 1.0, 0.05)
+    purity = get_family("nucleus-purity")
+    context = next(f for f in purity.setting_fields() if f.name == "context_um")
+    assert setting_label(purity, context) == "Context (um)"
+    decay = next(f for f in purity.setting_fields() if f.name == "weight_decay")
+    assert setting_range(purity, decay)[2] == pytest.approx(1e-4)
+    classes = next(f for f in get_family("tumor-normal").setting_fields() if f.name == "classes")
+    assert parse_setting(family, classes, " LUAD, LUSC ,") == ("LUAD", "LUSC")
+    assert parse_setting(family, classes, "") is None
+    steps = fields["eval_every"]
+    with pytest.raises(TrainingError, match="needs a value"):
+        parse_setting(family, steps, "")
+
+
+def test_the_form_follows_the_family_and_reads_back_typed_values(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    panel = TrainPanel(viewer)
+    qtbot.addWidget(panel)
+    panel.select_family("metastasis")
+    assert panel.setting_widget("steps").value == 2000 and panel.setting_widget("lr").value == ""
+    assert "0.05" in panel.setting_widget("lr").native.placeholderText()  # the paper's default, said
+    panel.setting_widget("lr").value = "0.01"
+    panel.setting_widget("amp").value = False
+    values = panel.settings_values()
+    assert values["lr"] == 0.01 and values["amp"] is False and values["steps"] == 2000
+    panel.select_family("tumor-normal")
+    assert panel.setting_widget("lr").value == pytest.approx(1e-4)  # a spin box shows 0.0001 exactly
+    with pytest.raises(KeyError, match="no setting 'steps'"):
+        panel.setting_widget("steps")
+    panel.setting_widget("classes").value = "LUAD, LUSC"
+    assert panel.settings_values()["classes"] == ("LUAD", "LUSC")
+    panel.select_family("metastasis")  # rows rebuilt from the defaults
+    assert panel.setting_widget("lr").value == "" and panel.setting_widget("amp").value is True
+
+
+def test_curve_plot_draws_names_and_reads_out_the_point_under_the_mouse(qtbot):
+    import pyqtgraph as pg
+
+    from napari_pathology._widgets.train_curves import CurvePlot
+
+    plot = CurvePlot("training loss")
+    qtbot.addWidget(plot)
+    plot.resize(320, 220)
+    plot.show()
+    assert plot.empty_label.isVisible() and not plot.legend.isVisible()
+    plot.set_points([(0, 1.0), (10, float("nan")), (20, 0.5)], "validation auc")
+    xs, ys = plot.curve.getData()
+    assert xs.tolist() == [0, 20] and ys.tolist() == [1.0, 0.5]  # the NaN is left out
+    assert not plot.empty_label.isVisible() and plot.legend.isVisible()
+    assert [label.text for _sample, label in plot.legend.items] == ["validation auc"]
+    assert plot.getPlotItem().getAxis("left").labelText == "validation auc"
+    qtbot.wait(50)
+    view = plot.getPlotItem().getViewBox()
+    plot._hover(view.mapViewToScene(pg.Point(19.0, 0.52)))
+    assert plot.readout.toPlainText() == "step 20: 0.5"
+    plot.set_points([])
+    assert plot.readout.toPlainText() == "" and plot.empty_label.isVisible()

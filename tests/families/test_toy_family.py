@@ -156,7 +156,9 @@ def test_the_toy_family_is_in_the_train_and_analyze_panels(toy_installed, make_n
     families = [train.family_combo.itemData(i) for i in range(train.family_combo.count())]
     assert "toy" in families
     train.select_family("toy")
-    assert train.steps_spin.value() == 3  # the toy's epochs default, from its dataclass
+    assert train.setting_widget("epochs").value == 3  # the toy's defaults, from its dataclass
+    assert train.setting_widget("toy_strength").value == 0.5
+    assert train.setting_widget("toy_strength").tooltip.startswith("How hard the toy tries")
     analyze = AnalyzePanel(viewer)
     models = [analyze.model_combo.itemData(i) for i in range(analyze.model_combo.count())]
     assert "toy-net" in models

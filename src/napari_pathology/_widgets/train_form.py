@@ -1,9 +1,11 @@
 """The Train panel's set-up form: family, starting point, data, hyper-parameters, device, output.
 
 :class:`TrainFormMixin` builds the fields on the panel itself (tests and
-scripts reach them as ``panel.steps_spin`` and so on), shows the rows the
-chosen family's settings have, follows the viewer's Shapes layers and reads
-the drawn regions. What the values mean for a job is computed in
+scripts reach them as ``panel.family_combo``, ``panel.out_edit`` and so on),
+generates the hyper-parameter rows from the chosen family's settings
+dataclass (:class:`~napari_pathology._widgets.train_settings.SettingsForm`;
+``panel.setting_widget("steps").value``), follows the viewer's Shapes layers
+and reads the drawn regions. What the values mean for a job is computed in
 :mod:`napari_pathology.training.panel_jobs` and
 :mod:`napari_pathology.training.regions` (no Qt).
 """
@@ -15,16 +17,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from qtpy.QtWidgets import (
-    QCheckBox,
     QComboBox,
-    QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
+    QFrame,
+    QGroupBox,
     QHBoxLayout,
     QLabel,
     QLineEdit,
     QPushButton,
-    QSpinBox,
+    QScrollArea,
+    QVBoxLayout,
     QWidget,
 )
 
@@ -36,6 +39,7 @@ from napari_pathology._widgets._common import (
     select_or_add,
     shape_rings_px,
 )
+from napari_pathology._widgets.train_settings import SettingsForm
 
 if TYPE_CHECKING:
     from napari_pathology.geometry import Polygon
@@ -140,26 +144,13 @@ class TrainFormMixin:
         self.table_browse = QPushButton("...")
         self.table_browse.setMaximumWidth(30)
         self.table_browse.clicked.connect(self._choose_table)
-        self.val_spin = QDoubleSpinBox()
-        self.val_spin.setRange(0.0, 0.9)
-        self.val_spin.setSingleStep(0.05)
-        self.val_spin.setToolTip("Share of slides held out for validation (0: no validation)")
 
-        # --- hyper-parameters
-        self.steps_spin = QSpinBox()
-        self.steps_spin.setRange(1, 10_000_000)
-        self.lr_edit = QLineEdit()
-        self.batch_spin = QSpinBox()
-        self.batch_spin.setRange(1, 4096)
-        self.hard_negative_spin = QDoubleSpinBox()
-        self.hard_negative_spin.setRange(0.0, 1.0)
-        self.hard_negative_spin.setSingleStep(0.1)
-        self.hard_negative_spin.setToolTip("Share of normal patches drawn from mined hard negatives (0: off)")
-        self.eval_spin = QSpinBox()
-        self.eval_spin.setRange(1, 1_000_000)
-        self.eval_spin.setToolTip("Steps between validations and checkpoint saves")
+        # --- hyper-parameters: generated from the chosen family's settings dataclass
+        self.settings_box = QGroupBox("Training settings")
+        self._settings_layout = QVBoxLayout(self.settings_box)
+        self._settings_layout.setContentsMargins(6, 6, 6, 6)
+        self.settings_form: SettingsForm | None = None
         self.device_combo = device_combo()
-        self.amp_check = QCheckBox("Mixed precision (CUDA)")
         self.out_edit = QLineEdit(str(default_models_dir()))
         self._out_browse = out_browse = QPushButton("...")
         out_browse.setMaximumWidth(30)
@@ -168,7 +159,7 @@ class TrainFormMixin:
         self.name_edit.setPlaceholderText("automatic (family-data-time)")
 
     def _form_widget(self) -> QWidget:
-        """The Set-up tab: a form over the fields."""
+        """The Set-up tab: a form over the fields, scrolling when the dock is short."""
         out_browse = self._out_browse
         setup = QWidget()
         form = QFormLayout(setup)
@@ -196,21 +187,19 @@ class TrainFormMixin:
         self._table_row = QWidget()
         self._table_row.setLayout(table_row)
         form.addRow("Table", self._table_row)
-        form.addRow("Validation", self.val_spin)
-        form.addRow("Steps", self.steps_spin)
-        form.addRow("Learning rate", self.lr_edit)
-        form.addRow("Batch size", self.batch_spin)
-        form.addRow("Hard negatives", self.hard_negative_spin)
-        form.addRow("Validate every", self.eval_spin)
+        form.addRow(self.settings_box)
         form.addRow("Device", self.device_combo)
-        form.addRow("", self.amp_check)
         out_row = QHBoxLayout()
         out_row.addWidget(self.out_edit, 1)
         out_row.addWidget(out_browse)
         form.addRow("Output", out_row)
         form.addRow("Name", self.name_edit)
         self._form = form
-        return setup
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        scroll.setFrameShape(QFrame.Shape.NoFrame)
+        scroll.setWidget(setup)
+        return scroll
 
     def _set_row_visible(self, field: QWidget, visible: bool) -> None:
         label = self._form.labelForField(field)
@@ -243,6 +232,22 @@ class TrainFormMixin:
                 return layer
         return None
 
+    def setting_widget(self, name: str) -> Any:
+        """The magicgui widget of the chosen family's setting ``name`` (``.value`` reads and sets it)."""
+        if self.settings_form is None:
+            raise KeyError(f"no family is chosen: no setting {name!r}")
+        return self.settings_form.widget(name)
+
+    def settings_values(self) -> dict[str, Any]:
+        """The chosen family's settings as the form says them (None: the family's default).
+
+        Raises
+        ------
+        TrainingError
+            Naming a setting whose text is not a value of its kind.
+        """
+        return {} if self.settings_form is None else self.settings_form.values()
+
     def select_family(self, family: str) -> None:
         """Choose a trainable family by name (one of the panel's family list)."""
         index = self.family_combo.findData(family)
@@ -263,13 +268,11 @@ class TrainFormMixin:
     def _family_changed(self, *_: Any) -> None:
         from napari_pathology.models import list_models
         from napari_pathology.models.pretrained import is_untrained
-        from napari_pathology.training.panel_jobs import paper_default
 
         family = self.family
         if family not in self._families:
             return
         chosen = self._families[family]
-        defaults = chosen.defaults()
         self.start_combo.blockSignals(True)
         self.start_combo.clear()
         specs = [s for s in list_models() if s.family == family]
@@ -279,19 +282,11 @@ class TrainFormMixin:
         self.start_combo.blockSignals(False)
         self.start_combo.setCurrentIndex(0)
         self._start_changed()
-        length = "steps" if "steps" in defaults else "epochs"
-        self._form.labelForField(self.steps_spin).setText(length.capitalize())
-        self.steps_spin.setValue(int(defaults.get(length) or 1))
-        self.batch_spin.setValue(int(defaults.get("batch_size") or 1))
-        self.lr_edit.clear()
-        self.lr_edit.setPlaceholderText(f"paper default ({paper_default(chosen, 'lr')})")
-        if "hard_negative_fraction" in defaults:
-            self.hard_negative_spin.setValue(float(defaults["hard_negative_fraction"]))
-        if defaults.get("eval_every") is not None:
-            self.eval_spin.setValue(int(defaults["eval_every"]))
-        self.amp_check.setChecked(bool(defaults.get("amp", True)))
-        self._set_row_visible(self.hard_negative_spin, "hard_negative_fraction" in defaults)
-        self._set_row_visible(self.eval_spin, defaults.get("eval_every") is not None and length == "steps")
+        if self.settings_form is not None:
+            self.settings_form.close()
+        self.settings_form = SettingsForm(chosen)
+        self._settings_layout.addWidget(self.settings_form.native)
+        self.settings_box.setTitle(f"Training settings ({family})")
         # A family that learns from slide labels needs a table of slides.
         regions = "regions" in chosen.data_sources
         item = self.source_combo.model().item(self.source_combo.findData(SOURCE_VIEWER))
@@ -325,9 +320,9 @@ class TrainFormMixin:
 
     def _source_changed(self, *_: Any) -> None:
         viewer = self.source == SOURCE_VIEWER
-        if self.family in self._families:  # one annotated slide cannot be split for validation
-            default = self._families[self.family].defaults().get("val_fraction", 0.0)
-            self.val_spin.setValue(0.0 if viewer else default)
+        form = self.settings_form
+        if form is not None and "val_fraction" in form.fields:  # one annotated slide cannot be split
+            form.widget("val_fraction").value = 0.0 if viewer else form.fields["val_fraction"].default
         for widget in (self.slide_combo, self._shapes_row, self.draw_label_combo):
             self._set_row_visible(widget, viewer)
         self._set_row_visible(self._table_row, not viewer)
@@ -388,15 +383,6 @@ class TrainFormMixin:
         choose_folder_into(self, self.out_edit, "Output folder")
 
     # ------------------------------------------------------------------ reading the form
-    def _form_values(self, start: str, lr: float | None) -> dict[str, Any]:
-        """The fields :func:`~napari_pathology.training.panel_jobs.assemble_settings` reads."""
-        return {
-            "start": start, "batch_size": self.batch_spin.value(), "val_fraction": self.val_spin.value(),
-            "device": str(self.device_combo.currentData()), "amp": self.amp_check.isChecked(), "lr": lr,
-            "length": self.steps_spin.value(), "hard_negative_fraction": self.hard_negative_spin.value(),
-            "eval_every": self.eval_spin.value(),
-        }  # fmt: skip
-
     def _data_name(self) -> str:
         """What the data is called in an automatic job name: the slide layer or the table's stem."""
         if self.source == SOURCE_VIEWER:

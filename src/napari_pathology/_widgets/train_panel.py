@@ -193,7 +193,7 @@ class TrainPanel(TrainFormMixin, TrainMonitorMixin, QWidget):
         """
         from napari_pathology.fileio import ensure_writable_dir
         from napari_pathology.training.events import TrainingError
-        from napari_pathology.training.panel_jobs import assemble_settings, check_start, parse_lr
+        from napari_pathology.training.panel_jobs import assemble_settings, check_start
 
         family = self.family
         if family not in self._families:
@@ -201,7 +201,7 @@ class TrainPanel(TrainFormMixin, TrainMonitorMixin, QWidget):
         chosen = self._families[family]
         start = self.start_source
         check_start(family, start)
-        lr = parse_lr(self.lr_edit.text())
+        values = self.settings_values()
         folder = Path(self.out_edit.text().strip() or default_models_dir()).expanduser()
         ensure_writable_dir(folder)  # OutputError (one line naming it) before anything is written
         name = self._job_name(family, folder)
@@ -221,7 +221,8 @@ class TrainPanel(TrainFormMixin, TrainMonitorMixin, QWidget):
             if not text:
                 raise TrainingError("choose a slide table (CSV) or train from viewer annotations")
             table = Path(text).expanduser()
-        return family, assemble_settings(chosen, table, out, self._form_values(start, lr))
+        device = str(self.device_combo.currentData())
+        return family, assemble_settings(chosen, table, out, start, device, values)
 
     def _job_name(self, family: str, folder: Path) -> str:
         """The name field (or ``family-data-time``), made unique in ``folder``: no model is replaced.

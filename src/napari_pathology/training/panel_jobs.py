@@ -7,6 +7,7 @@ gets a curve) does not depend on the widgets.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import threading
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CURVE_METRICS",
+    "PANEL_SETTINGS",
     "PANEL_THREADS",
     "JobRecord",
     "assemble_settings",
@@ -29,10 +31,14 @@ __all__ = [
     "checkpoint_entry",
     "checkpoint_text",
     "curve_metric",
+    "form_fields",
     "format_eta",
     "paper_default",
-    "parse_lr",
+    "parse_setting",
     "run_job",
+    "setting_label",
+    "setting_range",
+    "setting_text",
     "unique_name",
 ]
 
@@ -42,6 +48,13 @@ CURVE_METRICS = ("val_loss", "slide_auc", "auc", "tile_accuracy", "accuracy")
 #: torch CPU threads of a job the panel runs: the viewer needs the other cores (and more threads
 #: than free cores make small networks slower, not faster).
 PANEL_THREADS = 1
+#: Settings the panel sets itself (its Start-from and Device rows, one thread, never replace or resume
+#: from the form): the generated form leaves them out.
+PANEL_SETTINGS = frozenset({"start", "device", "threads", "resume", "overwrite"})
+#: Labels of settings whose names are abbreviations (any other label is made from the name).
+_LABELS = {"lr": "Learning rate", "amp": "Mixed precision (CUDA)", "val_fraction": "Validation"}
+#: Name endings that are units, shown in brackets.
+_UNITS = {"_um": "um", "_mm2": "mm\N{SUPERSCRIPT TWO}", "_mpp": "um/px"}
 
 
 def paper_default(family: Any, name: str) -> str:
@@ -114,16 +127,103 @@ def check_start(family: str, start: str) -> None:
             raise TrainingError(f"{Path(start).name} is a {start_family!r} model, not {family!r}")
 
 
-def parse_lr(text: str) -> float | None:
-    """The learning rate typed (None: the family's default)."""
-    lr = text.strip()
-    try:
-        value = float(lr) if lr else None
-    except ValueError as error:
-        raise TrainingError(f"learning rate {lr!r} is not a number") from error
-    if value is not None and not value > 0:
-        raise TrainingError("the learning rate must be positive")
-    return value
+def form_fields(family: Any) -> list[Any]:
+    """The settings the Train panel's generated form shows for ``family``, in dataclass order.
+
+    Every :meth:`~napari_pathology.families.base.Family.setting_fields` entry but
+    :data:`PANEL_SETTINGS` (the panel sets those itself).
+    """
+    return [f for f in family.setting_fields() if f.name not in PANEL_SETTINGS]
+
+
+def _metadata(family: Any, name: str) -> Mapping[str, Any]:
+    """The dataclass field metadata of setting ``name`` (empty when none)."""
+    settings = getattr(family, "settings", None)
+    if settings is None or not dataclasses.is_dataclass(settings):
+        return {}
+    return next((f.metadata for f in dataclasses.fields(settings) if f.name == name), {})
+
+
+def setting_label(family: Any, field: Any) -> str:
+    """A setting's form label: its field's ``metadata["label"]``, else made from its name.
+
+    ``lr`` reads "Learning rate", ``context_um`` "Context (um)", ``batch_size`` "Batch size".
+    """
+    given = _metadata(family, field.name).get("label")
+    if given:
+        return str(given)
+    if field.name in _LABELS:
+        return _LABELS[field.name]
+    name, unit = field.name, ""
+    for ending, shown in _UNITS.items():
+        if name.endswith(ending):
+            name, unit = name[: -len(ending)], f" ({shown})"
+    return name.replace("_", " ").strip().capitalize() + unit
+
+
+def setting_range(family: Any, field: Any) -> tuple[float, float, float]:
+    """``(minimum, maximum, step)`` of a number setting's spin box.
+
+    A field's ``metadata`` ``min``, ``max`` and ``step`` win; otherwise counts
+    run from 0 in steps of 1, shares (a name with ``fraction``) from 0 to 1 in
+    steps of 0.05, and other reals from 0 in steps of the default's order of
+    magnitude (at most 1). The settings dataclass checks the value chosen.
+    """
+    meta = _metadata(family, field.name)
+    default = field.default if isinstance(field.default, int | float) else 0
+    if field.kind == "int":
+        low, high, step = 0, 1_000_000_000, 1
+    elif "fraction" in field.name:
+        low, high, step = 0.0, 1.0, 0.05
+    else:
+        magnitude = 10.0 ** math.floor(math.log10(abs(default))) if default else 0.1
+        low, high, step = 0.0, 1e6, min(1.0, magnitude)
+    low, high, step = meta.get("min", low), meta.get("max", high), meta.get("step", step)
+    return float(min(low, default)), float(max(high, default)), float(step)
+
+
+def setting_text(value: Any) -> str:
+    """A setting's value as a text field shows it (None: empty; names: comma-separated)."""
+    if value is None:
+        return ""
+    if isinstance(value, tuple | list):
+        return ", ".join(str(v) for v in value)
+    return str(value)
+
+
+def parse_setting(family: Any, field: Any, text: str) -> Any:
+    """The value typed into a setting's text field, as its kind; None (the default) when left empty.
+
+    A number typed into an optional setting must be positive (empty means the
+    family's default).
+
+    Raises
+    ------
+    TrainingError
+        Naming the setting: not a number, not positive, or empty where a value is needed.
+    """
+    label = setting_label(family, field)
+    text = text.strip()
+    if not text:
+        if field.optional:
+            return None
+        if field.kind == "names":
+            return ()
+        raise TrainingError(f"{label} needs a value")
+    if field.kind in ("int", "float"):
+        try:
+            value = int(text) if field.kind == "int" else float(text)
+        except ValueError as error:
+            kind = "a whole number" if field.kind == "int" else "a number"
+            raise TrainingError(f"{label}: {text!r} is not {kind}") from error
+        if field.optional and not value > 0:
+            raise TrainingError(f"{label} must be positive (leave it empty for the default)")
+        return value
+    if field.kind == "path":
+        return Path(text).expanduser()
+    if field.kind == "names":
+        return tuple(part.strip() for part in text.split(",") if part.strip())
+    return text
 
 
 def unique_name(name: str, folder: Path, taken: Iterable[str]) -> str:
@@ -143,14 +243,16 @@ def unique_name(name: str, folder: Path, taken: Iterable[str]) -> str:
     return unique
 
 
-def assemble_settings(family: Any, table: Path, out: Path, form: Mapping[str, Any]) -> Any:
-    """The family's settings for a job on ``table`` writing ``out``, from the form's values.
+def assemble_settings(
+    family: Any, table: Path, out: Path, start: str, device: str, values: Mapping[str, Any]
+) -> Any:
+    """The family's settings for a job on ``table`` writing ``out``, from the panel's values.
 
-    ``form`` holds ``start``, ``batch_size``, ``val_fraction``, ``device``,
-    ``amp``, ``lr`` (None: default), ``length`` (steps or epochs),
-    ``hard_negative_fraction`` and ``eval_every``; the family keeps those its
-    settings have. The table is read and checked (the family's needs, the
-    validation split) first.
+    ``values`` are the generated form's settings by name (None: the default);
+    the panel adds the starting model, the device and one CPU thread
+    (:data:`PANEL_THREADS`). The table is read and checked (the family's
+    needs, the validation split) first; what the table implies (e.g. the
+    classes) wins over the form.
     """
     from napari_pathology.cohort import CohortError, read_slide_table
     from napari_pathology.training.common import split_by_slide
@@ -161,23 +263,13 @@ def assemble_settings(family: Any, table: Path, out: Path, form: Mapping[str, An
         raise TrainingError(str(error)) from error
     implied = family.check_table(entries)  # e.g. annotations or classes the family needs
     defaults = family.defaults()
-    seed = defaults.get("seed", 0)
-    split_by_slide(entries, form["val_fraction"], seed)  # too few slides for the split?
-    values: dict[str, Any] = {
-        "data": table, "out": out, "start": form["start"], "batch_size": form["batch_size"],
-        "val_fraction": form["val_fraction"], "device": form["device"], "amp": form["amp"],
-        "threads": PANEL_THREADS,
+    seed = values.get("seed", defaults.get("seed", 0))
+    split_by_slide(entries, values.get("val_fraction") or 0.0, seed)  # too few slides for the split?
+    chosen = {
+        **{k: v for k, v in values.items() if v is not None},
+        "start": start, "device": device, "threads": PANEL_THREADS, **implied,
     }  # fmt: skip
-    if form["lr"] is not None:
-        values["lr"] = form["lr"]
-    values["steps" if "steps" in defaults else "epochs"] = form["length"]
-    if "hard_negative_fraction" in defaults:
-        values["hard_negative_fraction"] = form["hard_negative_fraction"]
-    if "steps" in defaults and defaults.get("eval_every") is not None:
-        values["eval_every"] = form["eval_every"]
-    values.update(implied)
-    values = {k: v for k, v in values.items() if k in defaults or k in ("data", "out")}
-    return family.make_settings(values.pop("data"), values.pop("out"), **values)
+    return family.make_settings(table, out, **{k: v for k, v in chosen.items() if k in defaults})
 
 
 def checkpoint_entry(record: JobRecord | None, event: TrainEvent) -> dict[str, Any]:
