@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -214,3 +215,51 @@ def test_a_stride_past_the_slide_is_named_not_called_no_tissue(panel_on_slide, q
     text = panel.status.text().lower()
     assert "stride" in text and "no tissue" not in text and any("stride" in m for m in messages)
     assert not [layer for layer in viewer.layers if "heatmap" in layer.name]
+
+
+def test_a_result_with_an_attention_heatmap_and_points_shows_without_a_runner(panel_on_slide) -> None:
+    """What a bag (CLAM) runner will return: shown by kind, with no change to the panel."""
+    from napari_pathology.analysis import AnalysisResult
+    from napari_pathology.nuclei.points import NucleusPoints
+
+    viewer, panel, slide_layer = panel_on_slide
+    rng = np.random.default_rng(0)
+    attention = rng.normal(0.0, 2.0, (12, 12)).astype(np.float32)  # raw scores, not 0-1
+    attention[0, 0] = np.nan
+    mpp = (slide_layer.scale[1], slide_layer.scale[0])
+    width_um, height_um = (
+        float(slide_layer.metadata[k]) * m for k, m in (("width", mpp[0]), ("height", mpp[1]))
+    )
+    xy = rng.uniform(0, 1, (50, 2)) * (width_um, height_um)
+    probability = np.linspace(0.0, 1.0, 50)
+    result = AnalysisResult(
+        slide_path=slide_layer.metadata["path"], slide_name=slide_layer.name,
+        spec={"name": "toy-clam", "aggregator": "attention"}, heatmap=attention, class_heatmaps=None,
+        cell_um=128.0, first_centre_um=(64.0, 64.0), slide_mpp=mpp,
+        detections=np.array([[300.0, 400.0, 0.9], [800.0, 700.0, 0.7]]), slide_score=0.87,
+        scores={"normal": 0.13, "tumour": 0.87}, partial=False, tiles_done=143, tiles_total=143,
+        heatmap_kind="attention", points=NucleusPoints(x_um=xy[:, 0], y_um=xy[:, 1], probability=probability),
+    )  # fmt: skip
+    panel.show_result(result)
+
+    layer = viewer.layers[f"{slide_layer.name} toy-clam attention"]
+    assert layer.colormap.name == "turbo" and layer.scale[0] == pytest.approx(128.0)
+    assert tuple(layer.contrast_limits) == pytest.approx((np.nanmin(attention), np.nanmax(attention)))
+    assert layer.metadata["heatmap_kind"] == "attention"
+    assert not [name for name in viewer.layers if name.name.endswith(" heatmap")]
+    detections = viewer.layers[f"{slide_layer.name} toy-clam detections"]
+    assert detections.features["score"].tolist() == [0.9, 0.7] and len(detections.data) == 2
+    nuclei = viewer.layers[f"{slide_layer.name} toy-clam nuclei"]
+    assert len(nuclei.data) == 50  # all in view: drawn, coloured by tumour probability
+    colours = np.asarray(nuclei.face_color)
+    assert not np.allclose(colours[np.argmin(nuclei.features["probability"])], colours[-1])
+    assert panel.score_label.text() == "Slide score (attention): 0.870"
+    assert "complete: 143/143 tiles, 2 detections, 50 nuclei" in panel.status.text()
+
+    # the next result of the same slide and model replaces what the first one showed
+    panel.show_result(
+        dataclasses.replace(result, points=None, detections=np.zeros((0, 3)), heatmap_kind="activation")
+    )
+    names = [layer.name for layer in viewer.layers]
+    assert f"{slide_layer.name} toy-clam activation map" in names
+    assert not [n for n in names if n.endswith((" attention", " nuclei", " detections"))]

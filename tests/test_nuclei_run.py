@@ -1,4 +1,4 @@
-"""Chunked whole-slide nucleus detection: truth recovered, no duplicates at borders, ROI, tissue, stop."""
+"""Chunked whole-slide nucleus detection (truth, borders, ROI, tissue, stop); the nucleus runner's result."""
 
 from __future__ import annotations
 
@@ -181,3 +181,84 @@ def test_one_shared_threshold_makes_chunking_irrelevant_on_the_synthetic_slide(s
         detect_in_slide(slide, region_um=roi, chunk_px=768, params=NucleusParams(threshold=2 * threshold))
     )
     assert len(strict) < 0.9 * one
+
+
+@pytest.fixture(scope="module")
+def purity_model():
+    from napari_pathology.models import ModelError, resolve_model
+
+    try:
+        return resolve_model("nucleus-purity")  # the shipped demo weights (no download)
+    except ModelError as error:
+        pytest.skip(f"shipped nucleus-purity weights not available: {error}")
+
+
+def test_a_nucleus_run_returns_the_one_result_type_saved_and_verified_like_any(
+    tmp_path, purity_model
+) -> None:
+    import json
+
+    from napari_pathology.analysis import ResultMismatchError, RunSettings, load_result, run
+
+    slide, truth = _disc_slide(size=384, seed=3)
+    out = tmp_path / "s" / "nucleus-purity"
+    saved = []
+    result = run_to_completion(
+        run(slide, purity_model, settings=RunSettings(batch_size=256), out_dir=out, on_saved=saved.append)
+    )
+    assert saved == [result] and result.out_dir == out
+    # the nuclei are the points, the purity grid the heatmap, the predicted purity the slide score
+    nuclei = result.points
+    assert len(nuclei) == len(truth) and result.detections.shape == (0, 3)
+    assert np.isfinite(nuclei.probability).all() and not result.partial
+    assert (result.heatmap_kind, result.kind.title, result.unit) == ("purity", "purity", "nuclei")
+    assert (result.tiles_done, result.tiles_total) == (len(nuclei), len(nuclei))
+    assert result.slide_score == pytest.approx(float(np.mean(nuclei.probability)), abs=1e-6)
+    assert result.scores["tumour"] == pytest.approx(result.slide_score)
+    assert result.scores["normal"] == pytest.approx(1 - result.slide_score)
+    assert result.score_title.startswith("predicted purity") and "predicted purity" in result.summary()
+    # each cell holds the mean probability of its nuclei, NaN where there are none
+    cell = result.cell_um
+    col, row = (nuclei.xy_um() // cell).astype(int).T
+    first = (row == row[0]) & (col == col[0])
+    assert result.heatmap[row[0], col[0]] == pytest.approx(nuclei.probability[first].mean(), abs=1e-6)
+    assert result.heatmap.shape == (3, 3) and result.first_centre_um == (cell / 2, cell / 2)
+
+    loaded = load_result(out)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "detections.csv", "detections.geojson", "heatmap.zarr", "nuclei.csv", "result.json",
+    ]  # fmt: skip
+    np.testing.assert_array_equal(loaded.heatmap, result.heatmap)
+    np.testing.assert_array_equal(loaded.points.xy_um(), nuclei.xy_um())
+    np.testing.assert_array_equal(loaded.points.probability, nuclei.probability)
+    assert (loaded.heatmap_kind, loaded.unit, loaded.slide_score) == ("purity", "nuclei", result.slide_score)
+    assert json.loads((out / "result.json").read_text())["n_points"] == len(nuclei)
+    # a changed probability or a lost nucleus is refused, as lost heatmap cells are
+    text = (out / "nuclei.csv").read_text()
+    lines = text.splitlines()
+    (out / "nuclei.csv").write_text("\n".join(lines[:-1]) + "\n")
+    with pytest.raises(ResultMismatchError, match=r"nuclei\.csv has"):
+        load_result(out)
+    x, y, label, p, *rest = lines[1].split(",")
+    changed = ",".join([x, y, label, "0.25" if p != "0.25" else "0.75", *rest])
+    (out / "nuclei.csv").write_text("\n".join([lines[0], changed, *lines[2:]]) + "\n")
+    with pytest.raises(ResultMismatchError, match="digest"):
+        load_result(out)
+    (out / "nuclei.csv").unlink()
+    with pytest.raises(ValueError, match="not a complete result folder"):
+        load_result(out)
+
+
+def test_a_cancelled_nucleus_run_keeps_the_nuclei_found_unclassified(purity_model) -> None:
+    from napari_pathology.analysis import run
+
+    slide, _ = _disc_slide(size=256, seed=4)
+    cancel = threading.Event()
+    job = run(slide, purity_model, cancel=cancel)
+    next(job)
+    next(job)  # one chunk of nuclei found
+    cancel.set()
+    result = run_to_completion(job)
+    assert result.partial and result.tiles_done == 0 and result.tiles_total == len(result.points) > 0
+    assert np.isnan(result.slide_score) and np.isnan(result.heatmap).all()
+    assert result.progress_text() == f"PARTIAL (0/{len(result.points)} nuclei)"

@@ -201,3 +201,75 @@ def test_a_folder_replacement_killed_between_its_renames_is_recovered(tmp_path) 
     shutil.copytree(aside, stale)
     assert load_result(folder).key == result.key
     assert sorted(p.name for p in folder.parent.iterdir()) == ["test-dark"]
+
+
+V2_FOLDER = Path(__file__).parent / "data" / "results-v2" / "s" / "old-model"  # saved by format 2's code
+
+
+def test_a_result_folder_of_the_previous_format_still_loads_and_is_still_verified(tmp_path) -> None:
+    import json
+
+    import zarr
+
+    from napari_pathology.analysis.result import RESULT_VERSION
+
+    folder = tmp_path / "s" / "old-model"
+    shutil.copytree(V2_FOLDER, folder)
+    assert json.loads((folder / "result.json").read_text())["version"] == 2 < RESULT_VERSION
+    result = load_result(folder)
+    assert (result.heatmap_kind, result.kind.title, result.unit, result.points) == (
+        "probability", "heatmap", "tiles", None,
+    )  # fmt: skip
+    assert result.score_title == "slide score (max)" and result.slide_score == pytest.approx(0.95)
+    np.testing.assert_allclose(result.heatmap, [[0.1, np.nan, 0.3], [0.7, 0.95, np.nan]], rtol=1e-6)
+    assert result.class_heatmaps.shape == (2, 2, 3) and result.detections.tolist() == [[96.0, 96.0, 0.95]]
+    assert (result.key, result.tiles_done, result.scores["tumour"]) == ("v2key", 4, 0.95)
+    assert "s.tif: old-model slide score (max) 0.950, 1 detections, 4 tiles, complete" == result.summary()
+    # saved again, it is written in the current format and reads back the same
+    again = load_result(save_result(result, tmp_path / "again" / "old-model"))
+    assert (
+        json.loads((tmp_path / "again" / "old-model" / "result.json").read_text())["version"]
+        == RESULT_VERSION
+    )
+    np.testing.assert_array_equal(again.heatmap, result.heatmap)
+    assert (again.key, again.heatmap_kind, again.scores) == (result.key, "probability", result.scores)
+    # an old folder is verified against its digests as before
+    zarr.open_array(str(folder / "heatmap.zarr"), mode="r+")[0, 0] = 0.5
+    with pytest.raises(ResultMismatchError, match="heatmap"):
+        load_result(folder)
+
+
+def test_folders_this_version_cannot_read_are_named_in_one_line(tmp_path) -> None:
+    import json
+
+    folder = tmp_path / "newer"
+    shutil.copytree(V2_FOLDER, folder)
+    meta = json.loads((folder / "result.json").read_text())
+    (folder / "result.json").write_text(json.dumps({**meta, "version": 99}))
+    with pytest.raises(ValueError, match="format version 99") as caught:
+        load_result(folder)
+    assert "\n" not in str(caught.value)
+    old_nuclei = tmp_path / "nuclei"  # what the nucleus runner wrote before results were one type
+    old_nuclei.mkdir()
+    (old_nuclei / "result.json").write_text(json.dumps({"slide": "s.tif", "predicted_purity": 0.4}))
+    with pytest.raises(ValueError, match=r"older version.*run the model again"):
+        load_result(old_nuclei)
+
+
+def test_a_result_refuses_an_unknown_heatmap_kind_and_misshapen_arrays() -> None:
+    from napari_pathology.analysis import AnalysisResult
+
+    fields = dict(
+        slide_path=None, slide_name="s", spec={"name": "m"}, heatmap=np.zeros((2, 3)), class_heatmaps=None,
+        cell_um=1.0, first_centre_um=(0.5, 0.5), slide_mpp=(1.0, 1.0), detections=np.zeros((0, 3)),
+        slide_score=0.5, scores={}, partial=False, tiles_done=6, tiles_total=6,
+    )  # fmt: skip
+    assert AnalysisResult(**fields, heatmap_kind="attention").kind.bounded is False
+    with pytest.raises(ValueError, match=r"unknown heatmap kind 'saliency'.*attention"):
+        AnalysisResult(**fields, heatmap_kind="saliency")
+    with pytest.raises(ValueError, match="class heatmaps"):
+        AnalysisResult(**{**fields, "class_heatmaps": np.zeros((2, 3, 3))})
+    with pytest.raises(ValueError, match="detections"):
+        AnalysisResult(**{**fields, "detections": np.zeros((2, 2))})
+    with pytest.raises(ValueError, match="points must be NucleusPoints"):
+        AnalysisResult(**fields, points=np.zeros((3, 2)))

@@ -283,7 +283,27 @@ class AnalyzePanel(QWidget):
         return text.split(" (")[0]
 
     def _on_result(self, result: AnalysisResult) -> None:
-        """Show whatever the result holds (heatmap, detections, points) and its slide score."""
+        self.show_result(result)
+
+    def show_result(self, result: AnalysisResult, slide_layer: Any = None) -> None:
+        """Show whatever a result holds (heatmap, detections, points) and its slide score.
+
+        Parameters
+        ----------
+        result : AnalysisResult
+            From any runner (a run of this panel, the CLI, a saved folder).
+        slide_layer : napari.layers.Image, optional
+            Its slide (default: the slide of this panel's run, else the chosen slide).
+        """
+        layer = slide_layer or (
+            self._layers.slide_layer if self._layers else self.slide_combo.current_layer()
+        )
+        if layer is None:
+            raise ValueError("open the result's slide first: a result is shown on its slide")
+        if self._layers is None or self._layers.slide_layer is not layer:
+            run_scale = tuple(link_metadata(layer.metadata)[PLACED_SCALE_KEY])
+            self._layers = ResultLayers(self.viewer, layer, result.model_name, run_scale)
+            self._slide_layer = layer
         self._layers.show(result)
         score, status = result_text(result)
         self.score_label.setText(score)
