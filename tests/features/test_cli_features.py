@@ -79,3 +79,14 @@ def test_features_list_shows_encoders_and_their_weights(torch_home, capsys) -> N
     line = next(row for row in out.splitlines() if row.startswith("resnet50-trunc\t"))
     assert "1024-d" in line and "256px @ 0.5 um/px" in line and "untrained" in line
     assert "tumor-normal-trunk" in out and "torchvision:<model>" in out
+
+
+@pytest.mark.parametrize(
+    "option", [["--batch-size", "0"], ["--patch-size", "8"], ["--mpp", "nan"], ["--min-tissue", "2"]]
+)
+def test_bad_options_are_refused_before_any_work(tmp_path, capsys, option) -> None:
+    args = ["features", "s.png", "--encoder", "resnet50-trunc", "--out", str(tmp_path / "o"), *option]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"argument {option[0]}" in err[0]
+    assert not (tmp_path / "o").exists()
