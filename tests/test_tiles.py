@@ -345,3 +345,32 @@ def test_dihedral_gives_eight_orientations_and_tta_averages_them() -> None:
     expected = torch.stack([fn(v) for v in views]).mean(0)
     assert torch.allclose(tta_mean(fn, x), expected, atol=1e-5)
     assert not torch.allclose(fn(x), expected)
+
+
+def test_one_level_rule_for_tiles_patches_nucleus_patches_and_whole_slide_reads() -> None:
+    from napari_pathology.nuclei.classify import nucleus_patches
+    from napari_pathology.progress import run_to_completion
+    from napari_pathology.tiles import level_for_mpp, read_box, read_patch
+    from napari_pathology.tissue import read_at_mpp
+
+    rng = np.random.default_rng(3)
+    level0 = rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    level1 = level0.reshape(32, 2, 48, 2, 3).mean(axis=(1, 3)).astype(np.uint8)
+    slide = Slide(InMemoryBackend([level0, level1], mpp=0.5))
+    assert [level_for_mpp(slide, m) for m in (0.5, 0.9, 1.0, 1.04, 3.0)] == [0, 0, 1, 1, 1]
+    assert level_for_mpp(slide, 1.005, tolerance=0.0) == 1 and level_for_mpp(slide, 0.99, tolerance=0.0) == 0
+    with pytest.raises(ValueError, match=r"\(0\.5 um/px at full resolution\) cannot reach the model's 0\.25"):
+        level_for_mpp(slide, 0.25)
+    assert level_for_mpp(slide, 0.25, enlarge=True) == 0  # readers that enlarge say so
+    # a patch at 1 um/px is level 1 as it is; the same box read by hand gives the same pixels
+    np.testing.assert_array_equal(read_patch(slide, (16.0, 16.0), 8, 1.0), level1[12:20, 12:20])
+    np.testing.assert_array_equal(
+        read_box(slide, 1, (12.0, 12.0, 8.0, 8.0), (8, 8), direct=True), level1[12:20, 12:20]
+    )
+    # nucleus patches (16 px of 1 um/px) and a whole-slide read at 1 um/px read that level too
+    patch = nucleus_patches(slide, np.array([[16.0, 16.0]]), context_um=16.0, size=16, equalize="none")
+    np.testing.assert_array_equal(patch[0], level1[8:24, 8:24])
+    np.testing.assert_array_equal(run_to_completion(read_at_mpp(slide, 1.0)), level1)
+    # enlarging (bilinear) where the slide is coarser than the patches: no error, every pixel filled
+    fine = nucleus_patches(slide, np.array([[16.0, 16.0]]), context_um=4.0, size=16, equalize="none")
+    assert fine.shape == (1, 16, 16, 3) and fine.std() > 0

@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 
 from napari_pathology.progress import Progress
-from napari_pathology.tiles import MPP_TOLERANCE
+from napari_pathology.tiles.levels import level_for_mpp, reads_directly
+from napari_pathology.tiles.read import read_box
 
 __all__ = [
     "BLOCK_PX",
@@ -93,16 +94,6 @@ def _slide_mpp(slide: Any) -> tuple[float, float]:
         raise NucleusClassifyError(str(error)) from error
 
 
-def _level_for(slide: Any, mpp: tuple[float, float], target_mpp: float) -> int:
-    """The coarsest level not coarser than ``target_mpp`` (within tolerance), else level 0."""
-    best, limit = 0, target_mpp * (1.0 + MPP_TOLERANCE)
-    downsamples = slide.level_downsamples
-    for level, ds in enumerate(downsamples):
-        if max(mpp) * ds <= limit and ds > downsamples[best]:
-            best = level
-    return best
-
-
 # --------------------------------------------------------------------------- patches
 
 
@@ -113,21 +104,8 @@ def _read_block(
     """``(h, w, 3)`` RGB at ``target_mpp`` whose pixel (0, 0) is patch-grid pixel ``origin = (x, y)``."""
     (x0, y0), (h, w) = origin, shape
     mx, my = level_mpp
-    direct = all(abs(m / target_mpp - 1.0) <= MPP_TOLERANCE for m in level_mpp)
-    if direct:
-        region = slide.read_region(level, round(x0 * target_mpp / mx), round(y0 * target_mpp / my), w, h)
-        return np.asarray(region, dtype=np.uint8)
-    from PIL import Image
-
-    bx, by = x0 * target_mpp / mx, y0 * target_mpp / my
-    bw, bh = w * target_mpp / mx, h * target_mpp / my
-    left, top = math.floor(bx) - 1, math.floor(by) - 1
-    right, bottom = math.ceil(bx + bw) + 1, math.ceil(by + bh) + 1
-    region = np.ascontiguousarray(slide.read_region(level, left, top, right - left, bottom - top))
-    shrink = bw > w
-    resample = Image.Resampling.BOX if shrink else Image.Resampling.BILINEAR
-    box = (bx - left, by - top, bx - left + bw, by - top + bh)
-    return np.asarray(Image.fromarray(region).resize((w, h), resample, box=box))
+    box = (x0 * target_mpp / mx, y0 * target_mpp / my, w * target_mpp / mx, h * target_mpp / my)
+    return read_box(slide, level, box, (w, h), direct=reads_directly(level_mpp, target_mpp))
 
 
 def spatial_order(xy_um: np.ndarray, block_um: float) -> np.ndarray:
@@ -142,7 +120,7 @@ def spatial_order(xy_um: np.ndarray, block_um: float) -> np.ndarray:
 def _raw_patches(slide: Any, xy: np.ndarray, context_um: float, size: int) -> np.ndarray:
     mpp = _slide_mpp(slide)
     target = context_um / size
-    level = _level_for(slide, mpp, target)
+    level = level_for_mpp(slide, target, mpp=mpp, enlarge=True)
     ds = float(slide.level_downsamples[level])
     level_mpp = (mpp[0] * ds, mpp[1] * ds)
     out = np.empty((len(xy), size, size, 3), np.uint8)

@@ -21,10 +21,11 @@ e.g. Liu et al.'s 128 px label region of a 299 px tile), so heatmap cell
 ``ceil(slide size / cell_um)`` rows and columns; the last tiles may reach past
 the slide's edge and are read padded with white (``read_region`` pads).
 
-Layout: :mod:`~napari_pathology.tiles.grid` (:class:`TileGrid`, :func:`make_tile_grid`,
-:func:`tissue_fractions`), :mod:`~napari_pathology.tiles.read` (:func:`read_tile`,
-:func:`read_patch`), :mod:`~napari_pathology.tiles.loader` (:class:`TileLoader`) and
-:mod:`~napari_pathology.tiles.tensors` (:func:`to_tensor`, :func:`dihedral`,
+Layout: :mod:`~napari_pathology.tiles.levels` (:func:`level_for_mpp`, :func:`reads_directly`:
+which level to read at a um/px), :mod:`~napari_pathology.tiles.grid` (:class:`TileGrid`,
+:func:`make_tile_grid`, :func:`tissue_fractions`), :mod:`~napari_pathology.tiles.read`
+(:func:`read_box`, :func:`read_tile`, :func:`read_patch`), :mod:`~napari_pathology.tiles.loader`
+(:class:`TileLoader`) and :mod:`~napari_pathology.tiles.tensors` (:func:`to_tensor`, :func:`dihedral`,
 :func:`tta_mean`); every name is importable from ``napari_pathology.tiles``.
 
 Nothing here imports Qt or napari; torch is imported only by the tensor helpers.
@@ -44,14 +45,14 @@ Examples
 
 from napari_pathology.tiles.grid import (
     MAX_GRID_CELLS,
-    MPP_TOLERANCE,
     MaskLike,
     TileGrid,
     make_tile_grid,
     tissue_fractions,
 )
+from napari_pathology.tiles.levels import MPP_TOLERANCE, level_for_mpp, reads_directly
 from napari_pathology.tiles.loader import TileLoader
-from napari_pathology.tiles.read import read_patch, read_tile
+from napari_pathology.tiles.read import read_box, read_patch, read_tile
 from napari_pathology.tiles.tensors import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -72,10 +73,13 @@ __all__ = [
     "TileGrid",
     "TileLoader",
     "dihedral",
+    "level_for_mpp",
     "make_tile_grid",
     "normalize_unit",
+    "read_box",
     "read_patch",
     "read_tile",
+    "reads_directly",
     "tissue_fractions",
     "to_tensor",
     "tta_mean",

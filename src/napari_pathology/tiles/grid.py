@@ -12,11 +12,10 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from napari_pathology.geometry import area_below, summed_area_table
+from napari_pathology.tiles.levels import MPP_TOLERANCE, level_for_mpp, reads_directly
 
 __all__ = ["MAX_GRID_CELLS", "MPP_TOLERANCE", "MaskLike", "TileGrid", "make_tile_grid", "tissue_fractions"]
 
-#: Relative um/px difference read without resampling (and by which a level may be coarser).
-MPP_TOLERANCE = 0.05
 #: Most cells a tile grid may have (a stride far too small for the slide is refused, not allocated).
 MAX_GRID_CELLS = 20_000_000
 
@@ -127,7 +126,7 @@ class TileGrid:
     @property
     def direct(self) -> bool:
         """Whether tiles are read without resampling (level um/px within tolerance of the target)."""
-        return all(abs(m / self.target_mpp - 1.0) <= self.mpp_tolerance for m in self.level_mpp_xy)
+        return reads_directly(self.level_mpp_xy, self.target_mpp, self.mpp_tolerance)
 
     def level_box(self, i: int) -> tuple[float, float, float, float]:
         """The ``(x, y, w, h)`` region of the read level (float level px) that tile ``i`` covers."""
@@ -163,22 +162,6 @@ class TileGrid:
 def _readonly(array: np.ndarray) -> np.ndarray:
     array.setflags(write=False)
     return array
-
-
-def _choose_level(slide: Any, mpp: tuple[float, float], target_mpp: float, tolerance: float) -> int:
-    limit = target_mpp * (1.0 + tolerance)
-    best: int | None = None
-    for level, ds in enumerate(slide.level_downsamples):
-        if max(mpp) * ds <= limit and (best is None or ds > slide.level_downsamples[best]):
-            best = level
-    if best is None:
-        finest = max(mpp) * min(slide.level_downsamples)
-        raise ValueError(
-            f"The slide {slide.name} ({finest:.4g} um/px at full resolution) cannot reach the model's "
-            f"{target_mpp:.4g} um/px: it was scanned at a lower magnification than the model needs "
-            f"(tolerance {tolerance:.0%}). Use a model for a coarser um/px, or check the slide's um/px."
-        )
-    return best
 
 
 def tissue_fractions(tissue: MaskLike, x0_um: np.ndarray, y0_um: np.ndarray, side_um: float) -> np.ndarray:
@@ -282,7 +265,7 @@ def make_tile_grid(
 
     mpp_x, mpp_y = (float(v) for v in slide.require_mpp())
     width, height = (int(v) for v in slide.dimensions)
-    level = _choose_level(slide, (mpp_x, mpp_y), target_mpp, mpp_tolerance)
+    level = level_for_mpp(slide, target_mpp, mpp=(mpp_x, mpp_y), tolerance=mpp_tolerance)
     level_mpp = mpp_x * float(slide.level_downsamples[level])
 
     cell_um = stride * target_mpp

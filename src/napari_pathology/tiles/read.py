@@ -1,4 +1,9 @@
-"""Reading one grid tile, or a patch anywhere, at exactly a model's um/px."""
+"""Reading one grid tile, a patch anywhere, or any box of a pyramid level, at exactly a target um/px.
+
+:func:`read_box` is the one reader of a float box of a level resampled to a
+pixel size (area-averaged when shrinking, bilinear when enlarging); the
+level comes from :func:`~napari_pathology.tiles.levels.level_for_mpp`.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from napari_pathology.tiles.grid import MPP_TOLERANCE, TileGrid, _choose_level
+from napari_pathology.tiles.grid import TileGrid
+from napari_pathology.tiles.levels import level_for_mpp, reads_directly
 
-__all__ = ["read_patch", "read_tile"]
+__all__ = ["read_box", "read_patch", "read_tile"]
 
 
 def read_tile(slide: Any, grid: TileGrid, i: int) -> np.ndarray:
@@ -27,7 +33,7 @@ def read_tile(slide: Any, grid: TileGrid, i: int) -> np.ndarray:
         When the slide's pixels cannot be decoded.
 
     """
-    return _read_level_box(slide, grid.level, grid.level_box(i), grid.tile_size, grid.direct)
+    return read_box(slide, grid.level, grid.level_box(i), grid.tile_size, direct=grid.direct)
 
 
 def read_patch(slide: Any, centre_um: tuple[float, float], size: int, mpp: float) -> np.ndarray:
@@ -39,23 +45,45 @@ def read_patch(slide: Any, centre_um: tuple[float, float], size: int, mpp: float
     """
     mpp = float(mpp)
     slide_mpp = tuple(float(v) for v in slide.require_mpp())
-    level = _choose_level(slide, slide_mpp, mpp, MPP_TOLERANCE)
+    level = level_for_mpp(slide, mpp, mpp=slide_mpp)
     downsample = float(slide.level_downsamples[level])
     mx, my = slide_mpp[0] * downsample, slide_mpp[1] * downsample
-    direct = all(abs(m / mpp - 1.0) <= MPP_TOLERANCE for m in (mx, my))
     side_um = size * mpp
     x0_um, y0_um = centre_um[0] - side_um / 2.0, centre_um[1] - side_um / 2.0
-    return _read_level_box(slide, level, (x0_um / mx, y0_um / my, side_um / mx, side_um / my), size, direct)
+    box = (x0_um / mx, y0_um / my, side_um / mx, side_um / my)
+    return read_box(slide, level, box, size, direct=reads_directly((mx, my), mpp))
 
 
-def _read_level_box(
-    slide: Any, level: int, box: tuple[float, float, float, float], size: int, direct: bool
+def read_box(
+    slide: Any,
+    level: int,
+    box: tuple[float, float, float, float],
+    size: int | tuple[int, int],
+    *,
+    direct: bool = False,
 ) -> np.ndarray:
-    """``size`` px RGB of the float ``(x, y, w, h)`` box of ``level``, area-resampled unless ``direct``."""
+    """RGB uint8 ``(h, w, 3)`` of the float ``box = (x, y, w, h)`` of ``level`` (level px) at ``size``.
+
+    ``size`` is ``(w, h)`` output pixels, or one side of a square. With
+    ``direct`` (the level's um/px is the target's, see
+    :func:`~napari_pathology.tiles.levels.reads_directly`) it is one
+    ``read_region`` of ``size`` at the rounded origin; otherwise the box is read
+    with a 1 px margin and resampled: area-averaged (PIL box filter, i.e.
+    antialiased) when shrinking, bilinear when enlarging on both axes. Parts
+    outside the slide are white. The array is the caller's (never a view of
+    the slide's cache).
+
+    Raises
+    ------
+    SlideReadError
+        When the slide's pixels cannot be decoded.
+
+    """
+    out_w, out_h = (size, size) if isinstance(size, int | np.integer) else size
     x, y, w, h = box
     if direct:
-        region = slide.read_region(level, round(x), round(y), size, size)
-        return np.array(region, dtype=np.uint8, order="C", copy=True)  # never a view of the slide
+        region = slide.read_region(level, round(x), round(y), out_w, out_h)
+        return np.array(region, dtype=np.uint8, order="C", copy=True)
     from PIL import Image
 
     margin = 1
@@ -63,5 +91,7 @@ def _read_level_box(
     x1, y1 = math.ceil(x + w) + margin, math.ceil(y + h) + margin
     region = slide.read_region(level, x0, y0, x1 - x0, y1 - y0)
     image = Image.fromarray(np.ascontiguousarray(region))
+    enlarging = w < out_w and h < out_h
+    resample = Image.Resampling.BILINEAR if enlarging else Image.Resampling.BOX
     box_in_region = (x - x0, y - y0, x - x0 + w, y - y0 + h)
-    return np.array(image.resize((size, size), Image.Resampling.BOX, box=box_in_region))  # writable
+    return np.array(image.resize((int(out_w), int(out_h)), resample, box=box_in_region))  # writable

@@ -10,6 +10,7 @@ import numpy as np
 from scipy import sparse
 
 from napari_pathology.progress import Progress
+from napari_pathology.tiles.levels import level_for_mpp
 from napari_pathology.tissue.mask import _mask_shape
 
 if TYPE_CHECKING:
@@ -22,6 +23,9 @@ MAX_MASK_PIXELS = 200_000_000
 
 #: Side of the level region read at once by :func:`read_at_mpp` (level pixels).
 READ_BLOCK = 2048
+#: How much coarser than the target a level read by :func:`read_at_mpp` may be (relative): a hair,
+#: for level factors such as 4.016 for 4 (the output is an exact area average of whatever level is read).
+LEVEL_TOLERANCE = 0.01
 
 
 def _axis_weights(out_start: int, out_stop: int, k: float, in_start: int, in_stop: int) -> sparse.csr_matrix:
@@ -53,7 +57,9 @@ def _axis_weights(out_start: int, out_stop: int, k: float, in_start: int, in_sto
 def read_at_mpp(slide: Slide, mpp: float, block: int = READ_BLOCK) -> Generator[Progress, None, np.ndarray]:
     """Read the whole slide as RGB at exactly ``mpp`` micrometres per pixel.
 
-    The best pyramid level (the coarsest one not coarser than needed) is read
+    The best pyramid level (the coarsest one not coarser than needed,
+    :func:`~napari_pathology.tiles.levels.level_for_mpp`; level 0, enlarged,
+    when the slide is coarser than ``mpp``) is read
     region by region and area-averaged to the target grid: output pixel
     ``(r, c)`` is the mean colour of the physical square
     ``[c * mpp, (c + 1) * mpp) x [r * mpp, (r + 1) * mpp)``. Memory stays
@@ -94,7 +100,7 @@ def read_at_mpp(slide: Slide, mpp: float, block: int = READ_BLOCK) -> Generator[
         raise ValueError(
             f"a {cols}x{rows} mask of {slide.name} at {mpp:g} um/px is too large; use a larger mask um/px"
         )
-    level = slide.best_level_for_downsample(min(mpp / mpp_x, mpp / mpp_y))
+    level = level_for_mpp(slide, mpp, mpp=(mpp_x, mpp_y), tolerance=LEVEL_TOLERANCE, enlarge=True)
     factor = float(slide.level_downsamples[level])
     level_w, level_h = slide.level_dimensions[level]
     kx = mpp / (mpp_x * factor)
