@@ -114,7 +114,9 @@ def test_custom_sizes_and_class_names(tmp_path):
     assert model.spec.classes == ("normal", "LUAD", "LUSC")
     assert (model.net.hidden, model.net.attention_dim) == (64, 32)
     _assert_same(model, ref, _bag())
-    with pytest.raises(ModelError, match=r"has 3 classes; --classes must name 3 distinct classes") as info:
+    with pytest.raises(
+        ModelError, match=r"has 3 classes; give 3 distinct class names \(--classes\), not \['a', 'b'\]"
+    ) as info:
         import_clam_checkpoint(tmp_path / "c.pt", classes=["a", "b"])
     assert "\n" not in str(info.value)
 

@@ -216,3 +216,27 @@ def test_the_family_trains_from_its_settings(tmp_path):
             break
     assert result.best == tmp_path / "fam.pt"
     assert load_checkpoint(result.best).provenance["job"]["epochs"] == 1
+
+
+def test_fine_tuning_starts_from_a_clam_checkpoint(tmp_path):
+    from napari_pathology.families.clam.interop import export_clam_checkpoint
+    from napari_pathology.families.clam.model import ClamNet
+
+    table = _cohort(tmp_path, 8)
+    torch.manual_seed(1)
+    export_clam_checkpoint(ClamNet(2, "mb", gate=False, embed_dim=DIM), tmp_path / "s_0_checkpoint.pt")
+    job = _fast(table, tmp_path / "tuned.pt", epochs=1, start=str(tmp_path / "s_0_checkpoint.pt"))
+    result, events = _run(job)
+    assert any(f"fine-tuning {tmp_path / 's_0_checkpoint.pt'}" in e.message for e in events)
+    tuned = load_checkpoint(result.best)
+    assert (tuned.net.model_type, tuned.net.gate, tuned.spec.classes) == ("mb", False, ("normal", "tumour"))
+    export_clam_checkpoint(ClamNet(3, embed_dim=DIM), tmp_path / "three.pt")
+    with pytest.raises(
+        TrainingError, match=r"three.pt: the checkpoint has 3 classes; give 3 distinct class names"
+    ):
+        _run(_fast(table, tmp_path / "bad.pt", start=str(tmp_path / "three.pt")))
+    export_clam_checkpoint(ClamNet(2, embed_dim=DIM + 2), tmp_path / "wide.pt")
+    with pytest.raises(
+        TrainingError, match=r"has 2 classes on 18-d features; the table has 2 classes and the"
+    ):
+        _run(_fast(table, tmp_path / "bad2.pt", start=str(tmp_path / "wide.pt")))

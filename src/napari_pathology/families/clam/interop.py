@@ -207,8 +207,8 @@ def _class_names(classes: str | Sequence[str] | None, n_classes: int) -> tuple[s
     names = tuple(n.strip() for n in (classes.split(",") if isinstance(classes, str) else map(str, classes)))
     if len(names) != n_classes or not all(names) or len(set(names)) != len(names):
         raise ValueError(
-            f"the checkpoint has {n_classes} classes; --classes must name {n_classes} distinct classes, "
-            f"got {list(names)}"
+            f"the checkpoint has {n_classes} classes; give {n_classes} distinct class names "
+            f"(--classes), not {list(names)}"
         )
     return names
 

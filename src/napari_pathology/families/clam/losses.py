@@ -69,6 +69,7 @@ def smooth_top1_svm(
         raise ValueError(
             f"scores must be (B, C) and targets (B,), got {tuple(scores.shape)}, {tuple(targets.shape)}"
         )
+    scores = scores.float()  # in full precision under autocast too
     if scores.shape[0] == 0:
         return scores.sum() * 0.0
     classes = torch.arange(scores.shape[1], device=scores.device)
