@@ -284,6 +284,7 @@ def test_panel_bookkeeping_without_qt(tmp_path):
         curve_metric,
         format_eta,
         parse_setting,
+        state_message,
         unique_name,
     )
 
@@ -310,6 +311,19 @@ def test_panel_bookkeeping_without_qt(tmp_path):
     assert unique_name("tuned", tmp_path, ()) == "tuned-2"
     assert unique_name("tuned", tmp_path, ("tuned-2",)) == "tuned-3"
     assert unique_name("other", tmp_path, ()) == "other"
+
+    def job(name, state, step=None, error=None):
+        return SimpleNamespace(
+            name=name, device="cpu", state=SimpleNamespace(value=state), error=error,
+            result=SimpleNamespace(step=step) if step is not None else None,
+        )  # fmt: skip
+
+    queued, ahead = job("b", "queued"), job("a", "running")
+    assert state_message(queued, [ahead, queued]) == "b: queued behind a on cpu"
+    assert state_message(queued, [queued]) == "" and state_message(ahead) == "a: running on cpu"
+    assert state_message(job("c", "failed", error="out of memory")) == "c failed: out of memory"
+    assert state_message(job("d", "stopped", step=7)) == "d: stopped at step 7; Resume continues it"
+    assert state_message(job("e", "finished", step=9)) == "e: finished at step 9"
 
     rows = [{"step": 5, "auc": 0.7, "val_loss": 0.3}]
     assert curve_metric("auc", rows) == "auc" and curve_metric(None, rows) == "val_loss"

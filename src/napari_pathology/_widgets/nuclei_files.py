@@ -12,7 +12,7 @@ from typing import Any
 
 from qtpy.QtWidgets import QFileDialog, QGroupBox, QHBoxLayout, QLabel, QPushButton, QVBoxLayout
 
-from napari_pathology._widgets._common import run_in_thread
+from napari_pathology._widgets._workers import run_in_thread
 from napari_pathology._widgets.nuclei_labelling import LAYER_TOKEN
 from napari_pathology._widgets.nuclei_layers import add_nuclei_layer, points_from_layer, replace_points
 from napari_pathology.nuclei.points import (

@@ -286,9 +286,9 @@ class NucleiPanel(NucleiLayerControls, DetectControls, AnnotationFiles, QWidget)
         """Train a purity classifier from the labelled nuclei in the background; returns the job."""
         from napari.utils.notifications import show_error
 
-        from napari_pathology._widgets.train_panel import default_models_dir
         from napari_pathology.training import TrainingError
         from napari_pathology.training.common import model_name_for
+        from napari_pathology.training.panel_jobs import default_models_dir
         from napari_pathology.training.queue import training_queue
 
         try:

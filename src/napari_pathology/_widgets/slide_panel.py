@@ -20,7 +20,8 @@ from qtpy.QtWidgets import (
 )
 
 from napari_pathology._layers import apply_mpp, follow_slide_scale, is_slide_metadata, slide_from_metadata
-from napari_pathology._widgets._common import SlideLayerCombo, run_in_thread
+from napari_pathology._widgets._common import SlideLayerCombo
+from napari_pathology._widgets._workers import run_in_thread
 from napari_pathology.slide.settings import remember_mpp
 
 if TYPE_CHECKING:

@@ -40,6 +40,7 @@ from napari_pathology._widgets._common import (
     shape_rings_px,
 )
 from napari_pathology._widgets.train_settings import SettingsForm
+from napari_pathology.training.panel_jobs import default_models_dir, trainable_families
 
 if TYPE_CHECKING:
     from napari_pathology.geometry import Polygon
@@ -57,44 +58,13 @@ __all__ = [
 SOURCE_VIEWER, SOURCE_TABLE = "viewer", "table"
 
 
-def default_models_dir() -> Path:
-    """Where trained checkpoints go unless the user picks a folder."""
-    from napari_pathology.demo import cache_dir
-
-    return cache_dir() / "models"
-
-
-def trainable_families() -> dict[str, Any]:
-    """Families the panel can train (from drawn regions or a slide table): name -> :class:`Family`."""
-    from napari_pathology.families import list_families
-
-    return {
-        f.name: f for f in list_families(trainable=True) if {"regions", "slide_table"} & set(f.data_sources)
-    }
-
-
 def shapes_to_polygons(shapes_layer: Any, slide_layer: Any) -> tuple[dict[str, list[Polygon]], list[str]]:
-    """Polygons of a Shapes layer in level-0 pixels ``(x, y)`` of a slide layer, by label.
+    """Polygons of a Shapes layer in a slide layer's level-0 pixels ``(x, y)``, by label, and problems.
 
-    Polygons, rectangles and ellipses count; lines and paths are skipped.
-    Each vertex goes from the shapes layer's data to world coordinates
-    (micrometres), then to the slide layer's level-0 data coordinates, then
-    half a pixel on: napari centres pixel ``i`` at ``i``, while GeoJSON (QuPath)
-    pixel ``i`` covers ``[i, i + 1)``.
-
-    Parameters
-    ----------
-    shapes_layer : napari.layers.Shapes
-        Shapes with an optional ``label`` feature (``tumour``/``normal``; tumour when absent).
-    slide_layer : napari.layers.Image
-        The slide they were drawn on.
-
-    Returns
-    -------
-    polygons : dict
-        ``{"tumour": [...], "normal": [...]}``, each polygon ``[ring]`` with ring ``(n, 2)`` in px.
-    problems : list of str
-        Shapes skipped and why.
+    Areas only (see :func:`~napari_pathology._widgets._common.shape_rings_px`); the
+    ``label`` feature says tumour or normal (tumour when absent). Returns
+    ``({"tumour": [...], "normal": [...]}, problems)``, each polygon ``[ring]``
+    with ring ``(n, 2)`` in px, and the shapes skipped and why.
     """
     from napari_pathology.training.regions import group_regions
 

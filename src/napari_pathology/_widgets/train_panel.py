@@ -347,21 +347,13 @@ class TrainPanel(TrainFormMixin, TrainMonitorMixin, QWidget):
     def _on_job_state(self, job: TrainingJob) -> None:
         from napari.utils.notifications import show_error
 
+        from napari_pathology.training.panel_jobs import state_message
+
         shown = job is self.current_job
         state = job.state.value
-        if job.state.value == "queued":
-            busy = [j.name for j in self.queue.active() if j.device == job.device and j is not job]
-            message = f"{job.name}: queued behind {', '.join(busy)} on {job.device}" if busy else ""
-        elif job.state.value == "running":
-            message = f"{job.name}: running on {job.device}"
-        elif job.state.value == "failed":
-            message = f"{job.name} failed: {job.error}"
+        message = state_message(job, [j for j in self.queue.active() if j.device == job.device])
+        if state == "failed":
             show_error(message)
-        else:
-            step = getattr(job.result, "step", None)
-            at = f" at step {step}" if step is not None else ""
-            hint = "; Resume continues it" if job.state.value == "stopped" and step else ""
-            message = f"{job.name}: {state}{at}{hint}"
         if message:
             self._append_log(message)
             if shown:

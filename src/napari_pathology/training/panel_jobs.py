@@ -31,6 +31,7 @@ __all__ = [
     "checkpoint_entry",
     "checkpoint_text",
     "curve_metric",
+    "default_models_dir",
     "form_fields",
     "format_eta",
     "paper_default",
@@ -39,6 +40,8 @@ __all__ = [
     "setting_label",
     "setting_range",
     "setting_text",
+    "state_message",
+    "trainable_families",
     "unique_name",
 ]
 
@@ -55,6 +58,22 @@ PANEL_SETTINGS = frozenset({"start", "device", "threads", "resume", "overwrite"}
 _LABELS = {"lr": "Learning rate", "amp": "Mixed precision (CUDA)", "val_fraction": "Validation"}
 #: Name endings that are units, shown in brackets.
 _UNITS = {"_um": "um", "_mm2": "mm\N{SUPERSCRIPT TWO}", "_mpp": "um/px"}
+
+
+def default_models_dir() -> Path:
+    """Where trained checkpoints go unless the user picks a folder."""
+    from napari_pathology.demo import cache_dir
+
+    return cache_dir() / "models"
+
+
+def trainable_families() -> dict[str, Any]:
+    """Families the Train panel can train (from drawn regions or a slide table): name -> :class:`Family`."""
+    from napari_pathology.families import list_families
+
+    return {
+        f.name: f for f in list_families(trainable=True) if {"regions", "slide_table"} & set(f.data_sources)
+    }
 
 
 def paper_default(family: Any, name: str) -> str:
@@ -105,6 +124,25 @@ class JobRecord:
             if event.total_steps:
                 return event.total_steps
         return None
+
+
+def state_message(job: TrainingJob, on_device: Sequence[TrainingJob] = ()) -> str:
+    """The log line for a job's new state ("" for a queued job with nothing ahead of it).
+
+    ``on_device`` are the active jobs on its device (a queued job names those ahead of it).
+    """
+    state = job.state.value
+    if state == "queued":
+        busy = [j.name for j in on_device if j is not job]
+        return f"{job.name}: queued behind {', '.join(busy)} on {job.device}" if busy else ""
+    if state == "running":
+        return f"{job.name}: running on {job.device}"
+    if state == "failed":
+        return f"{job.name} failed: {job.error}"
+    step = getattr(job.result, "step", None)
+    at = f" at step {step}" if step is not None else ""
+    hint = "; Resume continues it" if state == "stopped" and step else ""
+    return f"{job.name}: {state}{at}{hint}"
 
 
 def run_job(family: Any, settings: Any, stop: threading.Event) -> Generator[Any, None, Any]:
