@@ -240,3 +240,18 @@ def test_fine_tuning_starts_from_a_clam_checkpoint(tmp_path):
         TrainingError, match=r"has 2 classes on 18-d features; the table has 2 classes and the"
     ):
         _run(_fast(table, tmp_path / "bad2.pt", start=str(tmp_path / "wide.pt")))
+
+
+def test_a_registered_untrained_name_starts_afresh_and_sampling_is_class_balanced(tmp_path):
+    from napari_pathology.families.clam.train import _batches
+
+    table = _cohort(tmp_path, 8)
+    result, events = _run(_fast(table, tmp_path / "m.pt", epochs=1, start="clam-sb", size="big"))
+    assert any("random initialisation" in e.message for e in events)
+    assert load_checkpoint(result.best).net.attention_dim == 384  # the settings' network, not the name's
+    items = [(Path(f"{k}.h5"), int(k == 0)) for k in range(4)]  # one slide of class 1, three of class 0
+    draws = _batches(items, lambda p: np.zeros((2, DIM), np.float32), True, 0, 2)
+    labels = [int(next(draws)[1]) for _ in range(4000)]
+    assert abs(np.mean(labels) - 0.5) < 0.03
+    plain = _batches(items, lambda p: np.zeros((2, DIM), np.float32), False, 0, 2)
+    assert sorted(int(next(plain)[1]) for _ in range(4)) == [0, 0, 0, 1]  # one epoch: each slide once

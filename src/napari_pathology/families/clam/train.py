@@ -36,7 +36,7 @@ from napari_pathology.families.clam.bags import BagCache, bag_path, read_bag
 from napari_pathology.families.clam.interop import import_clam_checkpoint
 from napari_pathology.families.clam.losses import INSTANCE_LOSSES, clam_loss
 from napari_pathology.families.clam.model import FAMILY, MODEL_TYPES, SIZES, ClamNet, clam_spec
-from napari_pathology.models.registry import ModelError, PathologyModel, resolve_model
+from napari_pathology.models.registry import ModelError, PathologyModel
 from napari_pathology.training.common import (
     check_count,
     check_flag,
@@ -44,6 +44,7 @@ from napari_pathology.training.common import (
     model_name_for,
     provenance_entries,
     split_by_slide,
+    starting_model,
 )
 from napari_pathology.training.events import TrainEvent, TrainingError, TrainResult
 from napari_pathology.training.loop import (
@@ -108,8 +109,9 @@ class ClamTraining:
         Class names in logit order (e.g. ``normal,A,B``); default: the labels
         of the table, ``normal`` first. Needed for labels other than tumour/normal.
     start : str, optional
-        A model to fine-tune: a checkpoint of this family or a CLAM
-        checkpoint (``s_0_checkpoint.pt``); default a fresh network.
+        A trained model to fine-tune: a checkpoint of this family or a CLAM
+        checkpoint (``s_0_checkpoint.pt``); a registered name without weights
+        (``clam-sb``) or none: a fresh network as these settings say.
     seed : int
         Split, sampling and initialisation seed.
     device : str
@@ -242,19 +244,22 @@ def _build_model(
         embed_dim=embed_dim, dropout=job.dropout, k_sample=job.k_sample, subtyping=job.subtyping,
         instance_loss=job.inst_loss,
     )  # fmt: skip
+    fresh = PathologyModel(ClamNet(len(classes), **spec.config), spec), "random initialisation"
     if job.start is None:
-        return PathologyModel(ClamNet(len(classes), **spec.config), spec), "random initialisation"
+        return fresh
     try:
-        start = resolve_model(job.start)
-    except ModelError as error:
+        start, trained = starting_model(job.start)
+    except TrainingError as error:
         if "bare state_dict" not in str(error):
-            raise TrainingError(str(error)) from error
+            raise
         try:
-            start = import_clam_checkpoint(job.start, classes)
+            start, trained = import_clam_checkpoint(job.start, classes), True
         except ModelError as clam_error:
             raise TrainingError(str(clam_error)) from clam_error
     if start.spec.family != FAMILY or not isinstance(start.net, ClamNet):
         raise TrainingError(f"{job.start!r} is a {start.spec.family!r} model, not a CLAM model")
+    if not trained:  # a registered architecture without weights: the settings say which network
+        return fresh
     net = start.net
     if net.n_classes != len(classes) or net.embed_dim != embed_dim:
         raise TrainingError(
