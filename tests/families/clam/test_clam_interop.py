@@ -71,6 +71,11 @@ LAYOUTS = {
         dict(model_type="mb", gate=True, size="small", n=3),
     ),
     "sb-3-classes": (dict(n_classes=3), None, dict(model_type="sb", gate=True, size="small", n=3)),
+    "torch-before-1.6-file": (
+        dict(svm_loss=True),
+        "old-file",
+        dict(model_type="sb", gate=True, size="small", n=2),
+    ),
 }
 
 
@@ -93,7 +98,7 @@ def test_every_clam_key_layout_is_inferred_and_matches_the_reference(tmp_path, l
     if options.get("legacy_fc"):
         assert any(k.startswith("attention_net.2.") for k in state)
     path = tmp_path / "s_0_checkpoint.pt"
-    torch.save(state, path)
+    torch.save(state, path, _use_new_zipfile_serialization=wrapped != "old-file")  # CLAM's torch < 1.6
     model = import_clam_checkpoint(path)
     net = model.net
     assert (net.model_type, net.gate, net.n_classes, net.embed_dim) == (
