@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from magicgui.widgets import Container, LineEdit, create_widget
+from magicgui.widgets import LineEdit, create_widget
+from qtpy.QtWidgets import QFormLayout, QLabel, QWidget
 
 from napari_pathology.training.panel_jobs import (
     form_fields,
@@ -35,7 +36,7 @@ def _decimals(value: float) -> int:
 
 
 class SettingsForm:
-    """The training settings of one family as a magicgui :class:`~magicgui.widgets.Container`.
+    """The training settings of one family: one magicgui widget per field, in a Qt form (aligned labels).
 
     Parameters
     ----------
@@ -47,13 +48,17 @@ class SettingsForm:
         self.family = family
         self.fields = {field.name: field for field in form_fields(family)}
         self._widgets = {name: self._make(field) for name, field in self.fields.items()}
-        self.container = Container(widgets=list(self._widgets.values()), labels=True)
-        self.container.margins = (0, 0, 0, 0)
-
-    @property
-    def native(self) -> Any:
-        """The Qt widget to put in a layout."""
-        return self.container.native
+        self.native = QWidget()  # the Qt widget to put in a layout
+        form = QFormLayout(self.native)
+        form.setContentsMargins(0, 0, 0, 0)
+        form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
+        for name, widget in self._widgets.items():
+            if self.fields[name].kind == "bool":  # the check box says its label itself
+                form.addRow("", widget.native)
+                continue
+            label = QLabel(widget.label)
+            label.setToolTip(widget.tooltip or "")
+            form.addRow(label, widget.native)
 
     def _make(self, field: Any) -> Any:
         label = setting_label(self.family, field)
@@ -74,7 +79,8 @@ class SettingsForm:
             return widget
         widget = LineEdit(value=setting_text(field.default), name=field.name, label=label, **options)
         if field.default is None:
-            widget.native.setPlaceholderText(f"default: {paper_default(self.family, field.name)}")
+            default = paper_default(self.family, field.name).replace("``", "")
+            widget.native.setPlaceholderText(f"default: {default}")
         return widget
 
     def widget(self, name: str) -> Any:
@@ -105,5 +111,5 @@ class SettingsForm:
 
     def close(self) -> None:
         """Drop the rows (the family changed)."""
-        self.container.native.setParent(None)
-        self.container.native.deleteLater()
+        self.native.setParent(None)
+        self.native.deleteLater()
