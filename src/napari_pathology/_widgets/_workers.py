@@ -78,6 +78,15 @@ def show_progress(progress: QProgressBar | None, status: Any, event: Any) -> Non
         _say(status, str(message))
 
 
+def _deleted(widget: QWidget) -> bool:
+    """Whether Qt has deleted the widget behind this Python object (its viewer was closed)."""
+    try:
+        widget.objectName()
+    except RuntimeError:
+        return True
+    return False
+
+
 class PanelWorker:
     """A running job and its wiring (made by :func:`start_worker`).
 
@@ -174,6 +183,12 @@ def start_worker(
     """
     from napari.qt.threading import create_worker
 
+    busy = list(busy)
+    anchors = [w for w in (progress, status, cancel_button, *busy) if isinstance(w, QWidget)]
+
+    def alive() -> bool:  # signals queued before a viewer closed still arrive after its panels are deleted
+        return not any(_deleted(widget) for widget in anchors)
+
     if inspect.isgeneratorfunction(job):
         job = job(*args)
         args = ()
@@ -188,7 +203,7 @@ def start_worker(
         # Closing the viewer aborts the worker between two yields, leaving the job suspended:
         # close it so that it can save what it has.
         worker.aborted.connect(job.close)
-        worker.yielded.connect(lambda item: show_progress(progress, status, item))
+        worker.yielded.connect(lambda item: alive() and show_progress(progress, status, item))
         if on_progress is not None:
             worker.yielded.connect(on_progress)
     else:
@@ -201,6 +216,8 @@ def start_worker(
     widgets = list(busy)
 
     def finished() -> None:
+        if not alive():  # the panel went with the viewer: nothing left to update
+            return
         for widget in widgets:
             widget.setEnabled(True)
         if cancel_button is not None:

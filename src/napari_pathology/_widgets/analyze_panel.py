@@ -223,7 +223,7 @@ class AnalyzePanel(QWidget):
         self.running = start_worker(
             job, progress=self.progress, status=self.status, busy=(self.run_button,),
             cancel_button=self.cancel_button, cancel_event=self._cancel,
-            on_progress=lambda event: self._on_progress(event), on_done=self._on_result,
+            on_progress=self._on_progress, on_done=self._on_result,
             on_error=self._on_error,
         )  # fmt: skip
         self.worker = self.running.worker
