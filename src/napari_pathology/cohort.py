@@ -44,6 +44,13 @@ import numpy as np
 from napari_pathology.fileio import atomic_write, read_json_file, read_text_file
 from napari_pathology.geometry import MAX_COORDINATE, Polygon, geojson_to_polygons
 from napari_pathology.progress import Progress
+from napari_pathology.vocabulary import (
+    NORMAL,
+    SLIDE_NORMAL_SPELLINGS,
+    SLIDE_TUMOUR_SPELLINGS,
+    TUMOUR,
+    slide_label,
+)
 
 __all__ = [
     "NORMAL_LABELS",
@@ -57,10 +64,10 @@ __all__ = [
     "write_synthetic_cohort",
 ]
 
-#: Spellings of the tumour class (lower case); the one home of this vocabulary.
-TUMOUR_LABELS = ("tumour", "tumor", "positive", "1", "true", "cancer", "metastasis")
+#: Spellings of the tumour class (lower case); from :mod:`napari_pathology.vocabulary`.
+TUMOUR_LABELS = SLIDE_TUMOUR_SPELLINGS
 #: Spellings of the normal class (lower case).
-NORMAL_LABELS = ("normal", "negative", "0", "false", "benign")
+NORMAL_LABELS = SLIDE_NORMAL_SPELLINGS
 
 
 class CohortError(ValueError):
@@ -70,19 +77,14 @@ class CohortError(ValueError):
 def canonical_label(label: str | None) -> str | None:
     """``"tumour"`` or ``"normal"`` for any accepted spelling of them, None for anything else.
 
+    The vocabulary's :func:`~napari_pathology.vocabulary.slide_label`.
+
     Examples
     --------
     >>> canonical_label(" Tumor "), canonical_label("negative"), canonical_label("LUAD")
     ('tumour', 'normal', None)
     """
-    if label is None:
-        return None
-    value = str(label).strip().lower()
-    if value in TUMOUR_LABELS:
-        return "tumour"
-    if value in NORMAL_LABELS:
-        return "normal"
-    return None
+    return slide_label(label)
 
 
 def _checked_label(label: str | None, classes: Sequence[str] | None, where: str) -> str | None:
@@ -90,12 +92,12 @@ def _checked_label(label: str | None, classes: Sequence[str] | None, where: str)
     if label is None or not str(label).strip():
         return None
     text = str(label).strip()
-    known = ("tumour", "normal") if classes is None else tuple(str(c).strip() for c in classes)
+    known = (TUMOUR, NORMAL) if classes is None else tuple(str(c).strip() for c in classes)
     by_key = {canonical_label(c) or c.lower(): c for c in known}
     key = canonical_label(text) or text.lower()
     if key in by_key:
         return by_key[key]
-    spellings = {**{s: "tumour" for s in TUMOUR_LABELS}, **{s: "normal" for s in NORMAL_LABELS}}
+    spellings = {**{s: TUMOUR for s in TUMOUR_LABELS}, **{s: NORMAL for s in NORMAL_LABELS}}
     if classes is not None:
         synonyms = {k: by_key[v] for k, v in spellings.items() if v in by_key}
         spellings = synonyms | {c.lower(): c for c in known}

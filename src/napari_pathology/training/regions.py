@@ -1,4 +1,4 @@
-"""Training data from drawn regions: label vocabulary, checks and the files a job reads (no Qt).
+"""Training data from drawn regions: their labels, checks and the files a job reads (no Qt).
 
 The Train panel hands over rings already in level-0 pixels ``(x, y)`` of a
 slide (see :func:`napari_pathology._widgets.train_panel.shapes_to_polygons`);
@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from napari_pathology.training.events import TrainingError
+from napari_pathology.vocabulary import NORMAL, QUPATH_CLASSES, REGION_COLOURS, TUMOUR, slide_label
 
 __all__ = [
     "REGION_LABELS",
@@ -27,23 +28,16 @@ __all__ = [
     "write_region_data",
 ]
 
-REGION_LABELS = ("tumour", "normal")
-#: GeoJSON classification and colour of each region label.
-_CLASSIFICATIONS = {"tumour": ("Tumor", (200, 0, 0)), "normal": ("Normal", (0, 160, 60))}
+#: The labels of drawn regions (slide-level spellings of them are accepted, see :func:`region_label`).
+REGION_LABELS = (TUMOUR, NORMAL)
 
 
 def region_label(value: Any) -> str | None:
     """``tumour`` / ``normal`` for a shape's label (tumour when empty), None when unknown."""
-    from napari_pathology.cohort import NORMAL_LABELS, TUMOUR_LABELS
-
     text = "" if value is None else str(value).strip().lower()
     if text in ("", "nan", "none"):
-        return "tumour"
-    if text in TUMOUR_LABELS:
-        return "tumour"
-    if text in NORMAL_LABELS:
-        return "normal"
-    return None
+        return TUMOUR
+    return slide_label(text)
 
 
 def group_regions(
@@ -101,13 +95,13 @@ def write_region_data(
     ensure_writable_dir(folder)
     files = {}
     for label in REGION_LABELS:
-        classification, color = _CLASSIFICATIONS[label]
+        classification, color = QUPATH_CLASSES[label], REGION_COLOURS[label]
         if regions[label]:
             path = folder / f"{name}.{label}.geojson"
             atomic_write(path, json.dumps(polygons_to_geojson(regions[label], classification, color)))
             files[label] = path
     user_mpp = float(meta["mpp_x"]) if meta.get("mpp_source") == "user" else None
     entry = SlideEntry(
-        Path(meta["path"]), "tumour", files["tumour"], user_mpp, normal_annotations=files.get("normal")
+        Path(meta["path"]), TUMOUR, files[TUMOUR], user_mpp, normal_annotations=files.get(NORMAL)
     )
     return write_slide_table([entry], folder / f"{name}.slides.csv")

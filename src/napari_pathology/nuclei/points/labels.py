@@ -1,4 +1,8 @@
-"""Nucleus label and source vocabularies, and tolerant parsing of their names (numpy only)."""
+"""Nucleus label codes and sources, and tolerant parsing of their names (numpy only).
+
+The names and their spellings are :mod:`napari_pathology.vocabulary`'s; this
+module gives them their integer codes.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,11 @@ from typing import Any
 
 import numpy as np
 
+from napari_pathology import vocabulary as words
+from napari_pathology.vocabulary import QUPATH_CLASSES as QUPATH_CLASSES  # re-exported
+
 #: Nucleus labels; the index is the integer code stored in :attr:`NucleusPoints.label`.
-LABELS = ("unlabeled", "tumour", "normal", "other")
+LABELS = (words.UNLABELED, words.TUMOUR, words.NORMAL, words.OTHER)
 #: Where a nucleus came from; the index is the code stored in :attr:`NucleusPoints.source`.
 SOURCES = ("detected", "manual", "imported")
 #: Display colour of each label (RGB 0-255): tumour red and normal sky blue stay apart for
@@ -19,24 +26,13 @@ LABEL_COLOURS: dict[str, tuple[int, int, int]] = {
     "normal": (86, 180, 233),
     "other": (240, 228, 66),
 }
-#: QuPath classification name of each label (``unlabeled`` is written unclassified).
-QUPATH_CLASSES: dict[str, str] = {"tumour": "Tumor", "normal": "Normal", "other": "Other"}
-
 UNLABELED, TUMOUR, NORMAL, OTHER = range(4)
 
+#: Every accepted spelling (from :mod:`napari_pathology.vocabulary`) -> its code.
 _SYNONYMS: dict[str, int] = {
-    name: code
-    for code, names in (
-        (UNLABELED, "unlabeled|unlabelled|none|unknown|unclassified|u|"),
-        (TUMOUR, "tumour|tumor|t|cancer|malignant|neoplastic|tumour cell|tumor cell"),
-        (
-            NORMAL,
-            "normal|n|benign|non-tumour|non-tumor|nontumour|nontumor|stroma|stromal|immune|immune cells|"
-            "lymphocyte|lymphocytes|fibroblast|epithelial|histiocyte|macrophage",
-        ),
-        (OTHER, "other|o|necrosis|ignore|ignore*|exclude|artefact|artifact"),
-    )
-    for name in names.split("|")
+    spelling: LABELS.index(label)
+    for label, spellings in words.NUCLEUS_SPELLINGS.items()
+    for spelling in spellings
 }
 
 
