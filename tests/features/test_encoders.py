@@ -102,6 +102,7 @@ def test_a_wrong_weights_file_is_one_clear_error(torch_home, tmp_path) -> None:
         get_encoder("resnet50-trunc", weights=tmp_path / "missing.pth")
 
 
+@pytest.mark.slow  # builds three networks
 def test_any_torchvision_backbone_by_name(torch_home) -> None:
     torch.manual_seed(1)
     net = _models().resnet18(weights=None)

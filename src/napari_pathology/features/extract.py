@@ -243,6 +243,7 @@ def extract_features(
     if opened is not None:
         group, done = opened
         chunk_rows = int(group.attrs["chunk_rows"])
+        stored, flags = group["features"], group["done"]
         rows = None
     else:
         rows = np.zeros((n, encoder.dim), np.float32)
@@ -260,7 +261,7 @@ def extract_features(
             indices, features = indices[order], features[order]
             if group is not None:
                 for start, stop_row, offset in _runs(indices):
-                    group["features"][start:stop_row] = features[offset : offset + stop_row - start]
+                    stored[start:stop_row] = features[offset : offset + stop_row - start]
             else:
                 rows[indices] = features
             chunks, counts = np.unique(chunk_of[indices], return_counts=True)
@@ -268,7 +269,7 @@ def extract_features(
             for chunk in chunks[left[chunks] == 0]:
                 done[chunk] = True
                 if group is not None:
-                    group["done"][int(chunk)] = True  # only once every row of the chunk is on disk
+                    flags[int(chunk)] = True  # only once every row of the chunk is on disk
             finished += len(indices)
             yield Progress(finished, n, f"{slide.name}: features of {finished}/{n} tiles")
             if stop is not None and stop.is_set() and finished < n:
@@ -280,5 +281,5 @@ def extract_features(
         raise InterruptedError(f"{slide.name}: stopped after {finished}/{n} tiles")
     if group is not None:
         group.attrs["complete"] = True
-        rows = np.asarray(group["features"][:], np.float32)
+        rows = np.asarray(stored[:], np.float32)
     return SlideFeatures(rows, np.asarray(grid.cells), coords, grid, path, provenance)
