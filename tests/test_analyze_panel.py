@@ -240,9 +240,24 @@ def test_a_result_with_an_attention_heatmap_and_points_shows_without_a_runner(pa
         scores={"normal": 0.13, "tumour": 0.87}, partial=False, tiles_done=143, tiles_total=143,
         heatmap_kind="attention", points=NucleusPoints(x_um=xy[:, 0], y_um=xy[:, 1], probability=probability),
     )  # fmt: skip
-    panel.show_result(result)
+    # while it runs: blocks of attention scores turn the growing layer into an attention layer
+    from types import SimpleNamespace
 
+    from napari_pathology._widgets.analyze_layers import ResultLayers
+    from napari_pathology.progress import Progress
+
+    panel._layers = ResultLayers(viewer, slide_layer, "toy-clam", tuple(slide_layer.scale))
+    panel._layers.show_grid(SimpleNamespace(cell_um=128.0, first_centre_um=(64.0, 64.0), shape=(12, 12)))
+    assert viewer.layers[f"{slide_layer.name} toy-clam heatmap"] is panel._heatmap_layer
+    block = HeatmapBlock(np.array([[1, 1], [2, 3]]), np.array([-3.0, 5.0], np.float32), kind="attention")
+    panel._on_progress(Progress(2, 143, "2/143 tiles", block))
+    growing = viewer.layers[f"{slide_layer.name} toy-clam attention"]
+    assert growing is panel._heatmap_layer and growing.colormap.name == "turbo"
+    assert tuple(growing.contrast_limits) == (-3.0, 5.0) and growing.data[2, 3] == 5.0
+
+    panel.show_result(result)
     layer = viewer.layers[f"{slide_layer.name} toy-clam attention"]
+    assert layer is growing  # filled in place
     assert layer.colormap.name == "turbo" and layer.scale[0] == pytest.approx(128.0)
     assert tuple(layer.contrast_limits) == pytest.approx((np.nanmin(attention), np.nanmax(attention)))
     assert layer.metadata["heatmap_kind"] == "attention"

@@ -119,6 +119,7 @@ class ResultLayers:
         self.model_name = model_name
         self.run_scale = run_scale
         self.heatmap_layer: Any = None
+        self.heatmap_kind = "probability"
         self.detections_layer: Any = None
         self.points: InViewPoints | None = None
 
@@ -165,14 +166,35 @@ class ResultLayers:
             self.heatmap_layer = old
         else:
             self.heatmap_layer = self._add_image(title, data, kind, geometry)
+        self.heatmap_kind = kind
         follow_slide_scale([self.heatmap_layer], self.slide_layer)
         return self.heatmap_layer
 
     def paint(self, block: HeatmapBlock) -> None:
-        """Write finished cells into the growing heatmap (the caller refreshes it)."""
+        """Write finished cells into the growing heatmap (shown by :meth:`refresh`)."""
         if self.heatmap_layer is not None:
             rows, cols = block.cells[:, 0], block.cells[:, 1]
             self.heatmap_layer.data[rows, cols] = block.values
+            if block.kind != self.heatmap_kind:
+                self._restyle(self.heatmap_layer, block.kind)
+
+    def refresh(self) -> None:
+        """Redraw the growing heatmap (its contrast follows the data for kinds not bounded to 0-1)."""
+        layer = self.heatmap_layer
+        if layer is not None:
+            if not HEATMAP_KINDS[self.heatmap_kind].bounded:
+                layer.contrast_limits = heatmap_limits(self.heatmap_kind, layer.data)
+            layer.refresh()
+
+    def _restyle(self, layer: Any, kind: str) -> None:
+        """Name and colour a heatmap layer for ``kind`` (its data already there)."""
+        title = HEATMAP_KINDS[kind].title
+        if layer.name != self.name(title):
+            self._remove(self.name(title), keep=layer)
+            layer.name = self.name(title)
+        layer.colormap = heatmap_colormap(kind)
+        layer.contrast_limits = heatmap_limits(kind, layer.data)
+        self.heatmap_kind = kind
 
     def show(self, result: AnalysisResult) -> None:
         """Show everything ``result`` holds: its heatmap, detections and points."""
@@ -182,19 +204,14 @@ class ResultLayers:
 
     def _show_heatmap(self, result: AnalysisResult) -> None:
         kind = result.heatmap_kind
-        title = result.kind.title
         layer = self.heatmap_layer
         if layer is not None and layer in self.viewer.layers and layer.data.shape == result.heatmap.shape:
             layer.data = result.heatmap  # in place: removing a layer costs napari a full gc pass (~0.4 s)
-            if layer.name != self.name(title):
-                self._remove(self.name(title), keep=layer)
-                layer.name = self.name(title)
-            layer.colormap = heatmap_colormap(kind)
-            layer.contrast_limits = heatmap_limits(kind, result.heatmap)
+            self._restyle(layer, kind)
         else:
             geometry = overlay_geometry(result.cell_um, result.first_centre_um, self.run_mpp)
-            layer = self._add_image(title, result.heatmap, kind, geometry)
-        self.heatmap_layer = layer
+            layer = self._add_image(result.kind.title, result.heatmap, kind, geometry)
+        self.heatmap_layer, self.heatmap_kind = layer, kind
         placed = layer.metadata.get(PLACED_SCALE_KEY)  # kept: the layer may have moved since
         metadata = self.link({
             "napari_pathology_result": str(result.out_dir), "spec": result.spec, "heatmap_kind": kind,

@@ -270,7 +270,7 @@ class AnalyzePanel(QWidget):
             self._layers.paint(event.payload)
             now = time.perf_counter()
             if now - self._last_paint > REPAINT_INTERVAL:
-                self._heatmap_layer.refresh()
+                self._layers.refresh()
                 self._last_paint = now
 
     @property

@@ -77,10 +77,16 @@ class ModelOutputError(ValueError):
 
 @dataclass(frozen=True)
 class HeatmapBlock:
-    """Cells finished in one batch: ``cells`` (B, 2) row/col and their ``values`` (B,)."""
+    """Cells finished in one batch: ``cells`` (B, 2) row/col, their ``values`` (B,) and what they are.
+
+    ``kind`` names a :data:`~napari_pathology.analysis.result.HEATMAP_KINDS` entry (a runner of
+    attention scores yields blocks of kind ``attention``), so a viewer paints them as the result
+    will show them.
+    """
 
     cells: np.ndarray
     values: np.ndarray
+    kind: str = "probability"
 
 
 def aggregate(
