@@ -7,6 +7,14 @@ nucleus table were computed on the generator as it was before tumour type B
 existed; type A (the default) must reproduce them bit for bit. The truth JSON
 has since gained only the tumour type (top level, per lesion, in the options)
 and a ``tumour_b`` nucleus count; without those it is byte-identical.
+
+The hashes hold on the platform they were made on. numpy's vectorised
+transcendental functions may round the last bit differently on another CPU,
+so where a hash differs the output is compared with the references saved in
+``pinned/`` instead: 16 x 16 block means of the pixels within 0.5 grey level,
+the truth's numbers within 1e-6 relative, and the nucleus table row by row
+(labels and kinds exact, coordinates within the table's 0.01 um rounding).
+A change to the generator fails both.
 """
 
 from __future__ import annotations
@@ -56,8 +64,11 @@ PINNED["micro, type A"] = (
 )
 
 
-def level0_sha256(size: int | tuple[int, int], seed: int, options: dict) -> str:
-    """SHA-256 of the level-0 pixels exactly as the writer renders them (blocks, before JPEG)."""
+PINNED_DIR = Path(__file__).parent / "pinned"
+
+
+def level0_pixels(size: int | tuple[int, int], seed: int, options: dict) -> np.ndarray:
+    """The level-0 pixels exactly as the writer renders them (blocks, before JPEG)."""
     width, height = (size, size) if isinstance(size, int) else size
     kwargs = {"negative": False, "tumour_size": "macro", "pen_mark": False, "blurred_patch": False}
     kwargs.update(options)
@@ -73,7 +84,46 @@ def level0_sha256(size: int | tuple[int, int], seed: int, options: dict) -> str:
         rows.append(np.concatenate(strip, axis=1))
     rgb = np.ascontiguousarray(np.concatenate(rows, axis=0))
     assert rgb.shape == (height, width, 3) and rgb.dtype == np.uint8
-    return hashlib.sha256(rgb.tobytes()).hexdigest()
+    return rgb
+
+
+def block_means(rgb: np.ndarray, side: int = 16) -> np.ndarray:
+    """Mean colour of each ``side`` x ``side`` block (float32)."""
+    height, width, _ = rgb.shape
+    blocks = rgb.reshape(height // side, side, width // side, side, 3)
+    return blocks.mean(axis=(1, 3), dtype=np.float64).astype(np.float32)
+
+
+def _close_json(a: object, b: object, where: str = "truth") -> None:
+    """Assert two decoded JSON values are equal, numbers within 1e-6 relative."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for key in a:
+            _close_json(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _close_json(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) or isinstance(b, float):
+        assert b == pytest.approx(a, rel=1e-6, abs=1e-9), where
+    else:
+        assert a == b, where
+
+
+def _close_tables(made: Path, reference: Path) -> None:
+    """Assert two nucleus CSVs hold the same rows: text columns exact, numbers within 0.011."""
+    import csv
+
+    with open(made, newline="") as f1, open(reference, newline="") as f2:
+        rows, expected = list(csv.DictReader(f1)), list(csv.DictReader(f2))
+    assert len(rows) == len(expected)
+    for row, ref in zip(rows, expected, strict=True):
+        assert row.keys() == ref.keys()
+        for key, value in ref.items():
+            try:
+                assert abs(float(row[key]) - float(value)) <= 0.011, (key, row, ref)
+            except ValueError:
+                assert row[key] == value, (key, row, ref)
 
 
 def file_sha256(path: Path) -> str:
@@ -99,7 +149,33 @@ def truth_sha256_without_tumour_type(path: Path) -> str:
 )
 def test_existing_seeds_keep_their_pixels_and_truth(name: str, tmp_path: Path) -> None:
     size, seed, options, pixels, truth_json, nuclei_csv = PINNED[name]
-    assert level0_sha256(size, seed, options) == pixels
+    reference = name.split(",")[0]
+    rgb = level0_pixels(size, seed, options)
+    if hashlib.sha256(rgb.tobytes()).hexdigest() != pixels:  # another platform's last bits
+        expected = np.load(PINNED_DIR / f"{reference}.thumb.npy")
+        assert np.abs(block_means(rgb) - expected).max() < 0.5
     truth = write_synthetic_slide(tmp_path / "pinned.tif", size, seed, **options)
-    assert truth_sha256_without_tumour_type(truth.truth_json) == truth_json
-    assert file_sha256(truth.nuclei_csv) == nuclei_csv
+    if truth_sha256_without_tumour_type(truth.truth_json) != truth_json:
+        made = json.loads(truth.truth_json.read_text())
+        old = json.loads((PINNED_DIR / f"{reference}.truth.json").read_text())
+        _close_json(old, made)
+    if file_sha256(truth.nuclei_csv) != nuclei_csv:
+        _close_tables(truth.nuclei_csv, PINNED_DIR / f"{reference}.nuclei.csv")
+
+
+def test_references_match_the_hashes() -> None:
+    """The saved references are the pinned outputs (so the fallback compares like with like)."""
+    for name in ("tumour", "normal", "micro"):
+        truth_json, nuclei_csv = PINNED[name][4:]
+        assert truth_sha256_without_tumour_type(PINNED_DIR / f"{name}.truth.json") == truth_json
+        assert file_sha256(PINNED_DIR / f"{name}.nuclei.csv") == nuclei_csv
+
+
+def test_the_tolerant_comparison_still_catches_a_change() -> None:
+    """The fallback for other platforms accepts the pinned pixels and refuses a one-level change."""
+    size, seed, options = PINNED["normal"][:3]
+    rgb = level0_pixels(size, seed, options)
+    expected = np.load(PINNED_DIR / "normal.thumb.npy")
+    assert np.abs(block_means(rgb) - expected).max() < 0.5
+    rgb[512:528, 512:528] += 1  # one block, one grey level (no pixel is 255 in tissue at this spot)
+    assert np.abs(block_means(rgb) - expected).max() >= 0.5
