@@ -2,9 +2,9 @@
 
 Thin wiring over :mod:`napari_pathology.families` and
 :mod:`napari_pathology.training`: the family list is every registered family
-that trains from drawn regions or a slide table; the panel turns its fields
-into that family's settings dataclass (defaults, labels and which fields
-show come from the dataclass's fields), checks
+that trains from drawn regions or a slide table; the hyper-parameter rows
+are generated with magicgui from that family's settings dataclass (fields,
+defaults, help) and read back into it, the panel checks
 what can be checked at once (annotations, classes, validation split, um/px)
 and hands the job to the shared :class:`~napari_pathology.training.queue.TrainingQueue`,
 whose threads run it (one job at a time per device). Events come back through
@@ -18,9 +18,10 @@ as GeoJSON beside the checkpoint with a one-row slide table, so the job is
 the same as one from the command line.
 
 Layout: this module wires the panel (Start, Stop, Resume, the job list,
-closing); :mod:`~napari_pathology._widgets.train_form` is the Set-up tab,
+closing); :mod:`~napari_pathology._widgets.train_form` is the Set-up tab (its generated
+rows: :mod:`~napari_pathology._widgets.train_settings`),
 :mod:`~napari_pathology._widgets.train_monitor` the Progress tab and
-:mod:`~napari_pathology._widgets.train_curves` its plots; the compute is in
+:mod:`~napari_pathology._widgets.train_curves` its pyqtgraph plots; the compute is in
 :mod:`napari_pathology.training.panel_jobs` and :mod:`napari_pathology.training.regions`.
 """
 

@@ -229,7 +229,7 @@ class Family:
             labels, table = Path(folder) / "nuclei.csv", Path(folder) / "slides.csv"
             write_csv(points, labels)
             with open(table, "w", newline="", encoding="utf-8") as fh:
-                row = (str(Path(slide_path).resolve()), str(labels), "" if mpp is None else repr(float(mpp)))
+                row = (str(Path(slide_path).absolute()), str(labels), "" if mpp is None else repr(float(mpp)))
                 csv.writer(fh).writerows([("slide", "nuclei", "mpp"), row])
             data = self.read_data(table)
         if not regions:
