@@ -66,6 +66,10 @@ def test_features_refusals_are_one_line(tmp_path, torch_home, capsys) -> None:
     assert not (tmp_path / "out").exists()
     assert main(["features", str(a), "--out", str(tmp_path / "out")]) == 2
     assert "features needs --encoder" in capsys.readouterr().err
+    assert main(["features", str(a), str(tmp_path / "gone.png"), "--out", str(tmp_path / "out"), *ARGS]) == 2
+    err = capsys.readouterr().err  # said before any encoder is built or any slide extracted
+    assert "gone.png" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out" / "s.h5").exists()
     (tmp_path / "bad.pth").write_bytes(b"garbage")
     args = ["features", str(a), "--out", str(tmp_path / "out"), *ARGS, "--weights", str(tmp_path / "bad.pth")]
     assert main(args) == 2

@@ -29,19 +29,19 @@ def _print_encoders() -> int:
     for entry in list_encoders():
         found = entry.default_weights()
         weights = f"trained weights: {found}" if found is not None else "no trained weights found: untrained"
-        dim = entry.dim if entry.dim is not None else "?"
+        dim = f"{entry.dim}-d" if entry.dim is not None else "width of its weights"
         geometry = (
             f"{entry.patch_size}px @ {entry.mpp:g} um/px"
             if entry.patch_size is not None and entry.mpp is not None
             else "patch and um/px of its weights"
         )
-        print(f"{entry.name}\t{dim}-d\t{geometry}\t{weights}\t{entry.description}")
+        print(f"{entry.name}\t{dim}\t{geometry}\t{weights}\t{entry.description}")
     for arch, path in cached_torchvision().items():
-        print(
-            f"torchvision:{arch}\t?\t224px @ 0.5 um/px\ttrained weights: {path}\ttorchvision {arch} backbone"
-        )
+        geometry = "width of the model\t224px @ 0.5 um/px"
+        print(f"torchvision:{arch}\t{geometry}\ttrained weights: {path}\ttorchvision {arch} backbone")
     print(
-        "torchvision:<model>\t?\t224px @ 0.5 um/px\tweights from torch's cache or --weights\t"
+        "torchvision:<model>\twidth of the model\t224px @ 0.5 um/px\t"
+        "weights from torch's cache or --weights\t"
         "any torchvision classification network without its classifier (e.g. torchvision:resnet18)"
     )
     return 0
@@ -60,14 +60,23 @@ def _outputs(slides: list[Path], out: Path) -> list[Path]:
     return [out / f"{slide.stem}.h5" for slide in slides]
 
 
-def _extract_one(args: argparse.Namespace, encoder: Any, slide_path: Path, target: Path) -> None:
-    from napari_pathology.cli.analysis import _load_tissue_for_run
-    from napari_pathology.features import extract_features, write_clam_h5
+def _open_slides(args: argparse.Namespace) -> list[Any]:
+    """Every slide opened and checked (um/px) before any work: a bad last slide is said at once."""
     from napari_pathology.slide import open_slide
 
-    slide = open_slide(slide_path, mpp=args.slide_mpp)
-    slide.validate()
-    slide.require_mpp()
+    slides = []
+    for path in args.slides:
+        slide = open_slide(path, mpp=args.slide_mpp)
+        slide.validate()
+        slide.require_mpp()
+        slides.append(slide)
+    return slides
+
+
+def _extract_one(args: argparse.Namespace, encoder: Any, slide: Any, target: Path) -> None:
+    from napari_pathology.cli.analysis import _load_tissue_for_run
+    from napari_pathology.features import extract_features, write_clam_h5
+
     tissue = _load_tissue_for_run(args, slide)
     job = extract_features(
         slide, encoder, tissue=tissue, min_tissue_fraction=args.min_tissue, patch_size=args.patch_size,
@@ -101,6 +110,7 @@ def _cmd_features(args: argparse.Namespace) -> int:
     targets = _outputs(args.slides, args.out)
     refuse_existing(targets, args.overwrite, "--out folder")
     ensure_writable_dir(args.out)
+    slides = _open_slides(args)
     logging.disable(logging.WARNING)  # the builder's warning is said once, below, in the command's words
     try:
         encoder = get_encoder(args.encoder, weights=args.weights, device=args.device)
@@ -111,12 +121,12 @@ def _cmd_features(args: argparse.Namespace) -> int:
             f"warning: {encoder.provenance.get('warning', encoder.name + ' is untrained')}", file=sys.stderr
         )
     with sigterm_as_interrupt() as received:
-        for slide_path, target in zip(args.slides, targets, strict=True):
+        for slide, target in zip(slides, targets, strict=True):
             try:
-                _extract_one(args, encoder, slide_path, target)
+                _extract_one(args, encoder, slide, target)
             except KeyboardInterrupt:
                 print(
-                    f"interrupted: the finished batches of {slide_path.name} are kept in "
+                    f"interrupted: the finished batches of {slide.name} are kept in "
                     f"{args.cache or args.out / 'cache'}; run the same command again to resume",
                     file=sys.stderr,
                 )
