@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from napari_pathology.slide import Slide, SlideReadError, open_slide
+from napari_pathology.world import world_from_um
 
 #: Key present in the metadata of every slide layer made by this plugin.
 SLIDE_MARKER = "napari_pathology_slide"
@@ -154,7 +155,8 @@ def overlay_geometry(
     napari draws data pixel ``i`` centred at ``translate + i * scale``; a slide
     layer has no translate, so its level-0 pixel ``i`` (covering physical
     ``[i, i + 1) * mpp``) is drawn centred at ``i * mpp``, half a pixel before
-    its physical centre. Grids are described physically and shifted the same way.
+    its physical centre. Grids are described physically and shifted the same way
+    (:func:`napari_pathology.world.world_from_um`, the one home of that shift).
 
     Parameters
     ----------
@@ -173,11 +175,8 @@ def overlay_geometry(
         ``{"scale": (sy, sx), "translate": (ty, tx)}`` for ``viewer.add_image`` / ``add_labels``.
     """
     sy, sx = (cell_um, cell_um) if isinstance(cell_um, int | float) else cell_um
-    half_y, half_x = (slide_mpp[1] / 2, slide_mpp[0] / 2) if slide_mpp else (0.5, 0.5)
-    return {
-        "scale": (float(sy), float(sx)),
-        "translate": (float(first_centre_um[0] - half_y), float(first_centre_um[1] - half_x)),
-    }
+    ((ty, tx),) = world_from_um((first_centre_um[1], first_centre_um[0]), slide_mpp or None)
+    return {"scale": (float(sy), float(sx)), "translate": (float(ty), float(tx))}
 
 
 # --------------------------------------------------------------------------- derived layers

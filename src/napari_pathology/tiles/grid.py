@@ -13,6 +13,7 @@ import numpy as np
 
 from napari_pathology.geometry import area_below, summed_area_table
 from napari_pathology.tiles.levels import MPP_TOLERANCE, level_for_mpp, reads_directly
+from napari_pathology.world import pixel_centre_um
 
 __all__ = ["MAX_GRID_CELLS", "MPP_TOLERANCE", "MaskLike", "TileGrid", "make_tile_grid", "tissue_fractions"]
 
@@ -107,8 +108,8 @@ class TileGrid:
 
     @property
     def first_centre_um(self) -> tuple[float, float]:
-        """Physical ``(y, x)`` centre of cell ``(0, 0)``, um."""
-        half = self.tile_um / 2.0
+        """Physical ``(y, x)`` centre of cell ``(0, 0)``, um: the centre of the first tile."""
+        half = pixel_centre_um(0, self.tile_um)
         return (half, half)
 
     # ------------------------------------------------------------------ reading
