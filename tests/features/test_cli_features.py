@@ -94,3 +94,28 @@ def test_bad_options_are_refused_before_any_work(tmp_path, capsys, option) -> No
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"argument {option[0]}" in err[0]
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow  # builds ResNet-50 twice
+def test_an_interrupted_command_resumes(tmp_path, torch_home, capsys, monkeypatch) -> None:
+    import zarr
+
+    from napari_pathology.cli import features as command
+
+    slide, out = _slide(tmp_path / "node.png"), tmp_path / "out"
+    original = command.run_with_progress
+
+    def one_batch_then_ctrl_c(job, description, quiet):
+        next(job)
+        job.close()  # what run_with_progress does when Ctrl-C lands in it
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(command, "run_with_progress", one_batch_then_ctrl_c)
+    assert main(["features", str(slide), "--out", str(out), *ARGS]) == 130
+    assert "run the same command again to resume" in capsys.readouterr().err
+    assert not (out / "node.h5").exists()
+    (entry,) = (out / "cache").iterdir()
+    assert zarr.open_group(str(entry), mode="r")["done"][:].tolist()[:1] == [True]
+    monkeypatch.setattr(command, "run_with_progress", original)
+    assert main(["features", str(slide), "--out", str(out), *ARGS]) == 0
+    assert (out / "node.h5").exists() and [p.name for p in (out / "cache").iterdir()] == [entry.name]
