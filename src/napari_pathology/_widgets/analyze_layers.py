@@ -83,11 +83,10 @@ def result_text(result: AnalysisResult) -> tuple[str, str]:
     title = result.score_title[:1].upper() + result.score_title[1:]
     score = f"{result.slide_score:.3f}" if np.isfinite(result.slide_score) else "-"
     state = "partial (cancelled)" if result.partial else "complete"
-    parts = [
-        f"{result.tiles_done}/{result.tiles_total} {result.unit}",
-        f"{len(result.detections)} detections",
-    ]
-    if result.points is not None:
+    parts = [f"{result.tiles_done}/{result.tiles_total} {result.unit}"]
+    if len(result.detections) or result.points is None:
+        parts.append(f"{len(result.detections)} detections")
+    if result.points is not None and result.unit != "nuclei":  # else the count before says it
         parts.append(f"{result.n_points} nuclei")
     scores = ", ".join(f"{k} {v:.3f}" for k, v in result.scores.items())
     return (
