@@ -35,13 +35,20 @@ from napari_pathology.features.encoders import (
     register_encoder_prefix,
     torch_cache_dir,
 )
-from napari_pathology.features.extract import SlideFeatures, extract_features, feature_grid, level0_coords
+from napari_pathology.features.extract import (
+    FeatureBatch,
+    SlideFeatures,
+    extract_features,
+    feature_grid,
+    level0_coords,
+)
 
 __all__ = [
     "ClamFeatures",
     "Encoder",
     "EncoderEntry",
     "EncoderError",
+    "FeatureBatch",
     "SlideFeatures",
     "extract_features",
     "feature_grid",

@@ -33,10 +33,26 @@ from napari_pathology.fileio import atomic_path, safe_name
 from napari_pathology.progress import Progress
 from napari_pathology.tiles import TileGrid, TileLoader, make_tile_grid
 
-__all__ = ["SlideFeatures", "extract_features", "feature_grid", "level0_coords"]
+__all__ = ["FeatureBatch", "SlideFeatures", "extract_features", "feature_grid", "level0_coords"]
 
 #: Version of the cache layout (part of the key: an old layout is never read as a new one).
 CACHE_LAYOUT = 1
+
+
+@dataclass(frozen=True)
+class FeatureBatch:
+    """Features of the tiles one batch just computed (the payload of extraction progress).
+
+    Attributes
+    ----------
+    cells : ndarray
+        ``(B, 2)`` row/col of each tile in the grid.
+    features : ndarray
+        ``(B, D)`` float32.
+    """
+
+    cells: np.ndarray
+    features: np.ndarray
 
 
 @dataclass
@@ -271,7 +287,8 @@ def extract_features(
                 if group is not None:
                     flags[int(chunk)] = True  # only once every row of the chunk is on disk
             finished += len(indices)
-            yield Progress(finished, n, f"{slide.name}: features of {finished}/{n} tiles")
+            batch = FeatureBatch(np.asarray(grid.cells)[indices], features)
+            yield Progress(finished, n, f"{slide.name}: features of {finished}/{n} tiles", batch)
             if stop is not None and stop.is_set() and finished < n:
                 raise InterruptedError(
                     f"{slide.name}: stopped after {finished}/{n} tiles"

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from napari_pathology.families.clam.model import FAMILY, SIZES, ClamNet, clam_spec
+from napari_pathology.families.clam.model import FAMILY, SIZES, ClamNet, build_clam, clam_spec
 from napari_pathology.models.registry import (
     ModelError,
     PathologyModel,
@@ -250,7 +250,7 @@ def import_clam_checkpoint(
         name or model_name_for(path), classes=names, k_sample=8, instance_loss="svm",
         description=f"imported from CLAM checkpoint {path.name}", **config,
     )  # fmt: skip
-    model = PathologyModel(ClamNet(n_classes, **spec.config), spec)
+    model = PathologyModel(build_clam(n_classes, **spec.config), spec)
     model.net.load_state_dict(weights, strict=True)
     model.net.init = f"CLAM checkpoint {path.name}"
     model.source = str(path)

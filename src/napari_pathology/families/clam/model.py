@@ -55,6 +55,8 @@ MODEL_TYPES = ("sb", "mb")
 SIZES = {"small": (512, 256), "big": (512, 384)}
 #: Patch side (px) and um/px of CLAM's default features (256 px patches at 20x).
 PATCH_SIZE, PATCH_MPP = 256, 0.5
+#: The feature encoder of CLAM's own pipeline (:mod:`napari_pathology.features`).
+DEFAULT_ENCODER = "resnet50-trunc"
 
 
 @dataclass
@@ -216,8 +218,7 @@ class ClamNet(nn.Module):
             For a bag of another shape or feature size, or an empty bag.
 
         """
-        h = self._bag(features)
-        h = self.attention_net[2](self.attention_net[1](self.attention_net[0](h)))  # (N, L)
+        h = self._embed(self._bag(features))  # (N, L)
         raw = self.attention_net[3](h).transpose(0, 1)  # (K, N)
         weights = F.softmax(raw, dim=1)
         slide = weights @ h  # (K, L)
@@ -229,6 +230,19 @@ class ClamNet(nn.Module):
             logits = self.classifiers(slide)
         losses = self.instance_losses(weights, h) if instance_eval else None
         return ClamOutput(logits, F.softmax(logits, dim=1), raw, losses)
+
+    def attention_scores(self, features: torch.Tensor) -> torch.Tensor:
+        """``(K, N)`` raw attention of patches ``(N, embed_dim)``, before the softmax over the bag.
+
+        Each patch's score depends on that patch alone, so scores of a slide's
+        patches can be computed batch by batch as their features arrive (the
+        live attention map); :meth:`run` gives the same values for the whole bag.
+        """
+        return self.attention_net[3](self._embed(self._bag(features))).transpose(0, 1)
+
+    def _embed(self, h: torch.Tensor) -> torch.Tensor:
+        """The FC layer (Linear, ReLU, Dropout) before attention: ``(N, L)``."""
+        return self.attention_net[2](self.attention_net[1](self.attention_net[0](h)))
 
     def _bag(self, features: torch.Tensor) -> torch.Tensor:
         if features.ndim == 3 and features.shape[0] == 1:
@@ -322,8 +336,16 @@ def build_clam(
     instance_loss: str = "svm",
     hidden: int | None = None,
     attention_dim: int | None = None,
+    encoder: str = DEFAULT_ENCODER,
+    encoder_weights: str | None = None,
 ) -> ClamNet:
-    """Builder of the ``clam`` family (see :class:`ClamNet`)."""
+    """Builder of the ``clam`` family (see :class:`ClamNet`).
+
+    ``encoder`` and ``encoder_weights`` are not part of the network: they name
+    the feature encoder (:mod:`napari_pathology.features`) whose patch
+    features the network takes, recorded in the spec so that Run extracts
+    the same features it was trained on.
+    """
     return ClamNet(
         num_classes, model_type, gate, size, embed_dim, dropout, k_sample, subtyping, instance_loss,
         hidden, attention_dim,
@@ -344,11 +366,19 @@ def clam_spec(
     instance_loss: str = "svm",
     hidden: int | None = None,
     attention_dim: int | None = None,
+    encoder: str = DEFAULT_ENCODER,
+    encoder_weights: str | None = None,
+    input_size: int = PATCH_SIZE,
+    mpp: float = PATCH_MPP,
+    normalization: str = "imagenet",
     description: str = "",
 ) -> ModelSpec:
-    """A CLAM spec: bags of 256 px patch features at 0.5 um/px, attention pooling to one slide prediction.
+    """A CLAM spec: bags of patch features, attention pooling to one slide prediction.
 
-    ``subtyping`` (None) is True unless the classes are exactly a normal and one other class.
+    The features are those of ``encoder`` (default CLAM's ResNet-50 truncated
+    after layer 3: 1024-d, 256 px patches at 0.5 um/px); ``input_size``,
+    ``mpp`` and ``normalization`` are the encoder's patches. ``subtyping``
+    (None) is True unless the classes are exactly a normal and one other class.
     """
     classes = tuple(classes)
     if subtyping is None:
@@ -361,16 +391,19 @@ def clam_spec(
         config["hidden"] = hidden
     if attention_dim is not None:
         config["attention_dim"] = attention_dim
+    config["encoder"] = str(encoder)
+    if encoder_weights is not None:
+        config["encoder_weights"] = str(encoder_weights)
     kind = f"CLAM-{model_type.upper()}"
     return ModelSpec(
         name=name,
         family=FAMILY,
         task=f"slide classification from attention-pooled patch features ({kind})",
         classes=classes,
-        input_size=PATCH_SIZE,
-        mpp=PATCH_MPP,
-        stride=PATCH_SIZE,
-        normalization="imagenet",
+        input_size=int(input_size),
+        mpp=float(mpp),
+        stride=int(input_size),
+        normalization=normalization,
         output="slide",
         aggregator="attention",
         positive_class="tumour" if "tumour" in classes else None,

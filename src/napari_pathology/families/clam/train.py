@@ -35,7 +35,7 @@ from napari_pathology.cohort import SlideEntry, read_slide_table
 from napari_pathology.families.clam.bags import BagCache, bag_path, read_bag
 from napari_pathology.families.clam.interop import import_clam_checkpoint
 from napari_pathology.families.clam.losses import INSTANCE_LOSSES, clam_loss
-from napari_pathology.families.clam.model import FAMILY, MODEL_TYPES, SIZES, ClamNet, clam_spec
+from napari_pathology.families.clam.model import FAMILY, MODEL_TYPES, SIZES, ClamNet, build_clam, clam_spec
 from napari_pathology.models.registry import ModelError, PathologyModel
 from napari_pathology.training.common import (
     check_count,
@@ -244,7 +244,7 @@ def _build_model(
         embed_dim=embed_dim, dropout=job.dropout, k_sample=job.k_sample, subtyping=job.subtyping,
         instance_loss=job.inst_loss,
     )  # fmt: skip
-    fresh = PathologyModel(ClamNet(len(classes), **spec.config), spec), "random initialisation"
+    fresh = PathologyModel(build_clam(len(classes), **spec.config), spec), "random initialisation"
     if job.start is None:
         return fresh
     try:
@@ -269,7 +269,7 @@ def _build_model(
     keep = {"model_type": net.model_type, "gate": net.gate, "embed_dim": net.embed_dim}
     keep.update(hidden=net.hidden, attention_dim=net.attention_dim)
     spec = spec.replace(config={**spec.config, **keep})
-    model = PathologyModel(ClamNet(len(classes), **spec.config), spec)
+    model = PathologyModel(build_clam(len(classes), **spec.config), spec)
     model.net.load_state_dict(start.net.state_dict())
     return model, f"fine-tuning {job.start}"
 
