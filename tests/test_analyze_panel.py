@@ -271,6 +271,24 @@ def test_a_result_with_an_attention_heatmap_and_points_shows_without_a_runner(pa
     assert panel.score_label.text() == "Slide score (attention): 0.870"
     assert "complete: 143/143 tiles, 2 detections, 50 nuclei" in panel.status.text()
 
+    # the nuclei follow the slide when its um/px changes, also when redrawn from their micrometres
+    from napari_pathology._layers import follow_slide_scale
+
+    def pixels() -> np.ndarray:
+        return np.array([slide_layer.world_to_data(p) for p in nuclei.data])
+
+    before = pixels()
+    old_scale = tuple(slide_layer.scale)
+    slide_layer.metadata = {**slide_layer.metadata, "mpp_x": 2 * mpp[0], "mpp_y": 2 * mpp[1]}
+    slide_layer.scale = (2 * old_scale[0], 2 * old_scale[1])
+    follow_slide_scale(viewer.layers, slide_layer, old_scale)
+    np.testing.assert_allclose(pixels(), before, atol=1e-6)
+    viewer.reset_view()  # the whole slide, twice as large now, in view
+    panel._layers.points.shown = np.zeros(0, np.int64)  # forget what is drawn: drawn again
+    panel._layers.points.update()
+    assert len(nuclei.data) == 50
+    np.testing.assert_allclose(pixels(), before, atol=1e-6)
+
     # the next result of the same slide and model replaces what the first one showed
     panel.show_result(
         dataclasses.replace(result, points=None, detections=np.zeros((0, 3)), heatmap_kind="activation")
