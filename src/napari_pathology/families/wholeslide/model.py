@@ -1,0 +1,291 @@
+"""The whole-slide CNN of Chen et al. 2021: a ResNet with global max pooling over a whole slide.
+
+torchvision's ResNet (``resnet50`` by default; ``resnet18``/``resnet34`` and
+a narrower ``width`` are the same code path, for CPU demos and tests) whose
+BatchNorm layers are frozen to their running statistics (an affine map per
+channel, so no batch statistics are ever used and tile-by-tile execution is
+exact, see :mod:`.streaming`), global **max** pooling (Chen: average pooling
+collapsed to AUC 0.65) and one linear layer over the classes. The class
+activation map of a class is the last convolutional feature map weighted by
+that class's row of the linear layer.
+
+ImageNet weights are loaded when torchvision's ResNet file is in torch's
+cache (never downloaded); otherwise the network starts from a fixed-seed
+random initialisation, and :attr:`WholeSlideNet.provenance` says which.
+No Qt, no napari.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from napari_pathology.models.registry import ModelSpec, register_family, register_spec
+
+__all__ = [
+    "ARCHS",
+    "FAMILY",
+    "AffineBatchNorm2d",
+    "WholeSlideNet",
+    "build_wholeslide",
+    "freeze_batch_norm",
+    "wholeslide_spec",
+]
+
+log = logging.getLogger(__name__)
+
+FAMILY = "wholeslide"
+#: Supported torchvision ResNets.
+ARCHS = ("resnet18", "resnet34", "resnet50")
+#: Chen et al.'s x4 input: about 2.5 um/px.
+INPUT_MPP = 2.5
+#: Default square input side (px at INPUT_MPP) of the registered spec; Chen used 21,500 px at x4.
+INPUT_SIZE = 4096
+#: Total stride of a ResNet trunk: one final feature-map pixel per 32 input pixels.
+TOTAL_STRIDE = 32
+
+
+def _torchvision_models():  # the torchvision.models module
+    from napari_pathology._native import import_torchvision
+
+    return import_torchvision("torchvision.models")
+
+
+class AffineBatchNorm2d(nn.Module):
+    """BatchNorm with fixed running statistics: ``y = (x - mean) / sqrt(var + eps) * weight + bias``.
+
+    The statistics are buffers that never change (no batch statistics, in
+    training as in evaluation); ``weight`` and ``bias`` are trainable
+    parameters unless ``trainable=False`` (then it is torchvision's
+    ``FrozenBatchNorm2d``). State-dict names are BatchNorm2d's, so ImageNet
+    weights load; ``num_batches_tracked`` is ignored.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, trainable: bool = True) -> None:
+        super().__init__()
+        self.eps = float(eps)
+        self.weight = nn.Parameter(torch.ones(num_features), requires_grad=trainable)
+        self.bias = nn.Parameter(torch.zeros(num_features), requires_grad=trainable)
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The per-channel affine map (as torchvision's FrozenBatchNorm2d computes it)."""
+        scale = self.weight.reshape(1, -1, 1, 1) * (self.running_var.reshape(1, -1, 1, 1) + self.eps).rsqrt()
+        shift = self.bias.reshape(1, -1, 1, 1) - self.running_mean.reshape(1, -1, 1, 1) * scale
+        return x * scale + shift
+
+    def extra_repr(self) -> str:
+        """Features, eps and whether the affine parameters train."""
+        return f"{self.weight.shape[0]}, eps={self.eps}, trainable={self.weight.requires_grad}"
+
+
+def freeze_batch_norm(net: nn.Module, trainable_affine: bool = True) -> nn.Module:
+    """Replace every ``BatchNorm2d`` of ``net`` (in place) by :class:`AffineBatchNorm2d` with its statistics.
+
+    Returns ``net``. With ``trainable_affine=False`` the affine parameters are frozen too.
+    """
+    for name, module in list(net.named_children()):
+        if isinstance(module, nn.BatchNorm2d):
+            frozen = AffineBatchNorm2d(module.num_features, module.eps, trainable_affine)
+            with torch.no_grad():
+                if module.affine:
+                    frozen.weight.copy_(module.weight)
+                    frozen.bias.copy_(module.bias)
+                if module.running_mean is not None:
+                    frozen.running_mean.copy_(module.running_mean)
+                    frozen.running_var.copy_(module.running_var)
+            ref = module.running_mean if module.running_mean is not None else module.weight
+            if ref is not None:
+                frozen.to(device=ref.device, dtype=ref.dtype)
+            setattr(net, name, frozen)
+        else:
+            freeze_batch_norm(module, trainable_affine)
+    return net
+
+
+def _resnet(arch: str, width: int) -> nn.Module:
+    """Torchvision's ``arch`` with base width ``width`` (64: torchvision's own network), untrained."""
+    models = _torchvision_models()
+    net = getattr(models, arch)(weights=None)
+    if width == 64:
+        return net
+    # the same blocks and _make_layer as torchvision's ResNet, narrower: planes width, 2w, 4w, 8w
+    block = type(net.layer1[0])
+    depths = [len(getattr(net, f"layer{i}")) for i in range(1, 5)]
+    net.inplanes = width
+    net.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+    net.bn1 = nn.BatchNorm2d(width)
+    net.layer1 = net._make_layer(block, width, depths[0])
+    for i in range(1, 4):
+        setattr(net, f"layer{i + 1}", net._make_layer(block, width * 2**i, depths[i], stride=2))
+    net.fc = nn.Linear(8 * width * block.expansion, 1000)
+    for m in net.modules():  # torchvision's initialisation
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    return net
+
+
+class WholeSlideNet(nn.Module):
+    """ResNet trunk, global max pooling, a linear head: logits ``(B, num_classes)`` for whole images.
+
+    Parameters
+    ----------
+    num_classes : int
+        Output classes (at least 2).
+    arch : str
+        One of :data:`ARCHS`.
+    width : int
+        Base width (channels of the first stage); 64 is torchvision's network,
+        less makes a smaller CPU demo or test network (same code path).
+    imagenet : bool
+        Start from torchvision's ImageNet weights when they are in torch's cache
+        (only at ``width=64``); otherwise from a fixed-seed random initialisation.
+    trainable_affine : bool
+        Whether the frozen BatchNorm layers' affine parameters train.
+
+    Attributes
+    ----------
+    provenance : str
+        Where the starting weights came from, in words.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 2,
+        arch: str = "resnet50",
+        width: int = 64,
+        imagenet: bool = False,
+        trainable_affine: bool = True,
+    ) -> None:
+        super().__init__()
+        _check_config(num_classes, arch, width)
+        rng = torch.random.fork_rng(devices=[])
+        with rng:
+            torch.manual_seed(0)
+            resnet = _resnet(arch, width)
+        self.provenance = f"random initialisation (fixed seed), {arch} width {width}"
+        if imagenet:
+            self.provenance = _load_imagenet(resnet, arch, width) or self.provenance
+        freeze_batch_norm(resnet, trainable_affine)
+        self.conv1, self.bn1, self.relu, self.maxpool = resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = (
+            resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4,
+        )  # fmt: skip
+        self.num_features = int(resnet.fc.in_features)
+        self.fc = nn.Linear(self.num_features, num_classes)
+        self.arch, self.width = arch, width
+
+    def stages(self) -> list[nn.Module]:
+        """The trunk as five stages run in order: stem (conv1 to maxpool), layer1 ... layer4."""
+        stem = nn.Sequential(self.conv1, self.bn1, self.relu, self.maxpool)
+        return [stem, self.layer1, self.layer2, self.layer3, self.layer4]
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last convolutional feature map ``(B, num_features, ceil(H/32), ceil(W/32))``."""
+        for stage in self.stages():
+            x = stage(x)
+        return x
+
+    def head(self, fmap: torch.Tensor) -> torch.Tensor:
+        """Logits from a feature map: global max pooling then the linear layer (in the head's dtype)."""
+        pooled = fmap.amax(dim=(2, 3))
+        return self.fc(pooled.to(self.fc.weight.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, num_classes)`` of whole images ``(B, 3, H, W)`` (any H, W)."""
+        return self.head(self.features(x))
+
+    def cam(self, fmap: torch.Tensor, label: int | None = None) -> torch.Tensor:
+        """Class activation maps ``(B, h, w)`` of class ``label`` (None: each image's predicted class).
+
+        The feature map weighted by the class's row of the linear layer (plus
+        its bias), so the map's maximum is the class's logit.
+        """
+        weight = self.fc.weight.to(fmap.dtype)
+        bias = self.fc.bias.to(fmap.dtype)
+        if label is None:
+            labels = self.head(fmap).argmax(dim=1)
+        else:
+            if not 0 <= int(label) < weight.shape[0]:
+                raise ValueError(f"class index {label} is not one of 0..{weight.shape[0] - 1}")
+            labels = torch.full((fmap.shape[0],), int(label), device=fmap.device)
+        rows = weight[labels]  # (B, C)
+        return torch.einsum("bchw,bc->bhw", fmap, rows) + bias[labels].reshape(-1, 1, 1)
+
+
+def _check_config(num_classes: int, arch: str, width: int) -> None:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an integer of at least 2, got {num_classes!r}")
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {arch!r}")
+    if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= 64:
+        raise ValueError(f"width must be an integer from 1 to 64, got {width!r}")
+
+
+def _load_imagenet(resnet: nn.Module, arch: str, width: int) -> str | None:
+    """Load ImageNet weights from torch's cache into ``resnet``; a provenance line, or None when absent."""
+    from napari_pathology.features.backbones import cached_weights
+    from napari_pathology.features.encoders import load_state_dict, load_weights_into
+
+    path = cached_weights(arch)
+    if width != 64 or path is None:
+        log.info("no ImageNet weights for %s width %d on disk: random initialisation", arch, width)
+        return None
+    load_weights_into(resnet, load_state_dict(path), path, arch)
+    return f"ImageNet weights from {Path(path).name}"
+
+
+@register_family(FAMILY)
+def build_wholeslide(
+    num_classes: int = 2,
+    arch: str = "resnet50",
+    width: int = 64,
+    imagenet: bool = False,
+    trainable_affine: bool = True,
+) -> WholeSlideNet:
+    """Builder of the ``wholeslide`` family (see :class:`WholeSlideNet`)."""
+    return WholeSlideNet(num_classes, arch, width, imagenet, trainable_affine)
+
+
+def wholeslide_spec(
+    name: str,
+    *,
+    classes: tuple[str, ...] = ("normal", "tumour"),
+    arch: str = "resnet50",
+    width: int = 64,
+    input_size: int = INPUT_SIZE,
+    mpp: float = INPUT_MPP,
+    description: str = "",
+) -> ModelSpec:
+    """A whole-slide spec: the slide at ``mpp`` um/px as one ``input_size`` px image, one prediction."""
+    _check_config(len(tuple(classes)), arch, width)
+    return ModelSpec(
+        name=name,
+        family=FAMILY,
+        task="slide classes from the whole slide at low magnification (global max pooling CNN)",
+        classes=tuple(classes),
+        input_size=input_size,
+        mpp=mpp,
+        stride=input_size,
+        normalization="imagenet",
+        output="slide",
+        aggregator="max",
+        positive_class="tumour" if "tumour" in classes else None,
+        description=description
+        or (
+            f"Chen et al. 2021 whole-slide {arch} (width {width}) with global max pooling and frozen "
+            "BatchNorm; untrained - train it on slide labels"
+        ),
+        config={"arch": arch, "width": width},
+    )
+
+
+register_spec(wholeslide_spec("wholeslide-resnet50"))
