@@ -224,6 +224,16 @@ def test_a_nucleus_run_returns_the_one_result_type_saved_and_verified_like_any(
     assert result.heatmap[row[0], col[0]] == pytest.approx(nuclei.probability[first].mean(), abs=1e-6)
     assert result.heatmap.shape == (3, 3) and result.first_centre_um == (cell / 2, cell / 2)
 
+    # the same run again reloads it (no detection); asked to, it computes it again
+    events: list[Progress] = []
+    again = run_to_completion(run(slide, purity_model, settings=RunSettings(batch_size=256), out_dir=out),
+                              events.append)  # fmt: skip
+    assert [e.message for e in events] == ["reloaded saved result"] and again.key == result.key
+    events.clear()
+    settings = RunSettings(batch_size=256)
+    run_to_completion(run(slide, purity_model, settings=settings, out_dir=out, reuse=False), events.append)
+    assert len(events) > 2 and "reloaded saved result" not in [e.message for e in events]
+
     loaded = load_result(out)
     assert sorted(p.name for p in out.iterdir()) == [
         "detections.csv", "detections.geojson", "heatmap.zarr", "nuclei.csv", "result.json",

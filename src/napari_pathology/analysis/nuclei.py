@@ -12,6 +12,7 @@ No Qt.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections.abc import Callable, Generator
@@ -23,7 +24,7 @@ import numpy as np
 
 from napari_pathology.analysis.engine import ModelOutputError
 from napari_pathology.analysis.folders import check_owner
-from napari_pathology.analysis.result import AnalysisResult, save_result
+from napari_pathology.analysis.result import AnalysisResult, load_result, save_result
 from napari_pathology.analysis.settings import NoTissueError, RunSettings, check_run, run_key, weights_digest
 from napari_pathology.fileio import ensure_writable_dir
 from napari_pathology.progress import Progress
@@ -45,6 +46,7 @@ def run_nucleus_analysis(
     cancel: threading.Event | None = None,
     detector_params: Any = None,
     on_saved: Callable[[AnalysisResult], None] | None = None,
+    reuse: bool = True,
 ) -> Generator[Progress, None, AnalysisResult]:
     """Detect and classify every nucleus in the tissue; a generator of :class:`Progress`.
 
@@ -65,7 +67,10 @@ def run_nucleus_analysis(
     detector_params : NucleusParams, optional
         Parameters of the default detector.
     on_saved : callable, optional
-        Called with the result once it is on disk.
+        Called with the result once it is on disk (saved, or reloaded).
+    reuse : bool
+        Reload a complete result saved in ``out_dir`` for the same slide, model
+        weights, settings, tissue and detector instead of detecting again.
 
     Returns
     -------
@@ -93,8 +98,35 @@ def run_nucleus_analysis(
     if tissue is not None and tissue.is_empty:
         raise NoTissueError(f"No tissue found in {slide.name}; draw or import a tissue mask.")
     require_purity_model(model)  # before the long detection
+    digest = weights_digest(model)
+    key = run_key(slide, model.spec.to_dict(), digest, settings, tissue)
+    key = hashlib.sha256(f"{key} {detector_params!r}".encode()).hexdigest()[:24]  # and the detector
+    if reuse and out_dir is not None:
+        previous = _saved(Path(out_dir), key)
+        if previous is not None:
+            return _reloaded(previous, on_saved)
     detection = detect_in_slide(slide, tissue=tissue, params=detector_params, cancel=cancel)
-    return _run(slide, model, tissue, detection, settings, out_dir, cancel, on_saved)
+    return _run(slide, model, (key, digest), detection, settings, out_dir, cancel, on_saved)
+
+
+def _saved(out_dir: Path, key: str) -> AnalysisResult | None:
+    """The complete result saved for this run's key, if there is one that verifies."""
+    if not (out_dir / "result.json").exists():
+        return None
+    try:
+        previous = load_result(out_dir)
+    except ValueError:  # damaged, another version, not a result: computed again
+        return None
+    return previous if previous.key == key and not previous.partial else None
+
+
+def _reloaded(
+    previous: AnalysisResult, on_saved: Callable[[AnalysisResult], None] | None
+) -> Generator[Progress, None, AnalysisResult]:
+    if on_saved is not None:
+        on_saved(previous)
+    yield Progress(previous.tiles_total, previous.tiles_total, "reloaded saved result")
+    return previous
 
 
 def _classify(
@@ -128,7 +160,7 @@ def _classify(
 def _run(
     slide: Any,
     model: Any,
-    tissue: Any,
+    key_and_digest: tuple[str, str],
     detection: Generator[Progress, None, Any],
     settings: RunSettings,
     out_dir: str | Path | None,
@@ -151,8 +183,8 @@ def _run(
     mpp_x, mpp_y = slide.require_mpp()
     width, height = slide.dimensions
     grid = density_grid(nuclei.xy_um(), (width * mpp_x, height * mpp_y), GRID_CELL_UM, nuclei.probability)
+    key, digest = key_and_digest
     spec = model.spec.to_dict()
-    digest = weights_digest(model)
     purity = nuclei.predicted_purity()
     slide_score = float("nan") if purity is None else float(purity)
     result = AnalysisResult(
@@ -161,7 +193,7 @@ def _run(
         slide_mpp=(mpp_x, mpp_y), detections=np.zeros((0, 3)), slide_score=slide_score,
         scores=_class_scores(list(model.spec.classes), model.spec.positive_index, slide_score),
         partial=partial, tiles_done=int(np.isfinite(nuclei.probability).sum()), tiles_total=len(nuclei),
-        key=run_key(slide, spec, digest, settings, tissue),
+        key=key,
         provenance={
             "settings": asdict(settings), "weights": digest, "cancelled": partial,
             "seconds": round(time.perf_counter() - started, 3), "grid_cell_um": GRID_CELL_UM,

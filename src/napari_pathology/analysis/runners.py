@@ -38,7 +38,9 @@ def _nucleus_runner(
 ) -> Generator[Any, None, Any]:  # fmt: skip
     from napari_pathology.analysis.nuclei import run_nucleus_analysis
 
-    return run_nucleus_analysis(slide, model, tissue, settings, out_dir, cancel, on_saved=on_saved)
+    return run_nucleus_analysis(
+        slide, model, tissue, settings, out_dir, cancel, on_saved=on_saved, reuse=reuse
+    )
 
 
 #: Inference runner by input kind: ``runner(slide, model, *, tissue, settings, out_dir, cancel,
