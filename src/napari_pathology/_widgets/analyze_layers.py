@@ -27,9 +27,9 @@ from napari_pathology._widgets.nuclei_layers import (
     point_sizes,
     probability_rgba,
     view_box_um,
-    world_from_um,
 )
 from napari_pathology.analysis.result import HEATMAP_KINDS
+from napari_pathology.world import world_from_um
 
 if TYPE_CHECKING:
     import napari
