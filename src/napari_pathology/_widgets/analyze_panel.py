@@ -295,9 +295,9 @@ class AnalyzePanel(QWidget):
         slide_layer : napari.layers.Image, optional
             Its slide (default: the slide of this panel's run, else the chosen slide).
         """
-        layer = slide_layer or (
-            self._layers.slide_layer if self._layers else self.slide_combo.current_layer()
-        )
+        layer = slide_layer
+        if layer is None:
+            layer = self._layers.slide_layer if self._layers else self.slide_combo.current_layer()
         if layer is None:
             raise ValueError("open the result's slide first: a result is shown on its slide")
         if self._layers is None or self._layers.slide_layer is not layer:
