@@ -273,3 +273,7 @@ def test_a_result_refuses_an_unknown_heatmap_kind_and_misshapen_arrays() -> None
         AnalysisResult(**{**fields, "detections": np.zeros((2, 2))})
     with pytest.raises(ValueError, match="points must be NucleusPoints"):
         AnalysisResult(**fields, points=np.zeros((3, 2)))
+    from napari_pathology.analysis import HeatmapBlock
+
+    with pytest.raises(ValueError, match="unknown heatmap kind 'saliency'"):
+        HeatmapBlock(np.zeros((1, 2), int), np.zeros(1), kind="saliency")

@@ -31,7 +31,13 @@ import numpy as np
 
 from napari_pathology.analysis.folders import check_owner, path_tag, result_folder
 from napari_pathology.analysis.nms import non_maximum_suppression
-from napari_pathology.analysis.result import AnalysisResult, ResultMismatchError, load_result, save_result
+from napari_pathology.analysis.result import (
+    HEATMAP_KINDS,
+    AnalysisResult,
+    ResultMismatchError,
+    load_result,
+    save_result,
+)
 from napari_pathology.analysis.settings import (
     NoTissueError,
     RunSettings,
@@ -87,6 +93,11 @@ class HeatmapBlock:
     cells: np.ndarray
     values: np.ndarray
     kind: str = "probability"
+
+    def __post_init__(self) -> None:
+        """Refuse a kind the viewer cannot show (one line naming the known ones)."""
+        if self.kind not in HEATMAP_KINDS:
+            raise ValueError(f"unknown heatmap kind {self.kind!r} (known: {', '.join(HEATMAP_KINDS)})")
 
 
 def aggregate(
