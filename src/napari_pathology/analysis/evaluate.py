@@ -169,7 +169,7 @@ def evaluate_cohort(
             _purity(entry), target, str(slide.path or entry.path),
         ))  # fmt: skip
         slide.close()
-        yield Progress(k + 1, len(entries), f"{entry.name}: slide score {result.slide_score:.3f}")
+        yield Progress(k + 1, len(entries), f"{entry.name}: {result.score_title} {result.slide_score:.3f}")
     evaluation = Evaluation(model.spec.name, outcomes)
     labelled = [o for o in outcomes if o.is_tumour is not None and np.isfinite(o.slide_score)]
     labels = np.array([o.is_tumour for o in labelled], bool)
