@@ -240,6 +240,17 @@ def array_digest(array: np.ndarray) -> str:
     return digest.hexdigest()
 
 
+def _finite_or_none(value: Any) -> float | None:
+    """A score as JSON holds it: None for NaN (no score yet, e.g. a cancelled bag run)."""
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _float_or_nan(value: Any) -> float:
+    """A saved score back: NaN for None."""
+    return float("nan") if value is None else float(value)
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
@@ -288,9 +299,9 @@ def save_result(result: AnalysisResult, out_dir: str | Path) -> Path:
         "slide_path": result.slide_path,
         "slide_realpath": real_path(result.slide_path) if result.slide_path else None,
         "slide_name": result.slide_name,
-        "slide_score": result.slide_score,
+        "slide_score": _finite_or_none(result.slide_score),
         "score_name": result.score_name,
-        "scores": result.scores,
+        "scores": {str(k): _finite_or_none(v) for k, v in result.scores.items()},
         "partial": result.partial,
         "tiles_done": result.tiles_done,
         "tiles_total": result.tiles_total,
@@ -434,8 +445,8 @@ def load_result(out_dir: str | Path, *, verify: bool = True) -> AnalysisResult:
             first_centre_um=tuple(float(v) for v in meta["first_centre_um"]),
             slide_mpp=tuple(float(v) for v in meta["slide_mpp"]),
             detections=np.array(rows, dtype=np.float64).reshape(-1, 3),
-            slide_score=float(meta["slide_score"]),
-            scores={str(k): float(v) for k, v in meta["scores"].items()},
+            slide_score=_float_or_nan(meta["slide_score"]),
+            scores={str(k): _float_or_nan(v) for k, v in meta["scores"].items()},
             partial=bool(meta["partial"]),
             tiles_done=int(meta["tiles_done"]),
             tiles_total=int(meta["tiles_total"]),

@@ -2,10 +2,12 @@
 
 A model's family (from its spec) says how it runs: by default the runner of
 its input kind (:data:`RUNNERS`: ``tile`` is the sliding-window engine,
-``nucleus`` detects every nucleus and classifies each); a family may
+``nucleus`` detects every nucleus and classifies each, ``bag`` pools patch
+features by attention: :mod:`napari_pathology.analysis.bag`); a family may
 override :meth:`~napari_pathology.families.Family.run`. A model of no
-registered family (built in code) runs by its spec's output: ``nuclei`` with
-the nucleus runner, anything else with the tile engine.
+registered family (built in code) runs by its spec: output ``nuclei`` with
+the nucleus runner, aggregator ``attention`` with the bag runner, anything
+else with the tile engine.
 
 Every runner returns one type,
 :class:`~napari_pathology.analysis.result.AnalysisResult` (its module says
@@ -43,11 +45,18 @@ def _nucleus_runner(
     )
 
 
+def _bag_runner(slide: Any, model: Any, **kwargs: Any) -> Generator[Any, None, Any]:
+    from napari_pathology.analysis.bag import run_bag_analysis
+
+    return run_bag_analysis(slide, model, **kwargs)
+
+
 #: Inference runner by input kind: ``runner(slide, model, *, tissue, settings, out_dir, cancel,
 #: reuse, on_saved)`` -> a generator of progress returning an AnalysisResult.
 RUNNERS: dict[str, Callable[..., Generator[Any, None, Any]]] = {
     "tile": _tile_runner,
     "nucleus": _nucleus_runner,
+    "bag": _bag_runner,
 }
 
 
@@ -84,6 +93,7 @@ def run(
     try:
         family = family_of(model.spec)
     except KeyError:  # a model built in code (a notebook, a test) of no registered family: by its output
-        kind = "nucleus" if getattr(model.spec, "output", None) == "nuclei" else "tile"
+        output, aggregator = getattr(model.spec, "output", None), getattr(model.spec, "aggregator", None)
+        kind = "nucleus" if output == "nuclei" else "bag" if aggregator == "attention" else "tile"
         return runner_for(kind)(slide, model, **kwargs)
     return family.run(slide, model, **kwargs)
