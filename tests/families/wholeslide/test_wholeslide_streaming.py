@@ -70,7 +70,7 @@ def test_exact_at_1024_px_in_float64() -> None:
         ((333, 301), 128, None, False),  # neither a multiple of 32 nor of the tile
         ((333, 301), 160, 3, False),  # layer3 and layer4 run whole on the stitched map
         ((333, 301), 352, None, True),  # one tile larger than the image, checkpointed stages
-        ((200, 416), 144, 4, True),  # streamed to layer3: stride 16
+        ((200, 416), (144, 64), 4, True),  # streamed to layer3 (stride 16), rectangular tiles
     ],
 )
 def test_exact_on_odd_sizes_and_tiles(size, tile, stream_stages, checkpoint) -> None:
@@ -153,7 +153,7 @@ def test_layers_that_cannot_be_streamed_exactly(layer, message) -> None:
 def test_bad_tiles_and_inputs() -> None:
     net = _net("resnet18", width=1)
     x, y = _image(64, 64), torch.tensor([0])
-    for tile in (0, 48, 100, 31, 64.0):
+    for tile in (0, 48, 100, 31, 64.0, (32, 48), (32, 32, 32)):
         with pytest.raises(ValueError, match="multiple of the network's stride 32"):
             streaming_step(net, x, y, F.cross_entropy, tile)
     with pytest.raises(ValueError, match="stream_stages must be from 1 to 5"):
@@ -170,8 +170,15 @@ def test_tile_from_a_memory_budget() -> None:
     assert 1_000 < per_1024 / 1024**2 < 4_000  # about 2 KB per input pixel for ResNet-50 in float32
     small = choose_tile(net, 4096, 4096, 3 * 2**30)
     large = choose_tile(net, 4096, 4096, 6 * 2**30)
-    assert small % 32 == 0 and large % 32 == 0 and 64 <= small < large < 4096
-    assert choose_tile(net, 256, 256, 64 * 2**30) == 256  # one tile when the whole image fits
+    assert all(side % 32 == 0 and 32 <= side <= 4096 for side in small + large)
+    assert small[0] * small[1] < large[0] * large[1] < 4096**2
+    geom = geometry(net.stages())
+    for tile, budget in ((small, 3 * 2**30), (large, 6 * 2**30)):
+        crop = max((t.crop[0].stop - t.crop[0].start) * (t.crop[1].stop - t.crop[1].start)
+                   for t in plan_tiles(geom, 4096, 4096, tile))  # fmt: skip
+        assert crop * per_1024 / 1024**2 < budget
+    assert choose_tile(net, 256, 256, 64 * 2**30) == (256, 256)  # one tile when the whole image fits
+    assert choose_tile(net, 2048, 2048, 12 * 2**30)[1] == 2048  # strips: overlap on one axis only
     with pytest.raises(ValueError, match="raise the memory budget"):
         choose_tile(net, 4096, 4096, 2**29)
 

@@ -206,8 +206,9 @@ class WholeSlideNet(nn.Module):
     def cam(self, fmap: torch.Tensor, label: int | None = None) -> torch.Tensor:
         """Class activation maps ``(B, h, w)`` of class ``label`` (None: each image's predicted class).
 
-        The feature map weighted by the class's row of the linear layer (plus
-        its bias), so the map's maximum is the class's logit.
+        The feature map weighted by the class's row of the linear layer, plus
+        its bias: where the map is high, the features that raise the class's
+        logit are high.
         """
         weight = self.fc.weight.to(fmap.dtype)
         bias = self.fc.bias.to(fmap.dtype)

@@ -57,8 +57,6 @@ __all__ = [
 
 #: Layers that act on each pixel alone (no spatial extent): they pass spans and sizes through.
 _POINTWISE = (nn.ReLU, nn.Identity, nn.Dropout, nn.BatchNorm2d, nn.SiLU, nn.GELU)
-#: Smallest tile side a memory budget may give (px).
-_MIN_TILE = 64
 
 
 # --------------------------------------------------------------------------- geometry
@@ -197,20 +195,33 @@ def _axis_plan(geom: Geometry, axis: int, n_in: int, tile: int) -> list[tuple[sl
     return plans
 
 
-def plan_tiles(geom: Geometry, height: int, width: int, tile: int) -> list[Tile]:
-    """The tiles covering an image: kept output blocks of ``tile`` px (a multiple of the stride) each.
+TileSize = int | tuple[int, int]
+
+
+def _tile_pair(tile: TileSize, stride: int) -> tuple[int, int]:
+    pair = tuple(tile) if isinstance(tile, tuple | list) else (tile, tile)
+    if len(pair) != 2 or any(
+        isinstance(t, bool) or not isinstance(t, int) or t < stride or t % stride for t in pair
+    ):
+        raise ValueError(
+            f"the tile side must be a positive multiple of the network's stride {stride}, got {tile!r}"
+        )
+    return pair[0], pair[1]
+
+
+def plan_tiles(geom: Geometry, height: int, width: int, tile: TileSize) -> list[Tile]:
+    """The tiles covering an image: kept output blocks of ``tile`` px each (a multiple of the stride).
+
+    ``tile`` is one side for square tiles or ``(rows, columns)``; a side at
+    least the image's makes strips.
 
     Raises
     ------
     ValueError
         A tile side that is not a positive multiple of the total stride.
     """
-    stride = geom.stride
-    if isinstance(tile, bool) or not isinstance(tile, int) or tile < stride or tile % stride:
-        raise ValueError(
-            f"the tile side must be a positive multiple of the network's stride {stride}, got {tile!r}"
-        )
-    rows, cols = _axis_plan(geom, 0, height, tile), _axis_plan(geom, 1, width, tile)
+    th, tw = _tile_pair(tile, geom.stride)
+    rows, cols = _axis_plan(geom, 0, height, th), _axis_plan(geom, 1, width, tw)
     return [Tile((r[0], c[0]), (r[1], c[1]), (r[2], c[2])) for r in rows for c in cols]
 
 
@@ -248,7 +259,7 @@ def _check_input(x: torch.Tensor) -> None:
         raise ValueError(f"expected images (B, C, H, W), got {getattr(x, 'shape', type(x).__name__)}")
 
 
-def _tiles(stages: Sequence[nn.Module], x: torch.Tensor, tile: int) -> list[Tile]:
+def _tiles(stages: Sequence[nn.Module], x: torch.Tensor, tile: TileSize) -> list[Tile]:
     _check_input(x)
     return plan_tiles(geometry(stages), int(x.shape[2]), int(x.shape[3]), tile)
 
@@ -256,7 +267,7 @@ def _tiles(stages: Sequence[nn.Module], x: torch.Tensor, tile: int) -> list[Tile
 def stream_features(
     stages: Sequence[nn.Module],
     x: torch.Tensor,
-    tile: int,
+    tile: TileSize,
     *,
     device: torch.device | str | None = None,
     autocast: torch.dtype | None = None,
@@ -270,8 +281,9 @@ def stream_features(
         Layers run in order (e.g. ``WholeSlideNet.stages()``).
     x : Tensor
         ``(B, C, H, W)`` images; may stay on the CPU while ``device`` computes.
-    tile : int
-        Side (px) of the input block whose outputs one tile keeps; a multiple of the total stride.
+    tile : int or (int, int)
+        Side (px) of the input block whose outputs one tile keeps, a multiple of
+        the total stride; or its ``(rows, columns)``.
     device : device, optional
         Where the tiles run and the stitched map lives (default: ``x``'s device).
     autocast : dtype, optional
@@ -311,7 +323,7 @@ def streaming_step(
     x: torch.Tensor,
     target: torch.Tensor,
     loss_fn: LossFn,
-    tile: int,
+    tile: TileSize,
     *,
     stream_stages: int | None = None,
     device: torch.device | str | None = None,
@@ -345,7 +357,21 @@ def streaming_step(
     streamed, rest = stages[:k], stages[k:]
     device = torch.device(device) if device is not None else x.device
     tiles = _tiles(streamed, x, tile)
-    fmap = stream_features(streamed, x, tile, device=device, autocast=autocast, channels_last=channels_last)
+    geom = geometry(streamed)
+    size = (geom.size(0, int(x.shape[2])), geom.size(1, int(x.shape[3])))
+    fmap = kept = None
+    # forward: every tile without autograd but the last, whose graph is kept for the backward
+    for i, t in enumerate(tiles):
+        last = i == len(tiles) - 1
+        with torch.set_grad_enabled(last), _context(device, autocast, offload and last):
+            y = _run(streamed, _crop(x, t, device, channels_last), checkpoint and last)
+            y = y[:, :, t.keep[0], t.keep[1]]
+        if fmap is None:
+            fmap = torch.empty((y.shape[0], y.shape[1], *size), dtype=y.dtype, device=device)
+        fmap[:, :, t.out[0], t.out[1]] = y.detach()
+        kept = y if last else None
+        del y
+    assert fmap is not None and kept is not None  # plan_tiles returns at least one tile
     fmap.requires_grad_(True)
     with _context(device, autocast):
         logits = model.head(_run(rest, fmap, checkpoint))
@@ -353,16 +379,20 @@ def streaming_step(
     loss.backward()
     grad = fmap.grad
     done = 0
-    for t in tiles:
+    # backward: the last tile from its kept graph, then each other tile recomputed with autograd
+    for i in reversed(range(len(tiles))):
+        t = tiles[i]
         g = grad[:, :, t.out[0], t.out[1]]
         if not bool(g.any()):
+            kept = None
             continue  # nothing flows back through this tile's outputs
-        with torch.enable_grad(), _context(device, autocast, offload):
-            y = _run(streamed, _crop(x, t, device, channels_last), checkpoint)
-            kept = y[:, :, t.keep[0], t.keep[1]]
+        if kept is None:
+            with torch.enable_grad(), _context(device, autocast, offload):
+                y = _run(streamed, _crop(x, t, device, channels_last), checkpoint)
+                kept = y[:, :, t.keep[0], t.keep[1]]
         torch.autograd.backward(kept, g.to(kept.dtype))
         done += 1
-        del y, kept
+        kept = y = None
     return StepResult(loss.detach(), logits.detach(), len(tiles), done)
 
 
@@ -377,7 +407,7 @@ def plain_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, loss_fn:
 def stream_predict(
     model: nn.Module,
     x: torch.Tensor,
-    tile: int,
+    tile: TileSize,
     *,
     device: torch.device | str | None = None,
     autocast: torch.dtype | None = None,
@@ -452,6 +482,16 @@ def estimate_tile_bytes(
     return int(sum(saved.values()) + 2 * largest)
 
 
+def _axis_options(geom: Geometry, axis: int, n: int) -> list[tuple[int, int, int]]:
+    """``(tile, total crop length, longest crop)`` for every tile side along one axis."""
+    stride = geom.stride
+    options = []
+    for tile in range(stride, stride * math.ceil(n / stride) + 1, stride):
+        lengths = [c.stop - c.start for c, _, _ in _axis_plan(geom, axis, n, tile)]
+        options.append((tile, sum(lengths), max(lengths)))
+    return options
+
+
 def choose_tile(
     model: nn.Module,
     height: int,
@@ -460,12 +500,15 @@ def choose_tile(
     *,
     dtype: torch.dtype = torch.float32,
     stream_stages: int | None = None,
-) -> int:
-    """The largest tile side (px, a multiple of the stride) whose training step fits ``budget`` bytes.
+) -> tuple[int, int]:
+    """The tile ``(rows, columns)`` (px, multiples of the stride) of least work within ``budget`` bytes.
 
     Counts the model's parameters four times (weights, gradients, Adam's two
-    moments), the stitched feature map and its gradient, the rest of the
-    network run whole, and one tile's autograd memory (:func:`estimate_tile_bytes`).
+    moments), the image, the stitched feature map and its gradient, the rest
+    of the network run whole, and one tile's autograd memory
+    (:func:`estimate_tile_bytes`); among the tiles that fit, the one whose
+    crops cover the fewest pixels in all (overlap is recomputation), then
+    the fewest tiles.
 
     Raises
     ------
@@ -476,7 +519,6 @@ def choose_tile(
     k = len(stages) if stream_stages is None else int(stream_stages)
     streamed, rest = stages[:k], stages[k:]
     geom = geometry(streamed)
-    stride = geom.stride
     size = (geom.size(0, height), geom.size(1, width))
     item = torch.empty((), dtype=dtype).element_size()
     probe = 256
@@ -487,22 +529,23 @@ def choose_tile(
     fixed += height * width * 3 * 4  # the image itself
     if rest:
         fixed += estimate_tile_bytes(rest, (1, channels, *size), dtype=dtype)
+    rows, cols = _axis_options(geom, 0, height), _axis_options(geom, 1, width)
     best = None
-    largest = stride * math.ceil(max(height, width) / stride)
-    for tile in range(stride * max(1, _MIN_TILE // stride), largest + 1, stride):
-        crops = plan_tiles(geom, height, width, tile)
-        area = max((t.crop[0].stop - t.crop[0].start) * (t.crop[1].stop - t.crop[1].start) for t in crops)
-        if fixed + per_px * area > budget:
-            break
-        best = tile
+    for th, row_total, row_max in rows:
+        for tw, col_total, col_max in cols:
+            if fixed + per_px * row_max * col_max > budget:
+                continue
+            key = (row_total * col_total, -th * tw)
+            if best is None or key < best[0]:
+                best = (key, (th, tw))
     if best is None:
-        least = fixed + per_px * (_MIN_TILE + 2 * geom.margin) ** 2
+        least = fixed + per_px * rows[0][2] * cols[0][2]
         raise ValueError(
             f"a {height} x {width} px input needs more than the {budget / 2**30:.2f} GiB budget for a "
             f"training step (at least {least / 2**30:.2f} GiB): "
             "raise the memory budget, lower the input size (um/px) or use mixed precision"
         )
-    return best
+    return best[1]
 
 
 def _out_channels(stages: Sequence[nn.Module]) -> int:
