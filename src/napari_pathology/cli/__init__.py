@@ -20,7 +20,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from napari_pathology.cli import analysis, features, slides, train
+from napari_pathology.cli import analysis, export, features, slides, train
 from napari_pathology.cli.errors import (
     EXIT_USER_ERROR,
     CommandError,
@@ -89,6 +89,7 @@ def build_parser(families: bool = True) -> argparse.ArgumentParser:
     train.add_parser(sub, families=families)
     analysis.add_evaluate_parser(sub)
     features.add_parser(sub)
+    export.add_parser(sub)
     return parser
 
 

@@ -12,6 +12,9 @@ from napari_pathology.cli.options import BATCH_SIZE, NMS_RADIUS, STRIDE, device_
 from napari_pathology.cli.progress_bars import run_with_progress
 from napari_pathology.fileio import ensure_writable_dir
 
+#: ``--classes``: names for the classes of another tool's checkpoint (which does not carry them).
+CLASSES_HELP = "class names of another tool's checkpoint (e.g. CLAM's s_0_checkpoint.pt): normal,tumour"
+
 # --------------------------------------------------------------------------- models and run
 
 
@@ -91,7 +94,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         slide = open_slide(args.slide, mpp=args.mpp)
         slide.validate()
         slide.require_mpp()
-        model = resolve_model(args.model)
+        model = resolve_model(args.model, classes=args.classes)
         check_run(slide, model.spec, settings)  # um/px, model um/px, stride: before "no tissue"
         out = result_folder(args.out, slide, model.spec.name)
         tissue = _load_tissue_for_run(args, slide)
@@ -134,7 +137,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         entries = read_slide_table(args.data)
     except CohortError as error:
         raise CommandError(str(error)) from error
-    model = resolve_model(args.model)
+    model = resolve_model(args.model, classes=args.classes)
     job = evaluate_cohort(model, entries, args.out, settings)
     evaluation = run_with_progress(job, f"evaluate {model.spec.name}", args.quiet)
     print(evaluation.summary())
@@ -154,6 +157,7 @@ def add_parsers(sub: Any) -> None:
     run.add_argument("slide", type=Path)
     run.add_argument("--model", required=True, help="registered model name or checkpoint path")
     run.add_argument("--out", type=Path, required=True, help="results go to OUT/<slide>/<model>/")
+    run.add_argument("--classes", default=None, help=CLASSES_HELP)
     run.add_argument("--device", type=device_option, default="cpu", help="cpu, cuda:N or auto (default cpu)")
     run.add_argument("--batch-size", type=BATCH_SIZE, default=32)
     run.add_argument("--stride", type=STRIDE, default=None, help="px at the model's um/px")
@@ -174,6 +178,7 @@ def add_evaluate_parser(sub: Any) -> None:
     evaluate = sub.add_parser("evaluate", help="score a model on slides with ground truth (AUC, FROC)")
     evaluate.add_argument("--model", required=True, help="registered model name or checkpoint path")
     evaluate.add_argument("--data", type=Path, required=True, help="slide table CSV or folder of slides")
+    evaluate.add_argument("--classes", default=None, help=CLASSES_HELP)
     evaluate.add_argument("--out", type=Path, required=True, help="results and evaluation JSON/CSV")
     evaluate.add_argument("--device", type=device_option, default="cpu", help="cpu, cuda:N or auto")
     evaluate.add_argument("--batch-size", type=BATCH_SIZE, default=32)

@@ -273,6 +273,22 @@ class Family:
         """
         return None
 
+    # ------------------------------------------------------------------ other tools' files
+    def import_checkpoint(self, path: str | os.PathLike[str], classes: Any = None) -> Any:
+        """A model from a checkpoint written by the family's original code (e.g. a bare state dict).
+
+        Called for a PyTorch file that is not a napari-pathology checkpoint.
+        Return None when the file is not the family's; raise
+        :class:`~napari_pathology.models.ModelError` (one line) when it is but
+        cannot be loaded. ``classes`` names the classes (a comma-separated
+        string or a sequence) when the file does not.
+        """
+        return None
+
+    def export_formats(self) -> dict[str, Callable[[Any, Path], Path]]:
+        """Other tools' formats a trained model can be written in: ``{name: write(model, path) -> path}``."""
+        return {}
+
     # ------------------------------------------------------------------ inference
     def run(
         self,

@@ -40,6 +40,7 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_SUFFIXES",
     "CHECKPOINT_VERSION",
+    "ForeignCheckpointError",
     "checkpoint_info",
     "load_untrusted",
     "read_checkpoint",
@@ -242,6 +243,10 @@ def load_untrusted(path: str | os.PathLike[str], where: str) -> Any:
         raise ModelError(f"{where}: {reason}") from exc
 
 
+class ForeignCheckpointError(ModelError):
+    """A readable PyTorch file that is not a napari-pathology checkpoint (another tool's, bare weights)."""
+
+
 def read_checkpoint(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any], ModelSpec]:
     """Load and check the container; return the path, the raw dict and the validated spec."""
     path = Path(path).expanduser()
@@ -276,7 +281,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any],
             )
         else:
             reason = f"it is a PyTorch file but not a {CHECKPOINT_FORMAT} (no 'format' entry)"
-        raise ModelError(f"{where}: {reason}")
+        raise ForeignCheckpointError(f"{where}: {reason}")
     version = data.get("version")
     if not isinstance(version, int) or version > CHECKPOINT_VERSION:
         raise ModelError(

@@ -20,11 +20,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from napari_pathology.models.checkpoint import CHECKPOINT_SUFFIXES, _few, read_checkpoint
+from napari_pathology.models.checkpoint import (
+    CHECKPOINT_SUFFIXES,
+    ForeignCheckpointError,
+    _few,
+    read_checkpoint,
+)
 from napari_pathology.models.registry import _BUILDERS, _LOCK, _SPECS, get_spec, pretrained_path
 from napari_pathology.models.spec import ModelError, ModelSpec
 
-__all__ = ["PathologyModel", "create_model", "load_checkpoint", "resolve_model"]
+__all__ = ["PathologyModel", "create_model", "import_foreign_checkpoint", "load_checkpoint", "resolve_model"]
 
 
 class PathologyModel(nn.Module):
@@ -150,7 +155,9 @@ def create_model(name_or_spec: str | ModelSpec, **config_overrides: Any) -> Path
     return model.eval()
 
 
-def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> PathologyModel:
+def load_checkpoint(
+    path: str | os.PathLike[str], map_location: Any = "cpu", classes: Any = None
+) -> PathologyModel:
     """Build the model a checkpoint describes and load its weights (safely), in eval mode.
 
     Parameters
@@ -159,6 +166,9 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
         A file written by :func:`save_checkpoint`.
     map_location : str or torch.device
         Device for the returned model (weights are first read onto the CPU).
+    classes : str or sequence of str, optional
+        Class names for another tool's checkpoint that does not carry them
+        (e.g. a CLAM ``s_0_checkpoint.pt``: ``"normal,tumour"``).
 
     Returns
     -------
@@ -174,7 +184,15 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
         shape mismatches).
 
     """
-    path, data, spec = read_checkpoint(path)
+    try:
+        path, data, spec = read_checkpoint(path)
+    except ForeignCheckpointError as foreign:
+        model = import_foreign_checkpoint(path, classes)
+        if model is None:
+            raise ModelError(f"{foreign}; no model family recognises its weights") from None
+        if isinstance(map_location, str | torch.device):
+            model = model.to(map_location)
+        return model.eval()
     where = f"Cannot load model checkpoint {path.name}"
     try:
         model = PathologyModel(_build(spec), spec)
@@ -213,15 +231,31 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
     return model.eval()
 
 
-def resolve_model(name_or_path: str | os.PathLike[str], map_location: Any = "cpu") -> PathologyModel:
+def import_foreign_checkpoint(path: str | os.PathLike[str], classes: Any = None) -> PathologyModel | None:
+    """A model from another tool's checkpoint, by the first family that recognises it (None: none does)."""
+    from napari_pathology.families import list_families
+
+    for family in list_families():
+        model = family.import_checkpoint(Path(path), classes)
+        if model is not None:
+            return model
+    return None
+
+
+def resolve_model(
+    name_or_path: str | os.PathLike[str], map_location: Any = "cpu", classes: Any = None
+) -> PathologyModel:
     """A registered model by name, or a model loaded from a checkpoint path.
+
+    ``classes`` names the classes of another tool's checkpoint that does not
+    carry them (see :func:`load_checkpoint`).
 
     Registered names win over same-named files in the working folder; a
     string that names an existing file, contains a path separator or ends
     in a checkpoint suffix is treated as a path.
     """
     if not isinstance(name_or_path, str):
-        return load_checkpoint(name_or_path, map_location)
+        return load_checkpoint(name_or_path, map_location, classes)
     with _LOCK:
         registered = name_or_path in _SPECS
     if not registered:  # a family installed, or its weights pending, since the registry was imported
@@ -243,7 +277,7 @@ def resolve_model(name_or_path: str | os.PathLike[str], map_location: Any = "cpu
         or name_or_path.lower().endswith(CHECKPOINT_SUFFIXES)
     )
     if looks_like_path:
-        return load_checkpoint(candidate, map_location)
+        return load_checkpoint(candidate, map_location, classes)
     with _LOCK:
         available = sorted(_SPECS)
     raise ModelError(

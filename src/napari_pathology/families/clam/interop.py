@@ -51,6 +51,7 @@ __all__ = [
     "export_clam_checkpoint",
     "import_clam_checkpoint",
     "read_state_dict",
+    "recognise_clam_checkpoint",
 ]
 
 #: What a CLAM checkpoint holds, for messages.
@@ -256,6 +257,24 @@ def import_clam_checkpoint(
     model.source = str(path)
     model.provenance = {"imported_from": str(path), "format": "CLAM state dict"}
     return model.eval()
+
+
+def recognise_clam_checkpoint(
+    path: str | os.PathLike[str], classes: str | Sequence[str] | None = None
+) -> PathologyModel | None:
+    """The model in ``path`` when its weights are CLAM's (see :func:`import_clam_checkpoint`), else None.
+
+    A file that holds no state dict, or one without CLAM's attention network,
+    is not CLAM's (None: another family may know it); a file with CLAM's
+    weight names that cannot be imported raises :class:`ModelError`.
+    """
+    try:
+        state, _ignored = _strip_wrappers(read_state_dict(path))
+    except (ModelError, ValueError):
+        return None
+    if "attention_net.0.weight" not in state:
+        return None
+    return import_clam_checkpoint(path, classes)
 
 
 def clam_state_dict(model: PathologyModel | ClamNet) -> dict[str, torch.Tensor]:
