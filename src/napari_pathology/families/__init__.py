@@ -48,6 +48,7 @@ BUILTIN = (
     "napari_pathology.families.tumor_normal",
     "napari_pathology.families.nucleus_purity",
     "napari_pathology.families.baseline",
+    "napari_pathology.families.clam",
 )
 ENTRY_POINT_GROUP = "napari_pathology.families"
 

@@ -2,8 +2,8 @@
 
 Networks and registered specs in :mod:`.model`, its losses in
 :mod:`.losses`, two-way interop with CLAM's own checkpoints in
-:mod:`.interop`, feature files in :mod:`.bags`, the trainer and its settings
-in :mod:`.train`.
+:mod:`.interop`, feature files in :mod:`.bags` (read) and :mod:`.extraction`
+(written), the trainer and its settings in :mod:`.train`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 from napari_pathology.families.base import Family
 
@@ -27,6 +27,11 @@ class ClamFamily(Family):
     data_sources = ("slide_table",)
     best_metric = "val_loss"
     best_mode = "min"
+    #: Trained on synthetic slides by ``scripts/train_clam_demo.py`` (synthetic demo, not for diagnostic use).
+    demo_weights: ClassVar[dict[str, str]] = {
+        "clam-demo": "clam-demo.pt",
+        "clam-subtype-demo": "clam-subtype-demo.pt",
+    }
 
     def register_models(self) -> None:
         """Import the model module: its builder and specs register."""

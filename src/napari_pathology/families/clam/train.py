@@ -33,9 +33,18 @@ import torch.nn.functional as F
 
 from napari_pathology.cohort import SlideEntry, read_slide_table
 from napari_pathology.families.clam.bags import BagCache, bag_path, read_bag
+from napari_pathology.families.clam.extraction import FeatureSource, prepare_bags
 from napari_pathology.families.clam.interop import import_clam_checkpoint
 from napari_pathology.families.clam.losses import INSTANCE_LOSSES, clam_loss
-from napari_pathology.families.clam.model import FAMILY, MODEL_TYPES, SIZES, ClamNet, build_clam, clam_spec
+from napari_pathology.families.clam.model import (
+    DEFAULT_ENCODER,
+    FAMILY,
+    MODEL_TYPES,
+    SIZES,
+    ClamNet,
+    build_clam,
+    clam_spec,
+)
 from napari_pathology.models.registry import ModelError, PathologyModel
 from napari_pathology.training.common import (
     check_count,
@@ -51,6 +60,7 @@ from napari_pathology.training.loop import (
     LoopSettings,
     check_output,
     check_resume,
+    checkpoint_paths,
     fit,
     seed_everything,
     torch_threads,
@@ -71,13 +81,24 @@ class ClamTraining:
         Best checkpoint (lowest validation loss); ``<stem>.last.pt`` holds the last one.
     features_dir : Path, optional
         Folder of CLAM-layout feature files ``<slide stem>.h5`` (default:
-        ``features/`` beside the slide table).
+        ``features/`` beside the slide table); a slide without one has its
+        features extracted into it first (batches cached in ``.cache/``).
+    encoder : str
+        Feature encoder of the slides' patches (see ``napari-pathology features --list``);
+        a feature file recorded as another encoder's is refused.
+    encoder_weights : str, optional
+        The encoder's weights: a file, or a model name for a family's encoder
+        (default: trained weights found on this machine).
     model_type : {"sb", "mb"}
         CLAM-SB (one attention branch) or CLAM-MB (one per class).
     gated : bool
         Gated attention (the paper's) instead of plain.
     size : {"small", "big"}
         Network size: FC 512 and attention 256 (small) or 384 (big).
+    hidden : int, optional
+        FC width L instead of the size's (512).
+    attention_dim : int, optional
+        Attention network width D instead of the size's.
     dropout : float
         Dropout after the FC layer and in the attention network.
     k_sample : int
@@ -134,9 +155,13 @@ class ClamTraining:
     data: Path
     out: Path
     features_dir: Path | None = None
+    encoder: str = DEFAULT_ENCODER
+    encoder_weights: str | None = None
     model_type: str = "sb"
     gated: bool = True
     size: str = "small"
+    hidden: int | None = None
+    attention_dim: int | None = None
     dropout: float = 0.25
     k_sample: int = 8
     bag_weight: float = 0.7
@@ -178,8 +203,14 @@ class ClamTraining:
             if len(names) < 2 or not all(names) or len({n.lower() for n in names}) != len(names):
                 raise TrainingError(f"classes must be two or more distinct names, got {list(self.classes)}")
             object.__setattr__(self, "classes", names)
-        if self.start is not None:
-            object.__setattr__(self, "start", str(self.start))
+        for name in ("start", "encoder_weights"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, str(getattr(self, name)))
+        if not isinstance(self.encoder, str) or not self.encoder.strip():
+            raise TrainingError(f"encoder must be an encoder name, got {self.encoder!r}")
+        object.__setattr__(self, "encoder", self.encoder.strip())
+        for name in ("hidden", "attention_dim"):
+            check_count(self, name, optional=True)
         for name in ("k_sample", "epochs", "patience"):
             check_count(self, name)
         check_count(self, "min_epochs", 0)
@@ -229,20 +260,31 @@ def slide_classes(entries: Sequence[SlideEntry], classes: Sequence[str] | None =
 
 
 def _build_model(
-    job: ClamTraining, classes: tuple[str, ...], embed_dim: int, resumed: PathologyModel | None
+    job: ClamTraining,
+    classes: tuple[str, ...],
+    embed_dim: int,
+    resumed: PathologyModel | None,
+    source: FeatureSource,
 ) -> tuple[PathologyModel, str]:
-    """The network to train and where it starts from."""
+    """The network to train and where it starts from; its spec names the features' encoder."""
     if resumed is not None:
         if tuple(resumed.spec.classes) != classes or resumed.spec.family != FAMILY:
             raise TrainingError(
                 f"cannot resume {job.out}: it is a {resumed.spec.family} model of classes "
                 f"{', '.join(resumed.spec.classes)}, the slide table's are {', '.join(classes)}"
             )
+        trained_on = resumed.spec.config.get("encoder", DEFAULT_ENCODER)
+        if trained_on != source.encoder:
+            raise TrainingError(
+                f"cannot resume {job.out}: it was trained on features of {trained_on}, these settings' "
+                f"encoder is {source.encoder}"
+            )
         return resumed, f"resumed from {resumed.source}"
     spec = clam_spec(
         model_name_for(job.out), model_type=job.model_type, classes=classes, gate=job.gated, size=job.size,
         embed_dim=embed_dim, dropout=job.dropout, k_sample=job.k_sample, subtyping=job.subtyping,
-        instance_loss=job.inst_loss,
+        instance_loss=job.inst_loss, hidden=job.hidden, attention_dim=job.attention_dim,
+        **source.spec_kwargs(),
     )  # fmt: skip
     fresh = PathologyModel(build_clam(len(classes), **spec.config), spec), "random initialisation"
     if job.start is None:
@@ -432,7 +474,11 @@ def train_clam(
 
 def _train(job: ClamTraining, stop: threading.Event | None) -> Generator[TrainEvent, None, TrainResult]:
     check_output(job.out, resume=job.resume, overwrite=job.overwrite)
-    resume = check_resume(job.out) if job.resume else None
+    resume, afresh = None, ""
+    if job.resume and not any(p.exists() for p in checkpoint_paths(job.out)[:2]):
+        afresh = f"; nothing of {job.out.name} trained yet (stopped in feature extraction): from step 0"
+    elif job.resume:
+        resume = check_resume(job.out)
     seed_everything(job.seed)
     try:
         entries = read_slide_table(job.data, classes=job.classes)
@@ -442,6 +488,13 @@ def _train(job: ClamTraining, stop: threading.Event | None) -> Generator[TrainEv
     features_dir = job.features_dir or job.data.parent / "features"
     if job.data.is_dir():
         features_dir = job.features_dir or job.data / "features"
+    source = yield from prepare_bags(
+        entries, features_dir, job.encoder, job.encoder_weights, device=job.device, stop=stop
+    )
+    if source.stopped:
+        message = f"{source.stopped}; the finished slides and batches are kept: Resume (or Start) continues"
+        yield TrainEvent("done", 0, 0, message=message)
+        return TrainResult(None, None, 0, True, {})
     cache = BagCache()
     sizes: dict[Path, int] = {}
     for k, entry in enumerate(entries):  # every bag checked before training starts
@@ -461,7 +514,8 @@ def _train(job: ClamTraining, stop: threading.Event | None) -> Generator[TrainEv
         cache.keep(path, bag)
         sizes[entry.path] = len(bag)
     dim = int(cache.embed_dim or 0)
-    model, init = _build_model(job, classes, dim, resume[0] if resume else None)
+    model, init = _build_model(job, classes, dim, resume[0] if resume else None, source)
+    init += afresh
     train, val = split_by_slide(entries, job.val_fraction, job.seed)
 
     def items(group: list[SlideEntry]) -> list[tuple[Path, int]]:
@@ -472,8 +526,8 @@ def _train(job: ClamTraining, stop: threading.Event | None) -> Generator[TrainEv
     net = model.net
     yield TrainEvent("log", 0, 0, message=(
         f"{len(train)} training and {len(val)} validation slides, classes {', '.join(classes)}; "
-        f"CLAM-{net.model_type.upper()} {'gated' if net.gate else 'plain'}, {dim}-d features from "
-        f"{features_dir}; {init}"
+        f"CLAM-{net.model_type.upper()} {'gated' if net.gate else 'plain'}, {dim}-d {source.encoder} "
+        f"features from {features_dir}; {init}"
         + (f"; {small} bag(s) hold fewer than 2B = {2 * net.k_sample} patches (B = N // 2)" if small else "")
     ))  # fmt: skip
     steps_per_epoch = len(train_items)
@@ -491,6 +545,7 @@ def _train(job: ClamTraining, stop: threading.Event | None) -> Generator[TrainEv
         "family": FAMILY, "job": job.to_dict(), "initialisation": init, "classes": list(classes),
         "train_slides": provenance_entries(train), "val_slides": provenance_entries(val),
         "features_dir": str(features_dir), "labels": "slide-level (attention MIL)",
+        "encoder": {**source.provenance, "name": source.encoder}, "features_extracted": source.extracted,
     }  # fmt: skip
     loop = LoopSettings(
         total, job.out, eval_every=steps_per_epoch, device=job.device, amp=job.amp,
