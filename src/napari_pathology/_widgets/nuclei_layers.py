@@ -16,6 +16,7 @@ import numpy as np
 
 from napari_pathology.nuclei.density import PointIndex, density_grid
 from napari_pathology.nuclei.points import LABEL_COLOURS, LABELS, SOURCES, NucleusPoints
+from napari_pathology.world import um_from_world, world_from_um
 
 if TYPE_CHECKING:
     import napari
@@ -35,18 +36,6 @@ def slide_mpp_xy(slide_layer: Any) -> tuple[float, float]:
     return (float(meta["mpp_x"]), float(meta["mpp_y"])) if meta.get("mpp_x") else (1.0, 1.0)
 
 
-def world_from_um(xy_um: np.ndarray, mpp: tuple[float, float]) -> np.ndarray:
-    """Napari ``(y, x)`` world coordinates of physical ``(x, y)`` micrometres."""
-    xy = np.asarray(xy_um, dtype=np.float64).reshape(-1, 2)
-    return np.column_stack([xy[:, 1] - mpp[1] / 2, xy[:, 0] - mpp[0] / 2])
-
-
-def um_from_world(yx_world: np.ndarray, mpp: tuple[float, float]) -> np.ndarray:
-    """Physical ``(x, y)`` micrometres of napari ``(y, x)`` world coordinates."""
-    yx = np.asarray(yx_world, dtype=np.float64).reshape(-1, 2)
-    return np.column_stack([yx[:, 1] + mpp[0] / 2, yx[:, 0] + mpp[1] / 2])
-
-
 #: Fill opacity of nucleus markers: the nucleus stays visible under its label colour.
 FILL_ALPHA = 0.45
 
@@ -57,7 +46,7 @@ def view_box_um(
     """The physical box ``(x, y, width, height)`` the canvas shows, in micrometres, scaled by ``pad``."""
     centre = np.asarray(viewer.camera.center, dtype=np.float64)[-2:]
     half = np.asarray(viewer.canvas.size, dtype=np.float64) / max(viewer.camera.zoom, 1e-9) / 2 * pad
-    y0, x0 = centre - half + np.array([mpp[1], mpp[0]]) / 2  # canvas size is (height, width)
+    ((x0, y0),) = um_from_world(centre - half, mpp)  # canvas size is (height, width)
     return (float(x0), float(y0), float(2 * half[1]), float(2 * half[0]))
 
 
