@@ -1,7 +1,9 @@
 """Score a model on a cohort of slides with ground truth: slide AUC, FROC, TPF vs purity.
 
-:func:`evaluate_cohort` runs the engine on every slide of a slide table
-(results are saved per slide and reused when nothing changed), then
+:func:`evaluate_cohort` runs the model on every slide of a slide table
+through the cohort runner (:mod:`napari_pathology.batch`: results saved per
+slide, done slides reused, in this process or on dask workers), then
+:func:`evaluate_reports` scores the saved results: it
 computes the slide-level AUC with its bootstrap and DeLong 95% CIs from the
 slide scores, the FROC (Camelyon16 rules) from the detections and the
 tumour polygons, and, where the ground truth gives a tumour purity
@@ -22,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from napari_pathology.analysis.engine import RunSettings, result_folder
+from napari_pathology.analysis.engine import RunSettings
 from napari_pathology.analysis.metrics import (
     AUCResult,
     FROCResult,
@@ -31,14 +33,13 @@ from napari_pathology.analysis.metrics import (
     pearson_r,
     slide_auc,
 )
-from napari_pathology.analysis.runners import run
+from napari_pathology.analysis.result import load_result
 from napari_pathology.cohort import SlideEntry
 from napari_pathology.fileio import atomic_write, ensure_writable_dir, safe_name
-from napari_pathology.progress import Progress, run_to_completion
-from napari_pathology.slide import open_slide
-from napari_pathology.tissue import TissueParams, detect_tissue
+from napari_pathology.progress import Progress
+from napari_pathology.tissue import TissueParams
 
-__all__ = ["Evaluation", "SlideOutcome", "evaluate_cohort"]
+__all__ = ["Evaluation", "SlideOutcome", "evaluate_cohort", "evaluate_reports"]
 
 
 @dataclass
@@ -125,13 +126,23 @@ def evaluate_cohort(
     out_dir: str | os.PathLike[str],
     settings: RunSettings | None = None,
     tissue_params: TissueParams | None = None,
+    *,
+    workers: int = 1,
+    scheduler: str | None = None,
+    force: bool = False,
 ) -> Generator[Progress, None, Evaluation]:
     """Run ``model`` on every slide and score it against the slides' labels and annotations.
 
+    The slides run through the cohort runner (:func:`napari_pathology.batch.run_cohort`):
+    in this process with one worker, else on a local dask cluster (or the
+    scheduler at ``scheduler``); slides done by an earlier run are reused
+    (their done markers), a slide that fails is named in the notes and left
+    out of the metrics.
+
     Parameters
     ----------
-    model : PathologyModel
-        The model to evaluate.
+    model : PathologyModel, str or path-like
+        The model to evaluate (a registry name or checkpoint for a cluster).
     entries : sequence of SlideEntry
         Slides with labels (for AUC) and tumour polygons (for FROC).
     out_dir : path-like
@@ -140,37 +151,78 @@ def evaluate_cohort(
         Engine settings (device, batch size, TTA, NMS).
     tissue_params : TissueParams, optional
         Tissue detection.
+    workers : int
+        1: in this process; more: a local dask cluster of that many worker processes.
+    scheduler : str, optional
+        Address of a running dask scheduler.
+    force : bool
+        Recompute slides that are done.
 
     Yields
     ------
     Progress
         One step per slide (messages carry the engine's progress).
     """
-    out_dir = ensure_writable_dir(out_dir)  # before hours of work, not after
-    settings = settings or RunSettings()
-    tissue_params = tissue_params or TissueParams()
-    outcomes = []
-    for k, entry in enumerate(entries):
-        slide = open_slide(entry.path, mpp=entry.mpp)
-        mpp = slide.require_mpp()
-        tissue = run_to_completion(detect_tissue(slide, tissue_params))
-        target = result_folder(out_dir, slide, model.spec.name)
-        job = run(slide, model, tissue=tissue, settings=settings, out_dir=target)
-        while True:
-            try:
-                step = next(job)
-            except StopIteration as stop:
-                result = stop.value
-                break
-            yield Progress(k, len(entries), f"{entry.name}: {step.message}")
-        lesions = [polygon[0] for polygon in entry.tumour_polygons_um(mpp)] if entry.annotations else []
+    from napari_pathology.batch import run_cohort
+
+    cohort = yield from run_cohort(
+        entries, model, out_dir, settings=settings, tissue_params=tissue_params or TissueParams(),
+        workers=workers, scheduler=scheduler, in_process=workers <= 1 and not scheduler, force=force,
+        evaluate=False,
+    )  # fmt: skip
+    output = getattr(getattr(model, "spec", None), "output", None)
+    if output is None:
+        from napari_pathology.batch.tasks import cached_model
+
+        output = cached_model(os.fspath(model)).spec.output
+    evaluation = evaluate_reports(cohort.job, output, entries, cohort.reports, out_dir)
+    return evaluation
+
+
+def evaluate_reports(
+    model_name: str,
+    output: str,
+    entries: Sequence[SlideEntry],
+    reports: Sequence[Any],
+    out_dir: str | os.PathLike[str],
+) -> Evaluation:
+    """Score a cohort's saved results against the slides' labels, annotations and purity; write the files.
+
+    Parameters
+    ----------
+    model_name : str
+        The model's name (names the files).
+    output : str
+        The model's output kind (``heatmap`` results get a FROC).
+    entries : sequence of SlideEntry
+        The slide table.
+    reports : sequence of SlideReport
+        The runner's report per slide (:class:`napari_pathology.batch.SlideReport`):
+        done slides are loaded from their result folders, failed ones named in the notes.
+    out_dir : path-like
+        Where ``evaluation-<model>.json`` and ``slides-<model>.csv`` go.
+    """
+    by_path = {os.path.abspath(os.fspath(r.slide)): r for r in reports}
+    outcomes, failed = [], []
+    for entry in entries:
+        report = by_path.get(os.path.abspath(os.fspath(entry.path)))
+        if report is None or report.status not in ("done", "skipped"):
+            failed.append(f"{entry.path.name} ({report.error or report.status if report else 'not run'})")
+            continue
+        result = load_result(report.output)
+        lesions = (
+            [polygon[0] for polygon in entry.tumour_polygons_um(result.slide_mpp)]
+            if entry.annotations
+            else []
+        )
         outcomes.append(SlideOutcome(
             entry.name, entry.label, entry.is_tumour, float(result.slide_score), result.detections, lesions,
-            _purity(entry), target, str(slide.path or entry.path),
+            _purity(entry), Path(report.output), str(result.slide_path or entry.path),
         ))  # fmt: skip
-        slide.close()
-        yield Progress(k + 1, len(entries), f"{entry.name}: {result.score_title} {result.slide_score:.3f}")
-    evaluation = Evaluation(model.spec.name, outcomes)
+    evaluation = Evaluation(model_name, outcomes)
+    if failed:
+        shown = ", ".join(failed[:5]) + (f" and {len(failed) - 5} more" if len(failed) > 5 else "")
+        evaluation.notes.append(f"{len(failed)} of {len(entries)} slides failed and are not scored: {shown}")
     labelled = [o for o in outcomes if o.is_tumour is not None and np.isfinite(o.slide_score)]
     labels = np.array([o.is_tumour for o in labelled], bool)
     left_out = [Path(o.path).name if o.path else o.name for o in outcomes if o not in labelled]
@@ -184,16 +236,12 @@ def evaluate_cohort(
         evaluation.auc = slide_auc(labels, np.array([o.slide_score for o in labelled]))
     else:
         evaluation.notes.append("slide AUC needs tumour and normal slides with labels")
-    if (
-        model.spec.output == "heatmap"
-        and any(o.lesions for o in outcomes)
-        and any(not o.lesions for o in labelled)
-    ):
+    if output == "heatmap" and any(o.lesions for o in outcomes) and any(not o.lesions for o in labelled):
         evaluation.froc = froc([SlideDetections(o.name, o.detections, o.lesions) for o in labelled])
     with_purity = [o for o in outcomes if o.purity is not None and np.isfinite(o.slide_score)]
     if len(with_purity) >= 3:
         evaluation.purity_r = pearson_r([o.slide_score for o in with_purity], [o.purity for o in with_purity])
-    _write(evaluation, out_dir)
+    _write(evaluation, ensure_writable_dir(out_dir))
     return evaluation
 
 
