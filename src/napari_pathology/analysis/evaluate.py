@@ -67,6 +67,7 @@ class Evaluation:
     froc: FROCResult | None = None
     purity_r: tuple[float, float] | None = None
     notes: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (per-slide rows included)."""
@@ -79,6 +80,7 @@ class Evaluation:
             if self.purity_r
             else None,
             "notes": self.notes,
+            "failed": self.failed,
             "slides": [_row(o) for o in self.outcomes],
         }
 
@@ -130,6 +132,7 @@ def evaluate_cohort(
     workers: int = 1,
     scheduler: str | None = None,
     force: bool = False,
+    classes: Sequence[str] | None = None,
 ) -> Generator[Progress, None, Evaluation]:
     """Run ``model`` on every slide and score it against the slides' labels and annotations.
 
@@ -157,6 +160,8 @@ def evaluate_cohort(
         Address of a running dask scheduler.
     force : bool
         Recompute slides that are done.
+    classes : sequence of str, optional
+        Class names of another tool's checkpoint (when ``model`` is a path).
 
     Yields
     ------
@@ -168,13 +173,13 @@ def evaluate_cohort(
     cohort = yield from run_cohort(
         entries, model, out_dir, settings=settings, tissue_params=tissue_params or TissueParams(),
         workers=workers, scheduler=scheduler, in_process=workers <= 1 and not scheduler, force=force,
-        evaluate=False,
+        classes=classes, evaluate=False,
     )  # fmt: skip
     output = getattr(getattr(model, "spec", None), "output", None)
     if output is None:
         from napari_pathology.batch.tasks import cached_model
 
-        output = cached_model(os.fspath(model)).spec.output
+        output = cached_model(os.fspath(model), tuple(classes) if classes else None).spec.output
     evaluation = evaluate_reports(cohort.job, output, entries, cohort.reports, out_dir)
     return evaluation
 
@@ -219,7 +224,7 @@ def evaluate_reports(
             entry.name, entry.label, entry.is_tumour, float(result.slide_score), result.detections, lesions,
             _purity(entry), Path(report.output), str(result.slide_path or entry.path),
         ))  # fmt: skip
-    evaluation = Evaluation(model_name, outcomes)
+    evaluation = Evaluation(model_name, outcomes, failed=failed)
     if failed:
         shown = ", ".join(failed[:5]) + (f" and {len(failed) - 5} more" if len(failed) > 5 else "")
         evaluation.notes.append(f"{len(failed)} of {len(entries)} slides failed and are not scored: {shown}")

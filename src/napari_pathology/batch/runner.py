@@ -227,7 +227,8 @@ def run_cohort(
     counts = {"done": 0, "failed": 0}
     todo = []
     for task in tasks:
-        earlier = None if force else read_marker(task)
+        # a model built in code has no name or file to check a marker against: its run's key decides
+        earlier = None if force or not (source or encoder) else read_marker(task)
         if earlier is None:
             todo.append(task)
         else:

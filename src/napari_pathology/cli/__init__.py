@@ -20,7 +20,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from napari_pathology.cli import analysis, export, features, slides, train
+from napari_pathology.cli import analysis, batch, export, features, slides, train
 from napari_pathology.cli.errors import (
     EXIT_USER_ERROR,
     CommandError,
@@ -90,6 +90,7 @@ def build_parser(families: bool = True) -> argparse.ArgumentParser:
     analysis.add_evaluate_parser(sub)
     features.add_parser(sub)
     export.add_parser(sub)
+    batch.add_parser(sub)
     return parser
 
 

@@ -8,7 +8,15 @@ from pathlib import Path
 from typing import Any
 
 from napari_pathology.cli.errors import CommandError, interrupted_status, sigterm_as_interrupt
-from napari_pathology.cli.options import BATCH_SIZE, NMS_RADIUS, STRIDE, device_option, fraction, mpp_option
+from napari_pathology.cli.options import (
+    BATCH_SIZE,
+    NMS_RADIUS,
+    STRIDE,
+    device_option,
+    fraction,
+    int_option,
+    mpp_option,
+)
 from napari_pathology.cli.progress_bars import run_with_progress
 from napari_pathology.fileio import ensure_writable_dir
 
@@ -137,12 +145,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         entries = read_slide_table(args.data)
     except CohortError as error:
         raise CommandError(str(error)) from error
-    model = resolve_model(args.model, classes=args.classes)
-    job = evaluate_cohort(model, entries, args.out, settings)
+    model = resolve_model(args.model, classes=args.classes)  # a bad model is said here, in one line
+    in_process = args.workers <= 1 and not args.scheduler  # dask workers load it from its name or file
+    classes = tuple(args.classes.split(",")) if args.classes else None
+    job = evaluate_cohort(model if in_process else str(args.model), entries, args.out, settings,
+                          workers=args.workers, scheduler=args.scheduler, classes=classes)  # fmt: skip
     evaluation = run_with_progress(job, f"evaluate {model.spec.name}", args.quiet)
     print(evaluation.summary())
     print(f"per-slide results: {args.out}")
-    return 0
+    return 1 if evaluation.failed else 0
 
 
 # --------------------------------------------------------------------------- parsers
@@ -184,5 +195,8 @@ def add_evaluate_parser(sub: Any) -> None:
     evaluate.add_argument("--batch-size", type=BATCH_SIZE, default=32)
     evaluate.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                           help="average the 8 orientations (default: the model's choice)")  # fmt: skip
+    evaluate.add_argument("--workers", type=int_option(1, 512), default=1,
+                          help="1: in this process (default); more: a local dask cluster")  # fmt: skip
+    evaluate.add_argument("--scheduler", default=None, metavar="ADDRESS", help="a running dask scheduler")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
     evaluate.set_defaults(func=_cmd_evaluate)
