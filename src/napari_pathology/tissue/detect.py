@@ -14,6 +14,15 @@ import numpy as np
 from scipy import ndimage
 
 from napari_pathology.progress import Progress
+from napari_pathology.tissue.filters import (
+    candidate_boxes,
+    closing,
+    fill_holes,
+    gray_u8,
+    median_above,
+    remove_small,
+    saturation_u8,
+)
 from napari_pathology.tissue.mask import DEFAULT_PARAMS, TissueMask, TissueParams, _pair
 from napari_pathology.tissue.pen import _as_rgb_uint8, pen_mask
 from napari_pathology.tissue.resample import read_at_mpp
@@ -22,20 +31,6 @@ if TYPE_CHECKING:
     from napari_pathology.slide import Slide
 
 __all__ = ["detect_tissue", "tissue_mask_from_rgb"]
-
-
-def _saturation_u8(rgb: np.ndarray) -> np.ndarray:
-    """HSV saturation on 0-255 (as OpenCV computes it)."""
-    mx = rgb.max(axis=-1).astype(np.float32)
-    mn = rgb.min(axis=-1).astype(np.float32)
-    sat = np.divide(mx - mn, mx, out=np.zeros_like(mx), where=mx > 0) * 255.0
-    return np.clip(np.rint(sat), 0, 255).astype(np.uint8)
-
-
-def _gray_u8(rgb: np.ndarray) -> np.ndarray:
-    """Luma (ITU-R 601) on 0-255."""
-    gray = rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-    return np.clip(np.rint(gray), 0, 255).astype(np.uint8)
 
 
 def _odd(pixels: float) -> int:
@@ -71,62 +66,62 @@ def _otsu(image: np.ndarray, min_contrast: float) -> float | None:
     return threshold
 
 
-def _foreground(rgb: np.ndarray, mpp: float, params: TissueParams) -> np.ndarray:
-    """The thresholded (not yet cleaned) tissue map."""
-    size = _odd(params.median_um / mpp)
-    if params.method == "saturation":
-        sat = _median(_saturation_u8(rgb), size)
-        threshold = params.saturation_threshold
-        if threshold is None:
-            threshold = _otsu(sat, min_contrast=12.0)
-            if threshold is None:
-                return np.zeros(sat.shape, bool)
-        return sat > threshold
-    if params.method == "gray":
-        gray = _median(_gray_u8(rgb), size)
-        return gray <= params.gray_threshold * 255.0
-    # otsu: tissue is darker than the glass
-    gray = _median(_gray_u8(rgb), size)
-    threshold = _otsu(255 - gray, min_contrast=12.0)
-    return np.zeros(gray.shape, bool) if threshold is None else (255 - gray) > threshold
+#: Pen ink is never less saturated than this (0-255): the weak rule of :func:`pen_mask` is 0.12.
+_PEN_MIN_SATURATION = 30
 
 
-def _closing(mask: np.ndarray, size: int) -> np.ndarray:
-    """Binary closing with a disk of diameter ``size`` px, without eroding at the border."""
-    if size <= 1 or not mask.any():
+class _Foreground:
+    """The thresholded (not yet cleaned) tissue map, computed box by box where it can be.
+
+    ``candidate`` holds every pixel that can be foreground (and, with pen
+    removal, every ink pixel); :meth:`box` gives the foreground inside one box
+    of :func:`~napari_pathology.tissue.filters.candidate_boxes`. The fixed
+    thresholds ("saturation" with a threshold, "gray") blur only inside the
+    boxes; Otsu's thresholds need the blurred image of the whole slide first.
+    """
+
+    def __init__(self, rgb: np.ndarray, size: int, params: TissueParams) -> None:
+        self.size = size
+        self.image: np.ndarray | None = None  # per-box input of median_above
+        self.full: np.ndarray | None = None  # the whole foreground, when it had to be computed at once
+        self.threshold = 0.0
+        self.invert = False
+        sat = saturation_u8(rgb) if params.method == "saturation" or params.exclude_pen else None
+        if params.method == "saturation" and params.saturation_threshold is not None:
+            self.image, self.threshold = sat, float(params.saturation_threshold)
+            self.candidate = sat > self.threshold
+        elif params.method == "gray":
+            self.image, self.threshold, self.invert = gray_u8(rgb), params.gray_threshold * 255.0, True
+            self.candidate = self.image <= self.threshold
+        else:
+            if params.method == "saturation":
+                blurred = _median(sat, size)
+            else:  # otsu: tissue is darker than the glass
+                blurred = 255 - _median(gray_u8(rgb), size)
+            threshold = _otsu(blurred, min_contrast=12.0)
+            self.full = np.zeros(blurred.shape, bool) if threshold is None else blurred > threshold
+            self.candidate = self.full
+        if params.exclude_pen:
+            self.candidate = self.candidate | (sat > _PEN_MIN_SATURATION)
+
+    def box(self, box: tuple[slice, slice]) -> np.ndarray:
+        """The foreground inside ``box``."""
+        if self.full is not None:
+            return self.full[box]
+        above = median_above(self.image[box], self.threshold, self.size)
+        return ~above if self.invert else above
+
+
+def _remove_pen(mask: np.ndarray, rgb: np.ndarray) -> np.ndarray:
+    """``mask`` without marker ink (and the thin slivers of stroke edges left beside it)."""
+    ink = pen_mask(rgb)
+    if not ink.any():
         return mask
-    from skimage.morphology import disk
-
-    radius = size // 2
-    padded = np.pad(mask, radius, mode="edge")
-    closed = ndimage.binary_closing(padded, structure=disk(radius))
-    return closed[radius:-radius, radius:-radius] | mask
-
-
-def _fill_holes(mask: np.ndarray, max_hole_pixels: float | None) -> np.ndarray:
-    """Fill holes (background not reaching the border) of at most ``max_hole_pixels`` (None: all)."""
-    filled = ndimage.binary_fill_holes(mask)
-    if max_hole_pixels is None:
-        return filled
-    holes = filled & ~mask
-    if not holes.any() or max_hole_pixels <= 0:
-        return mask
-    labels, n = ndimage.label(holes)
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)
-    small = sizes <= max_hole_pixels
-    small[0] = False
-    return mask | small[labels]
-
-
-def _remove_small(mask: np.ndarray, min_pixels: float) -> np.ndarray:
-    """Drop 8-connected pieces with fewer than ``min_pixels`` pixels."""
-    if min_pixels <= 1 or not mask.any():
-        return mask
-    labels, n = ndimage.label(mask, structure=np.ones((3, 3), bool))
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)
-    keep = sizes >= min_pixels
-    keep[0] = False
-    return keep[labels]
+    ink = ndimage.binary_dilation(ink, structure=np.ones((3, 3), bool))
+    mask = mask & ~ink
+    return ndimage.binary_opening(mask, structure=np.ones((3, 3), bool)) | (
+        mask & ~ndimage.binary_dilation(ink, iterations=3)
+    )
 
 
 def tissue_mask_from_rgb(
@@ -145,7 +140,10 @@ def tissue_mask_from_rgb(
     ``median_um``), closing with a disk of ``closing_um``, hole filling
     (holes below ``min_hole_area_mm2``, or all with ``fill_holes``), pen
     removal (``exclude_pen``), then removal of pieces below
-    ``min_tissue_area_mm2``.
+    ``min_tissue_area_mm2``. On uint8 and bool arrays throughout, and only in
+    boxes around candidate tissue (pixels that pass the threshold unblurred),
+    which gives the same mask as the whole image would in a fraction of the
+    time on sparse slides.
 
     Parameters
     ----------
@@ -179,20 +177,19 @@ def tissue_mask_from_rgb(
             max(1, round(rows * mpp / slide_mpp_xy[1])),
         )
     pixel_mm2 = (mpp / 1000.0) ** 2
-    mask = _foreground(rgb, mpp, params)
-    mask = _closing(mask, _odd(params.closing_um / mpp))
+    size, close = _odd(params.median_um / mpp), _odd(params.closing_um / mpp)
     max_hole = None if params.fill_holes else params.min_hole_area_mm2 / pixel_mm2
-    mask = _fill_holes(mask, max_hole)
-    if params.exclude_pen:
-        ink = pen_mask(rgb)
-        if ink.any():
-            ink = ndimage.binary_dilation(ink, structure=np.ones((3, 3), bool))
-            mask &= ~ink
-            # thin slivers of stroke edges left beside the ink
-            mask = ndimage.binary_opening(mask, structure=np.ones((3, 3), bool)) | (
-                mask & ~ndimage.binary_dilation(ink, iterations=3)
-            )
-    mask = _remove_small(mask, params.min_tissue_area_mm2 / pixel_mm2)
+    min_pixels = params.min_tissue_area_mm2 / pixel_mm2
+    foreground = _Foreground(rgb, size, params)
+    mask = np.zeros((rows, cols), bool)
+    # every step below reaches at most this far from the foreground (median, closing, pen)
+    reach = 2 * (size // 2) + 2 * (close // 2) + 8
+    for box in candidate_boxes(foreground.candidate, reach):
+        part = closing(foreground.box(box), close)
+        part = fill_holes(part, max_hole)
+        if params.exclude_pen:
+            part = _remove_pen(part, rgb[box])
+        mask[box] = remove_small(part, min_pixels)
     return TissueMask(
         mask=mask,
         mpp=mpp,

@@ -1,0 +1,252 @@
+"""Fast uint8 / binary filters of the tissue detectors, and the boxes of candidate tissue.
+
+Each function gives exactly what its plain counterpart gives (tests compare
+them): :func:`median_above` is scikit-image's rank median followed by a
+threshold, computed as a count of pixels above the threshold in each window;
+:func:`closing` is a binary closing with a disk, done as separable 1-D
+minimum / maximum filters over the disk's rectangles; :func:`fill_holes` and
+:func:`remove_small` label once. :func:`candidate_boxes` splits a sparse
+slide's mask into independent boxes, so the filters run only where there is
+tissue.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+from scipy import ndimage
+
+__all__ = [
+    "candidate_boxes",
+    "closing",
+    "disk_rectangles",
+    "fill_holes",
+    "gray_u8",
+    "median_above",
+    "remove_small",
+    "saturation_u8",
+]
+
+Box = tuple[slice, slice]
+
+
+@functools.cache
+def _saturation_table() -> np.ndarray:
+    """HSV saturation (0-255, rounded half to even) indexed by ``max * 256 + min`` of a pixel."""
+    mx = np.repeat(np.arange(256, dtype=np.float32), 256)
+    mn = np.tile(np.arange(256, dtype=np.float32), 256)
+    sat = np.divide(mx - mn, mx, out=np.zeros_like(mx), where=mx > 0) * 255.0
+    return np.clip(np.rint(sat), 0, 255).astype(np.uint8)
+
+
+def saturation_u8(rgb: np.ndarray) -> np.ndarray:
+    """HSV saturation on 0-255 of a uint8 RGB image (as OpenCV computes it).
+
+    Parameters
+    ----------
+    rgb : ndarray
+        ``(H, W, 3)`` uint8.
+
+    Returns
+    -------
+    ndarray
+        ``(H, W)`` uint8, ``round(255 * (max - min) / max)`` (0 where max is 0).
+
+    """
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    index = np.maximum(np.maximum(r, g), b).astype(np.uint16)
+    index <<= 8
+    index |= np.minimum(np.minimum(r, g), b)
+    return _saturation_table().take(index)
+
+
+def gray_u8(rgb: np.ndarray) -> np.ndarray:
+    """Luma (ITU-R 601) on 0-255 of a uint8 RGB image."""
+    gray = rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    return np.clip(np.rint(gray), 0, 255).astype(np.uint8)
+
+
+def _window_counts(binary: np.ndarray, size: int) -> np.ndarray:
+    """Pixels set in each ``size`` x ``size`` window (zero outside the image)."""
+    dtype = np.uint8 if size <= 255 else np.uint16
+    ones = np.ones(size, np.float64)
+    rows = ndimage.correlate1d(binary.view(np.uint8), ones, axis=0, output=dtype, mode="constant")
+    out = np.uint16 if size * size <= 65535 else np.uint32
+    return ndimage.correlate1d(rows, ones, axis=1, output=out, mode="constant")
+
+
+def _inside(n: int, size: int) -> np.ndarray:
+    """Along one axis of length ``n``: how many of each centred ``size`` window's pixels lie inside."""
+    half = size // 2
+    index = np.arange(n)
+    return np.minimum(index + half, n - 1) - np.maximum(index - half, 0) + 1
+
+
+def median_above(image: np.ndarray, threshold: float, size: int) -> np.ndarray:
+    """Where the ``size`` x ``size`` median of a uint8 image exceeds ``threshold``.
+
+    The same as ``skimage.filters.rank.median(image, np.ones((size, size))) > threshold``
+    (whose windows hold only the pixels inside the image), from window counts:
+    the median exceeds ``t`` exactly when at least half the window does.
+
+    Parameters
+    ----------
+    image : ndarray
+        ``(H, W)`` uint8.
+    threshold : float
+        Threshold on 0-255.
+    size : int
+        Odd window side (1: no blur).
+
+    Returns
+    -------
+    ndarray
+        ``(H, W)`` bool.
+
+    """
+    above = image > threshold
+    if size <= 1 or min(image.shape) < 2:
+        return above
+    counts = _window_counts(above, size).astype(np.int64 if size * size > 32767 else np.int32)
+    counts *= 2
+    rows, cols = image.shape
+    return counts >= _inside(rows, size)[:, None] * _inside(cols, size)[None, :]
+
+
+@functools.cache
+def disk_rectangles(radius: int) -> tuple[tuple[int, int], ...]:
+    """``skimage.morphology.disk(radius)`` as a union of centred rectangles ``(half_height, half_width)``."""
+    rows = [math.isqrt(radius * radius - dy * dy) for dy in range(radius + 1)]  # half-width at |dy|
+    rectangles = []
+    for dy, width in enumerate(rows):
+        if dy == radius or rows[dy + 1] < width:
+            rectangles.append((dy, width))
+    return tuple(rectangles)
+
+
+def _rect_filter(image: np.ndarray, half_h: int, half_w: int, function: object) -> np.ndarray:
+    out = image
+    if half_h:
+        out = function(out, 2 * half_h + 1, axis=0, mode="constant", cval=0)
+    if half_w:
+        out = function(out, 2 * half_w + 1, axis=1, mode="constant", cval=0)
+    return out
+
+
+def _by_disk(image: np.ndarray, radius: int, dilate: bool) -> np.ndarray:
+    """Binary dilation or erosion (zero outside) of a uint8 0/1 image with ``disk(radius)``."""
+    function = ndimage.maximum_filter1d if dilate else ndimage.minimum_filter1d
+    combine = np.maximum if dilate else np.minimum
+    out = None
+    for half_h, half_w in disk_rectangles(radius):
+        part = _rect_filter(image, half_h, half_w, function)
+        out = part if out is None else combine(out, part, out=out if out is not image else None)
+    return image if out is None else out
+
+
+def closing(mask: np.ndarray, size: int) -> np.ndarray:
+    """Binary closing with a disk of diameter ``size`` px, without eroding at the border.
+
+    The same as padding by the radius (edge values), ``scipy.ndimage.binary_closing``
+    with ``skimage.morphology.disk(size // 2)``, cropping and keeping ``mask``.
+    """
+    if size <= 1 or not mask.any():
+        return mask
+    radius = size // 2
+    padded = np.pad(mask.view(np.uint8), radius, mode="edge")
+    closed = _by_disk(_by_disk(padded, radius, dilate=True), radius, dilate=False)
+    return closed[radius:-radius, radius:-radius].view(bool) | mask
+
+
+def fill_holes(mask: np.ndarray, max_hole_pixels: float | None) -> np.ndarray:
+    """Fill holes (background 4-connected pieces not reaching the border) of at most ``max_hole_pixels``.
+
+    None fills every hole; the result is ``scipy.ndimage.binary_fill_holes`` then.
+    """
+    if max_hole_pixels is not None and max_hole_pixels <= 0:
+        return mask
+    labels, n = ndimage.label(~mask)
+    if n == 0:
+        return mask
+    outside = np.zeros(n + 1, bool)
+    for edge in (labels[0], labels[-1], labels[:, 0], labels[:, -1]):
+        outside[edge] = True
+    fill = ~outside
+    if max_hole_pixels is not None:
+        fill &= np.bincount(labels.ravel(), minlength=n + 1) <= max_hole_pixels
+    fill[0] = False
+    if not fill[1:].any():
+        return mask
+    return mask | fill[labels]
+
+
+def remove_small(mask: np.ndarray, min_pixels: float) -> np.ndarray:
+    """Drop 8-connected pieces with fewer than ``min_pixels`` pixels."""
+    if min_pixels <= 1 or not mask.any():
+        return mask
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3), bool))
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    keep = sizes >= min_pixels
+    keep[0] = False
+    if keep[1:].all():
+        return mask
+    return keep[labels]
+
+
+def candidate_boxes(candidate: np.ndarray, margin: int, block: int = 64) -> list[Box]:
+    """Boxes that hold every candidate pixel, each with at least ``margin`` px of non-candidates around.
+
+    The image is cut into ``block`` px blocks; blocks holding a candidate pixel,
+    grown by enough blocks to cover ``margin``, are grouped into 8-connected
+    pieces whose bounding boxes are merged until none overlap. Outside the
+    boxes there is no candidate pixel, and none lies within ``margin`` px of a
+    box side that is not the image's border, so a filter that reaches at most
+    ``margin`` px gives inside a box what it gives on the whole image.
+
+    Parameters
+    ----------
+    candidate : ndarray
+        ``(H, W)`` bool.
+    margin : int
+        Pixels of reach of the filters run in the boxes.
+    block : int
+        Block side in pixels.
+
+    Returns
+    -------
+    list of (slice, slice)
+        Disjoint boxes, in row-major order of their top-left corners; empty
+        when there is no candidate.
+
+    """
+    rows, cols = candidate.shape
+    nby, nbx = -(-rows // block), -(-cols // block)
+    padded = np.zeros((nby * block, nbx * block), bool)
+    padded[:rows, :cols] = candidate
+    occupied = padded.reshape(nby, block, nbx, block).any(axis=(1, 3))
+    if not occupied.any():
+        return []
+    grow = 1 + margin // block
+    grown = ndimage.binary_dilation(occupied, np.ones((3, 3), bool), iterations=grow)
+    labels, _ = ndimage.label(grown, np.ones((3, 3), bool))
+    boxes = [[s[0].start, s[0].stop, s[1].start, s[1].stop] for s in ndimage.find_objects(labels)]
+    merged = True
+    while merged:
+        merged = False
+        for i in range(len(boxes)):
+            for j in range(i + 1, len(boxes)):
+                a, b = boxes[i], boxes[j]
+                if a[0] < b[1] and b[0] < a[1] and a[2] < b[3] and b[2] < a[3]:
+                    boxes[i] = [min(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), max(a[3], b[3])]
+                    del boxes[j]
+                    merged = True
+                    break
+            if merged:
+                break
+    boxes.sort()
+    return [
+        (slice(y0 * block, min(rows, y1 * block)), slice(x0 * block, min(cols, x1 * block)))
+        for y0, y1, x0, x1 in boxes
+    ]
