@@ -344,10 +344,13 @@ def prepare_bags(
             ) from None
         target = bag_path(features_dir, slide_entry.path)
         try:
-            feats = yield from _relay(
-                extract_to_h5(slide, built, target, cache_dir=cache, min_tissue_fraction=least, stop=stop),
-                where,
-            )
+            with slide:
+                feats = yield from _relay(
+                    extract_to_h5(
+                        slide, built, target, cache_dir=cache, min_tissue_fraction=least, stop=stop
+                    ),
+                    where,
+                )
         except NoTissueError as error:
             raise TrainingError(f"{slide_entry.path}: {error}") from None
         except InterruptedError as error:
