@@ -3,8 +3,8 @@
 Each function gives exactly what its plain counterpart gives (tests compare
 them): :func:`median_above` is scikit-image's rank median followed by a
 threshold, computed as a count of pixels above the threshold in each window;
-:func:`closing` is a binary closing with a disk, done as separable 1-D
-minimum / maximum filters over the disk's rectangles; :func:`fill_holes` and
+:func:`closing` is a binary closing with a disk, done as separable runs of
+logical OR / AND over the disk's rectangles; :func:`fill_holes` and
 :func:`remove_small` label once. :func:`candidate_boxes` splits a sparse
 slide's mask into independent boxes, so the filters run only where there is
 tissue.
@@ -68,13 +68,27 @@ def gray_u8(rgb: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(gray), 0, 255).astype(np.uint8)
 
 
-def _window_counts(binary: np.ndarray, size: int) -> np.ndarray:
-    """Pixels set in each ``size`` x ``size`` window (zero outside the image)."""
-    dtype = np.uint8 if size <= 255 else np.uint16
-    ones = np.ones(size, np.float64)
-    rows = ndimage.correlate1d(binary.view(np.uint8), ones, axis=0, output=dtype, mode="constant")
-    out = np.uint16 if size * size <= 65535 else np.uint32
-    return ndimage.correlate1d(rows, ones, axis=1, output=out, mode="constant")
+def _sum_along(values: np.ndarray, size: int, axis: int) -> np.ndarray:
+    """Sums over centred windows of ``size`` along ``axis`` (zero outside), in the dtype of ``values``."""
+    half = size // 2
+    n = values.shape[axis]
+    pad = [(0, 0), (0, 0)]
+    if size <= 9:  # a few shifted adds
+        pad[axis] = (half, half)
+        padded = np.pad(values, pad)
+        out = np.zeros_like(values)
+        for shift in range(size):
+            out += padded[
+                (slice(shift, shift + n), slice(None))
+                if axis == 0
+                else (slice(None), slice(shift, shift + n))
+            ]
+        return out
+    pad[axis] = (half + 1, half)
+    cumulative = np.cumsum(np.pad(values, pad), axis=axis, dtype=values.dtype)
+    if axis == 0:
+        return cumulative[size:] - cumulative[:-size]
+    return cumulative[:, size:] - cumulative[:, :-size]
 
 
 def _inside(n: int, size: int) -> np.ndarray:
@@ -109,10 +123,18 @@ def median_above(image: np.ndarray, threshold: float, size: int) -> np.ndarray:
     above = image > threshold
     if size <= 1 or min(image.shape) < 2:
         return above
-    counts = _window_counts(above, size).astype(np.int64 if size * size > 32767 else np.int32)
+    dtype = np.uint16 if size * size <= 65535 else np.uint32
+    counts = _sum_along(_sum_along(above.view(np.uint8).astype(dtype), size, 0), size, 1)
     counts *= 2
+    out = counts >= size * size
     rows, cols = image.shape
-    return counts >= _inside(rows, size)[:, None] * _inside(cols, size)[None, :]
+    half = size // 2
+    inside_r, inside_c = _inside(rows, size), _inside(cols, size)
+    for r in (slice(0, half), slice(max(half, rows - half), rows)):  # windows cut by the border
+        out[r] = counts[r] >= inside_r[r, None] * inside_c[None, :]
+    for c in (slice(0, half), slice(max(half, cols - half), cols)):
+        out[:, c] = counts[:, c] >= inside_r[:, None] * inside_c[None, c]
+    return out
 
 
 @functools.cache
@@ -126,22 +148,31 @@ def disk_rectangles(radius: int) -> tuple[tuple[int, int], ...]:
     return tuple(rectangles)
 
 
-def _rect_filter(image: np.ndarray, half_h: int, half_w: int, function: object) -> np.ndarray:
-    out = image
-    if half_h:
-        out = function(out, 2 * half_h + 1, axis=0, mode="constant", cval=0)
-    if half_w:
-        out = function(out, 2 * half_w + 1, axis=1, mode="constant", cval=0)
+def _run(image: np.ndarray, half: int, axis: int, dilate: bool) -> np.ndarray:
+    """OR (``dilate``) or AND over centred windows of ``2 * half + 1`` along ``axis``, False outside."""
+    if half == 0:
+        return image
+    pad = [(0, 0), (0, 0)]
+    pad[axis] = (half, half)
+    out = np.pad(image, pad)
+    combine = np.logical_or if dilate else np.logical_and
+    width, span = 2 * half + 1, 1
+    while span < width:  # windows of span pixels, doubled (overlaps are harmless for OR / AND)
+        step = min(span, width - span)
+        if axis == 0:
+            out = combine(out[:-step], out[step:])
+        else:
+            out = combine(out[:, :-step], out[:, step:])
+        span += step
     return out
 
 
 def _by_disk(image: np.ndarray, radius: int, dilate: bool) -> np.ndarray:
-    """Binary dilation or erosion (zero outside) of a uint8 0/1 image with ``disk(radius)``."""
-    function = ndimage.maximum_filter1d if dilate else ndimage.minimum_filter1d
-    combine = np.maximum if dilate else np.minimum
+    """Binary dilation or erosion (False outside) of a bool image with ``disk(radius)``."""
+    combine = np.logical_or if dilate else np.logical_and
     out = None
     for half_h, half_w in disk_rectangles(radius):
-        part = _rect_filter(image, half_h, half_w, function)
+        part = _run(_run(image, half_h, 0, dilate), half_w, 1, dilate)
         out = part if out is None else combine(out, part, out=out if out is not image else None)
     return image if out is None else out
 
@@ -155,9 +186,9 @@ def closing(mask: np.ndarray, size: int) -> np.ndarray:
     if size <= 1 or not mask.any():
         return mask
     radius = size // 2
-    padded = np.pad(mask.view(np.uint8), radius, mode="edge")
+    padded = np.pad(mask, radius, mode="edge")
     closed = _by_disk(_by_disk(padded, radius, dilate=True), radius, dilate=False)
-    return closed[radius:-radius, radius:-radius].view(bool) | mask
+    return closed[radius:-radius, radius:-radius] | mask
 
 
 def fill_holes(mask: np.ndarray, max_hole_pixels: float | None) -> np.ndarray:

@@ -177,10 +177,19 @@ class TissueMask:
     @property
     def area_mm2(self) -> float:
         """Tissue area in square millimetres (inside the slide's bounds)."""
-        if self.is_empty:
-            return 0.0
+        rows, cols = self.shape
         width_um, height_um = self.slide_size_um
-        return float(self._tissue_um2(np.array([[0.0, 0.0, width_um, height_um]]))[0]) / 1e6
+        x, y = min(width_um / self.mpp, cols), min(height_um / self.mpp, rows)  # the slide, in mask pixels
+        fx, fy = math.floor(x), math.floor(y)
+        ex, ey = x - fx, y - fy  # parts of the pixels on the slide's right and bottom edges
+        pixels = float(np.count_nonzero(self.mask[:fy, :fx]))
+        if ex > 0:
+            pixels += ex * np.count_nonzero(self.mask[:fy, fx])
+        if ey > 0:
+            pixels += ey * np.count_nonzero(self.mask[fy, :fx])
+        if ex > 0 and ey > 0:
+            pixels += ex * ey * bool(self.mask[fy, fx])
+        return pixels * self.mpp**2 / 1e6
 
     # ------------------------------------------------------------------ fractions
     def invalidate(self) -> None:

@@ -113,17 +113,25 @@ def read_at_mpp(slide: Slide, mpp: float, block: int = READ_BLOCK) -> Generator[
     out = np.full((rows, cols, 3), 255, np.uint8)
     done = 0
     yield Progress(0, total, f"reading {slide.name} at {mpp:g} um/px (level {level})")
+    # the level is the target grid: its pixels are the output (what the weights below would give)
+    same_grid = abs(kx - 1.0) < 1e-9 and abs(ky - 1.0) < 1e-9
     for r0 in row_starts:
         r1 = min(rows, r0 + out_by)
         y_start = min(max(0, math.floor(r0 * ky)), max(level_h - 1, 0))
         y_stop = min(level_h, max(y_start + 1, math.ceil(r1 * ky)))
-        wy = _axis_weights(r0, r1, ky, y_start, y_stop)
+        wy = None if same_grid else _axis_weights(r0, r1, ky, y_start, y_stop)
         for c0 in col_starts:
             c1 = min(cols, c0 + out_bx)
             x_start = min(max(0, math.floor(c0 * kx)), max(level_w - 1, 0))
             x_stop = min(level_w, max(x_start + 1, math.ceil(c1 * kx)))
-            wx = _axis_weights(c0, c1, kx, x_start, x_stop)
             region = slide.read_region(level, x_start, y_start, x_stop - x_start, y_stop - y_start)
+            done += 1
+            if same_grid:
+                h, w = min(r1 - r0, y_stop - r0, region.shape[0]), min(c1 - c0, x_stop - c0, region.shape[1])
+                out[r0 : r0 + h, c0 : c0 + w] = region[:h, :w]
+                yield Progress(done, total, f"read block {done}/{total} of {slide.name}")
+                continue
+            wx = _axis_weights(c0, c1, kx, x_start, x_stop)
             h, w = region.shape[:2]
             flat = region.reshape(h, w * 3).astype(np.float32)
             tmp = np.asarray(wy @ flat).reshape(r1 - r0, w, 3)  # (ho, w, 3)
@@ -133,6 +141,5 @@ def read_at_mpp(slide: Slide, mpp: float, block: int = READ_BLOCK) -> Generator[
             covered_x = np.asarray(wx.sum(axis=1)).ravel() > 0
             res = np.where(covered_y[:, None, None] & covered_x[None, :, None], res, 255.0)
             out[r0:r1, c0:c1] = np.clip(np.rint(res), 0, 255).astype(np.uint8)
-            done += 1
             yield Progress(done, total, f"read block {done}/{total} of {slide.name}")
     return out
