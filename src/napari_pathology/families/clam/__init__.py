@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, ClassVar
 
 from napari_pathology.families.base import Family
@@ -58,6 +59,18 @@ class ClamFamily(Family):
         from napari_pathology.families.clam.train import train_from_family
 
         return train_from_family(settings, data, out, stop)
+
+    def import_checkpoint(self, path: str | os.PathLike[str], classes: Any = None) -> Any:
+        """A checkpoint written by CLAM's own training code (a bare state dict), else None."""
+        from napari_pathology.families.clam.interop import recognise_clam_checkpoint
+
+        return recognise_clam_checkpoint(path, classes)
+
+    def export_formats(self) -> dict[str, Callable[[Any, Path], Path]]:
+        """``clam``: a bare state dict that CLAM's ``CLAM_SB``/``CLAM_MB`` load strictly."""
+        from napari_pathology.families.clam.interop import export_clam_checkpoint
+
+        return {"clam": export_clam_checkpoint}
 
     def loss(self) -> Callable[..., Any]:
         """CLAM's total loss with the paper's weights: 0.7 x slide cross-entropy + 0.3 x instance loss."""
