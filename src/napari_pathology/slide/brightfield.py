@@ -37,13 +37,16 @@ def judge_brightfield(rgb: np.ndarray, border: np.ndarray | None = None) -> tupl
 
     """
     px = np.asarray(rgb, np.uint8).reshape(-1, 3)
-    seen = px[px.min(axis=1) < 255]
-    if len(seen) < max(16, 0.01 * len(px)):
+    r, g, b = px[:, 0], px[:, 1], px[:, 2]  # channel by channel: much faster than axis=1 on (N, 3)
+    lowest = np.minimum(np.minimum(r, g), b)
+    seen = lowest < 255
+    if np.count_nonzero(seen) < max(16, 0.01 * len(px)):
         return None, "the slide is blank"
-    brightest = seen.max(axis=1)
+    brightest = np.maximum(np.maximum(r, g), b)[seen]
     dark = float((brightest < 50).mean())
-    glass = float((seen.min(axis=1) > 200).mean())
-    signal = float(np.percentile(brightest, 99.5)) - float(np.median(brightest))
+    glass = float((lowest[seen] > 200).mean())
+    counts = np.cumsum(np.bincount(brightest, minlength=256))  # percentiles of uint8 from a histogram
+    signal = _percentile_u8(counts, 99.5) - _percentile_u8(counts, 50.0)
     if border is not None and len(border):
         b = np.asarray(border, np.uint8).reshape(-1, 3)
         b = b[b.min(axis=1) < 255]
@@ -54,6 +57,15 @@ def judge_brightfield(rgb: np.ndarray, border: np.ndarray | None = None) -> tupl
             return None, f"{dark:.0%} of a low-resolution view is black, with no signal"
         return False, f"{dark:.0%} of a low-resolution view is black background"
     return True, "light background"
+
+
+def _percentile_u8(cumulative: np.ndarray, q: float) -> float:
+    """``np.percentile`` (linear) of uint8 values from their cumulative histogram."""
+    position = q / 100.0 * (int(cumulative[-1]) - 1)
+    below = int(position)
+    a, b = (float(np.searchsorted(cumulative, k, side="right")) for k in (below, below + 1))
+    t = position - below
+    return a + (b - a) * t if t < 0.5 else b - (b - a) * (1 - t)
 
 
 def _slide_brightfield(slide: Slide) -> tuple[bool | None, str]:
