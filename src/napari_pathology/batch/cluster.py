@@ -68,7 +68,7 @@ def open_client(
     scheduler: str | None = None,
     device: str = "cpu",
     retries: int = 2,
-    timeout: float = CONNECT_TIMEOUT_S,
+    timeout: float | None = None,
 ) -> Iterator[Any]:
     """A ``distributed.Client`` for a cohort, closed (and its local cluster shut down) on exit.
 
@@ -82,8 +82,8 @@ def open_client(
         ``cpu``, or ``cuda``/``cuda:N`` for one worker per GPU (resource ``GPU``).
     retries : int
         Times a slide runs again after the worker running it died.
-    timeout : float
-        Seconds to wait for the scheduler.
+    timeout : float, optional
+        Seconds to wait for the scheduler (default :data:`CONNECT_TIMEOUT_S`).
 
     Raises
     ------
@@ -93,6 +93,7 @@ def open_client(
     from distributed import Client, LocalCluster
 
     cluster = None
+    timeout = CONNECT_TIMEOUT_S if timeout is None else timeout
     if scheduler:
         try:
             client = Client(scheduler, timeout=timeout)

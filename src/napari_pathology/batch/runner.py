@@ -281,11 +281,13 @@ def _in_process(
 
     steps: queue.Queue[Any] = queue.Queue()
     done = object()
-    holder: dict[str, SlideReport] = {}
+    holder: dict[str, Any] = {}
 
     def work() -> None:
         try:
             holder["report"] = process_slide(task, model, cancel, steps.put)
+        except BaseException as error:  # raised here, in the caller's thread
+            holder["error"] = error
         finally:
             steps.put(done)
 
@@ -297,6 +299,8 @@ def _in_process(
             break
         yield wrap(f"{task.name}: {step.message}")
     thread.join()
+    if "error" in holder:
+        raise holder["error"]
     return holder["report"]
 
 
