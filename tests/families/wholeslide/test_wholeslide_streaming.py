@@ -11,13 +11,13 @@ from napari_pathology.families.wholeslide.model import AffineBatchNorm2d, WholeS
 from napari_pathology.families.wholeslide.streaming import (
     choose_tile,
     estimate_tile_bytes,
-    geometry,
     plain_step,
-    plan_tiles,
     stream_features,
     stream_predict,
+    stream_trunk,
     streaming_step,
 )
+from napari_pathology.families.wholeslide.tiling import geometry, plan_tiles
 
 
 def _net(arch: str = "resnet50", width: int = 4, classes: int = 3, dtype=torch.float64) -> WholeSlideNet:
@@ -94,6 +94,25 @@ def test_tiles_without_gradient_are_skipped_exactly() -> None:
     assert step.tiles == 9 and step.backward_tiles <= 8
     torch.testing.assert_close(step.loss, loss, rtol=1e-6, atol=0)
     _assert_same_gradients(net, grads)
+
+
+def test_differentiable_trunk_accumulates_like_micro_batches() -> None:
+    """``stream_trunk`` inside an ordinary forward: ``loss.backward()`` per slide, gradients accumulated."""
+    net = _net("resnet18", width=2)
+    x, y = _image(2 * 160, 150).reshape(2, 3, 160, 150), torch.tensor([1, 2])
+    net.zero_grad()
+    for i in range(2):
+        (F.cross_entropy(net(x[i : i + 1]), y[i : i + 1]) / 2).backward()
+    grads = {n: p.grad.clone() for n, p in net.named_parameters()}
+    net.zero_grad()
+    for i in range(2):
+        fmap = stream_trunk(net.stages(), x[i : i + 1], 64, checkpoint=i == 1)
+        (F.cross_entropy(net.head(fmap), y[i : i + 1]) / 2).backward()
+    _assert_same_gradients(net, grads)
+    with torch.no_grad():  # no autograd: a plain tiled forward, nothing kept
+        fmap = stream_trunk(net.stages(), x, 64)
+        assert not fmap.requires_grad
+        torch.testing.assert_close(fmap, net.features(x), rtol=1e-12, atol=1e-12)
 
 
 def test_stream_features_and_cam_equal_the_full_pass() -> None:

@@ -183,6 +183,24 @@ class WholeSlideNet(nn.Module):
         self.fc = nn.Linear(self.num_features, num_classes)
         self.arch, self.width = arch, width
 
+    def load_imagenet(self) -> str | None:
+        """Load torchvision's ImageNet weights from torch's cache (not the head); a provenance line or None.
+
+        None when the file is not on disk or the network is narrower than torchvision's (nothing is
+        downloaded). The frozen BatchNorm layers take the file's running statistics.
+        """
+        from napari_pathology.features.backbones import cached_weights
+        from napari_pathology.features.encoders import EncoderError, load_state_dict
+
+        path = cached_weights(self.arch)
+        if self.width != 64 or path is None:
+            return None
+        state = {k: v for k, v in load_state_dict(path).items() if not k.startswith("fc.")}
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        if unexpected or any(not k.startswith("fc.") for k in missing):
+            raise EncoderError(f"{path} does not hold {self.arch} weights ({(unexpected or missing)[0]} ...)")
+        return f"ImageNet weights from {Path(path).name}"
+
     def stages(self) -> list[nn.Module]:
         """The trunk as five stages run in order: stem (conv1 to maxpool), layer1 ... layer4."""
         stem = nn.Sequential(self.conv1, self.bn1, self.relu, self.maxpool)

@@ -12,12 +12,12 @@ slice of that gradient belonging to the tile's kept outputs is
 backpropagated, accumulating the parameter gradients. Peak memory is bounded
 by the tile, not the slide.
 
-Exactness rests on two rules, both enforced by :func:`plan_tiles`:
+Exactness rests on two rules, both enforced by :func:`.tiling.plan_tiles`:
 
 - every crop starts at a multiple of the trunk's total stride, so each
   strided layer samples the same positions as in the full pass;
 - a crop covers the whole receptive field (kernel taps of every layer,
-  computed exactly from the layers, see :class:`Geometry`) of the outputs
+  computed exactly from the layers, see :mod:`.tiling`) of the outputs
   the tile keeps, clipped to the image: where the crop meets the image's
   own edge the layers' zero (or -inf) padding is the same as in the full
   pass; the wrong values that padding at the crop's interior edges produces
@@ -42,188 +42,24 @@ import torch
 from torch import nn
 
 __all__ = [
-    "Geometry",
     "StepResult",
-    "Tile",
     "choose_tile",
     "estimate_tile_bytes",
-    "geometry",
     "plain_step",
-    "plan_tiles",
     "stream_features",
     "stream_predict",
+    "stream_trunk",
     "streaming_step",
 ]
 
-#: Layers that act on each pixel alone (no spatial extent): they pass spans and sizes through.
-_POINTWISE = (nn.ReLU, nn.Identity, nn.Dropout, nn.BatchNorm2d, nn.SiLU, nn.GELU)
-
-
-# --------------------------------------------------------------------------- geometry
-
-
-def _pair(value: Any) -> tuple[int, int]:
-    return (int(value[0]), int(value[1])) if isinstance(value, tuple | list) else (int(value), int(value))
-
-
-def _ops(module: nn.Module) -> list[Any]:
-    """The spatial operations of ``module`` in order: ``(k, s, p, d)`` per axis or ``("res", main, skip)``."""
-    from napari_pathology.families.wholeslide.model import AffineBatchNorm2d
-
-    if isinstance(module, nn.Conv2d | nn.MaxPool2d):
-        if isinstance(module, nn.MaxPool2d) and module.ceil_mode:
-            raise ValueError("a max pooling with ceil_mode=True cannot be streamed exactly")
-        if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
-            raise ValueError(f"a convolution with {module.padding_mode!r} padding cannot be streamed exactly")
-        k, s, p, d = (_pair(getattr(module, a)) for a in ("kernel_size", "stride", "padding", "dilation"))
-        return [tuple(zip(k, s, p, d, strict=True))]
-    if isinstance(module, (*_POINTWISE, AffineBatchNorm2d)):
-        if isinstance(module, nn.BatchNorm2d):
-            raise ValueError("BatchNorm2d uses batch statistics in training: freeze it (freeze_batch_norm)")
-        return []
-    if isinstance(module, nn.Sequential):
-        return [op for child in module for op in _ops(child)]
-    name = type(module).__name__
-    if name in ("BasicBlock", "Bottleneck") and hasattr(module, "conv2"):  # torchvision's ResNet blocks
-        convs = [module.conv1, module.conv2] + ([module.conv3] if hasattr(module, "conv3") else [])
-        skip = _ops(module.downsample) if module.downsample is not None else []
-        return [("res", [op for conv in convs for op in _ops(conv)], skip)]
-    raise ValueError(f"cannot stream a {name} layer: its spatial extent is unknown")
-
-
-def _span(ops: Sequence[Any], axis: int, lo: int, hi: int) -> tuple[int, int]:
-    """Input index range ``[lo', hi']`` (may reach into padding) that outputs ``[lo, hi]`` read."""
-    for op in reversed(ops):
-        if op[0] == "res":
-            a = _span(op[1], axis, lo, hi)
-            b = _span(op[2], axis, lo, hi)
-            lo, hi = min(a[0], b[0]), max(a[1], b[1])
-        else:
-            k, s, p, d = op[axis]
-            lo, hi = lo * s - p, hi * s - p + d * (k - 1)
-    return lo, hi
-
-
-def _size(ops: Sequence[Any], axis: int, n: int) -> int:
-    """Output length along ``axis`` for an input of length ``n``."""
-    for op in ops:
-        if op[0] == "res":
-            main, skip = _size(op[1], axis, n), _size(op[2], axis, n)
-            if main != skip:
-                raise ValueError(f"a residual block's paths disagree in size ({main} vs {skip}) at input {n}")
-            n = main
-        else:
-            k, s, p, d = op[axis]
-            n = (n + 2 * p - d * (k - 1) - 1) // s + 1
-        if n < 1:
-            raise ValueError("the input is too small for the network (a feature map became empty)")
-    return n
-
-
-def _stride(ops: Sequence[Any], axis: int) -> int:
-    total = 1
-    for op in ops:
-        total *= _stride(op[1], axis) if op[0] == "res" else op[axis][1]
-    return total
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """Spatial bookkeeping of a sequence of layers: total stride, receptive spans, output sizes."""
-
-    ops: tuple[Any, ...]
-
-    @property
-    def stride(self) -> int:
-        """Total stride (the same along both axes is required)."""
-        sy, sx = _stride(self.ops, 0), _stride(self.ops, 1)
-        if sy != sx:
-            raise ValueError(f"the network's strides differ between axes ({sy} vs {sx})")
-        return sy
-
-    def span(self, axis: int, lo: int, hi: int) -> tuple[int, int]:
-        """Input indices ``[lo', hi']`` that outputs ``lo..hi`` (inclusive) depend on, padding included."""
-        return _span(self.ops, axis, lo, hi)
-
-    def size(self, axis: int, n: int) -> int:
-        """Output length for an input of length ``n``."""
-        return _size(self.ops, axis, n)
-
-    @property
-    def margin(self) -> int:
-        """Overlap (px) a tile's crop needs on each side beyond its kept outputs' own stride cells."""
-        lo, hi = self.span(0, 0, 0)
-        return max(-lo, hi - (self.stride - 1))
-
-
-def geometry(modules: nn.Module | Sequence[nn.Module]) -> Geometry:
-    """The :class:`Geometry` of a module or of modules run in sequence.
-
-    Raises
-    ------
-    ValueError
-        A layer whose spatial extent is unknown or that cannot be streamed exactly.
-    """
-    if isinstance(modules, nn.Module):
-        modules = [modules]
-    return Geometry(tuple(op for m in modules for op in _ops(m)))
-
-
-@dataclass(frozen=True)
-class Tile:
-    """One tile: its input ``crop``, the region ``out`` of the stitched map it fills from its ``keep``."""
-
-    crop: tuple[slice, slice]
-    out: tuple[slice, slice]
-    keep: tuple[slice, slice]
-
-
-def _axis_plan(geom: Geometry, axis: int, n_in: int, tile: int) -> list[tuple[slice, slice, slice]]:
-    stride = geom.stride
-    n_out = geom.size(axis, n_in)
-    step = tile // stride
-    plans = []
-    for a in range(0, n_out, step):
-        b = min(a + step, n_out)
-        lo, hi = geom.span(axis, a, b - 1)
-        c0 = max(0, lo) // stride * stride
-        c1 = min(n_in, hi + 1)
-        k0 = a - c0 // stride
-        if k0 + (b - a) > geom.size(axis, c1 - c0):
-            raise AssertionError(f"tile crop {c0}:{c1} does not reach outputs {a}:{b}")  # a geometry bug
-        plans.append((slice(c0, c1), slice(a, b), slice(k0, k0 + b - a)))
-    return plans
-
-
-TileSize = int | tuple[int, int]
-
-
-def _tile_pair(tile: TileSize, stride: int) -> tuple[int, int]:
-    pair = tuple(tile) if isinstance(tile, tuple | list) else (tile, tile)
-    if len(pair) != 2 or any(
-        isinstance(t, bool) or not isinstance(t, int) or t < stride or t % stride for t in pair
-    ):
-        raise ValueError(
-            f"the tile side must be a positive multiple of the network's stride {stride}, got {tile!r}"
-        )
-    return pair[0], pair[1]
-
-
-def plan_tiles(geom: Geometry, height: int, width: int, tile: TileSize) -> list[Tile]:
-    """The tiles covering an image: kept output blocks of ``tile`` px each (a multiple of the stride).
-
-    ``tile`` is one side for square tiles or ``(rows, columns)``; a side at
-    least the image's makes strips.
-
-    Raises
-    ------
-    ValueError
-        A tile side that is not a positive multiple of the total stride.
-    """
-    th, tw = _tile_pair(tile, geom.stride)
-    rows, cols = _axis_plan(geom, 0, height, th), _axis_plan(geom, 1, width, tw)
-    return [Tile((r[0], c[0]), (r[1], c[1]), (r[2], c[2])) for r in rows for c in cols]
-
+from napari_pathology.families.wholeslide.tiling import (
+    Geometry,
+    Tile,
+    TileSize,
+    _axis_plan,
+    geometry,
+    plan_tiles,
+)
 
 # --------------------------------------------------------------------------- passes
 
@@ -318,6 +154,129 @@ class StepResult:
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+@dataclass
+class _Options:
+    stages: list[nn.Module]
+    tiles: list[Tile]
+    size: tuple[int, int]
+    device: torch.device
+    autocast: torch.dtype | None
+    channels_last: bool
+    checkpoint: bool
+    offload: bool
+    backward_tiles: int = 0
+
+
+class _StreamedTrunk(torch.autograd.Function):
+    """Tiled forward (no autograd but the last tile's), per-tile recomputed backward; see the module."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, options: _Options, *params: torch.Tensor) -> torch.Tensor:
+        fmap = kept = None
+        o = options
+        for i, t in enumerate(o.tiles):
+            last = i == len(o.tiles) - 1
+            with torch.set_grad_enabled(last), _context(o.device, o.autocast, o.offload and last):
+                y = _run(o.stages, _crop(x, t, o.device, o.channels_last), o.checkpoint and last)
+                y = y[:, :, t.keep[0], t.keep[1]]
+            if fmap is None:
+                fmap = torch.empty((y.shape[0], y.shape[1], *o.size), dtype=y.dtype, device=o.device)
+            fmap[:, :, t.out[0], t.out[1]] = y.detach()
+            kept = y if last else None
+            del y
+        assert fmap is not None  # plan_tiles returns at least one tile
+        ctx.options, ctx.kept, ctx.params = o, kept, params
+        ctx.save_for_backward(x)
+        return fmap
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        (x,) = ctx.saved_tensors
+        o, kept, params = ctx.options, ctx.kept, ctx.params
+        ctx.kept = None
+        wanted = [p for p in params if p.requires_grad]
+        total: list[torch.Tensor | None] = [None] * len(wanted)
+        for i in reversed(range(len(o.tiles))):  # the last tile from its kept graph, the others recomputed
+            t = o.tiles[i]
+            g = grad[:, :, t.out[0], t.out[1]]
+            if not bool(g.any()):
+                kept = None
+                continue  # nothing flows back through this tile's outputs
+            with torch.enable_grad():
+                if kept is None:
+                    with _context(o.device, o.autocast, o.offload):
+                        y = _run(o.stages, _crop(x, t, o.device, o.channels_last), o.checkpoint)
+                        kept = y[:, :, t.keep[0], t.keep[1]]
+                parts = torch.autograd.grad(kept, wanted, g.to(kept.dtype), allow_unused=True)
+            total = [
+                a if b is None else (b if a is None else a + b) for a, b in zip(total, parts, strict=True)
+            ]
+            o.backward_tiles += 1
+            kept = y = None
+        found = iter(total)
+        return (None, None, *(next(found) if p.requires_grad else None for p in params))
+
+
+def stream_trunk(
+    stages: Sequence[nn.Module],
+    x: torch.Tensor,
+    tile: TileSize,
+    *,
+    device: torch.device | str | None = None,
+    autocast: torch.dtype | None = None,
+    channels_last: bool = False,
+    checkpoint: bool = False,
+    offload: bool = False,
+) -> torch.Tensor:
+    """The output of ``stages`` on ``x`` tile by tile, differentiable: its backward is the tiled one.
+
+    Memory holds one tile's autograd graph, never the whole image's: the
+    forward keeps only the stitched map (and the last tile's graph), the
+    backward recomputes each tile with autograd and backpropagates its slice
+    of the incoming gradient into the parameters (tiles whose slice is zero
+    are skipped). Use it like the stages themselves, e.g. inside a
+    ``forward`` hook of :func:`napari_pathology.training.loop.fit`; the
+    gradient does not flow into ``x``.
+
+    Parameters
+    ----------
+    checkpoint : bool
+        Also checkpoint each stage inside a tile's recomputation (less memory, one more forward).
+    offload : bool
+        On a GPU, keep a tile's saved activations in host memory (``save_on_cpu``).
+
+    Other parameters are those of :func:`stream_features`.
+    """
+    return _stream_trunk(stages, x, tile, device, autocast, channels_last, checkpoint, offload)[0]
+
+
+def _stream_trunk(
+    stages: Sequence[nn.Module],
+    x: torch.Tensor,
+    tile: TileSize,
+    device: torch.device | str | None,
+    autocast: torch.dtype | None,
+    channels_last: bool,
+    checkpoint: bool,
+    offload: bool,
+) -> tuple[torch.Tensor, _Options | None]:
+    stages = list(stages)
+    params = [p for stage in stages for p in stage.parameters()]
+    if not torch.is_grad_enabled() or not any(p.requires_grad for p in params):
+        fmap = stream_features(
+            stages, x, tile, device=device, autocast=autocast, channels_last=channels_last
+        )  # fmt: skip
+        return fmap, None
+    device = torch.device(device) if device is not None else x.device
+    geom = geometry(stages)
+    tiles = _tiles(stages, x, tile)
+    size = (geom.size(0, int(x.shape[2])), geom.size(1, int(x.shape[3])))
+    if autocast is None and torch.is_autocast_enabled(device.type):
+        autocast = torch.get_autocast_dtype(device.type)
+    options = _Options(stages, tiles, size, device, autocast, channels_last, checkpoint, offload)
+    return _StreamedTrunk.apply(x.detach(), options, *params), options
+
+
 def streaming_step(
     model: nn.Module,
     x: torch.Tensor,
@@ -336,64 +295,25 @@ def streaming_step(
 
     ``model`` has ``stages()`` (the trunk's stages in order) and ``head(fmap)``
     (pooling and classifier), as :class:`~.model.WholeSlideNet`. The first
-    ``stream_stages`` stages (default: all) are streamed; the rest, the
-    pooling and the head run whole on the stitched map. The gradients equal
-    those of ``loss_fn(model(x), target).backward()`` (up to float rounding);
-    like ``backward`` they add to existing ``.grad`` (zero them first).
-
-    Parameters
-    ----------
-    checkpoint : bool
-        Also checkpoint each stage inside a tile's recomputation (less memory, one more forward).
-    offload : bool
-        On a GPU, keep a tile's saved activations in host memory (``save_on_cpu``).
-
-    Other parameters are those of :func:`stream_features`.
+    ``stream_stages`` stages (default: all) are streamed (:func:`stream_trunk`);
+    the rest, the pooling and the head run whole on the stitched map. The
+    gradients equal those of ``loss_fn(model(x), target).backward()`` (up to
+    float rounding); like ``backward`` they add to existing ``.grad``.
+    Parameters are those of :func:`stream_trunk`.
     """
     stages = list(model.stages())
-    k = len(stages) if stream_stages is None else int(stream_stages)
-    if not 1 <= k <= len(stages):
+    k = len(stages) if stream_stages is None else stream_stages
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(stages):
         raise ValueError(f"stream_stages must be from 1 to {len(stages)}, got {stream_stages!r}")
-    streamed, rest = stages[:k], stages[k:]
     device = torch.device(device) if device is not None else x.device
-    tiles = _tiles(streamed, x, tile)
-    geom = geometry(streamed)
-    size = (geom.size(0, int(x.shape[2])), geom.size(1, int(x.shape[3])))
-    fmap = kept = None
-    # forward: every tile without autograd but the last, whose graph is kept for the backward
-    for i, t in enumerate(tiles):
-        last = i == len(tiles) - 1
-        with torch.set_grad_enabled(last), _context(device, autocast, offload and last):
-            y = _run(streamed, _crop(x, t, device, channels_last), checkpoint and last)
-            y = y[:, :, t.keep[0], t.keep[1]]
-        if fmap is None:
-            fmap = torch.empty((y.shape[0], y.shape[1], *size), dtype=y.dtype, device=device)
-        fmap[:, :, t.out[0], t.out[1]] = y.detach()
-        kept = y if last else None
-        del y
-    assert fmap is not None and kept is not None  # plan_tiles returns at least one tile
-    fmap.requires_grad_(True)
+    fmap, options = _stream_trunk(stages[:k], x, tile, device, autocast, channels_last, checkpoint, offload)
+    if options is None:
+        raise ValueError("a training step needs autograd enabled and parameters that require gradients")
     with _context(device, autocast):
-        logits = model.head(_run(rest, fmap, checkpoint))
+        logits = model.head(_run(stages[k:], fmap, checkpoint))
     loss = loss_fn(logits.float(), target.to(device))
     loss.backward()
-    grad = fmap.grad
-    done = 0
-    # backward: the last tile from its kept graph, then each other tile recomputed with autograd
-    for i in reversed(range(len(tiles))):
-        t = tiles[i]
-        g = grad[:, :, t.out[0], t.out[1]]
-        if not bool(g.any()):
-            kept = None
-            continue  # nothing flows back through this tile's outputs
-        if kept is None:
-            with torch.enable_grad(), _context(device, autocast, offload):
-                y = _run(streamed, _crop(x, t, device, channels_last), checkpoint)
-                kept = y[:, :, t.keep[0], t.keep[1]]
-        torch.autograd.backward(kept, g.to(kept.dtype))
-        done += 1
-        kept = y = None
-    return StepResult(loss.detach(), logits.detach(), len(tiles), done)
+    return StepResult(loss.detach(), logits.detach(), len(options.tiles), options.backward_tiles)
 
 
 def plain_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, loss_fn: LossFn) -> StepResult:
