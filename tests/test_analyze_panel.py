@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from qtpy.QtCore import Qt
 
 from napari_pathology._widgets.analyze_panel import AnalyzePanel
 from napari_pathology.analysis import HeatmapBlock
@@ -86,7 +87,10 @@ def test_shipped_metastasis_model_finds_the_tumour_from_the_panel(
 ) -> None:
     viewer, panel, slide_layer = panel_on_slide
     panel.select_model("metastasis")
-    assert panel.model_combo.currentIndex() == 0  # trained models are listed first
+    texts = [panel.model_combo.itemText(i) for i in range(panel.model_combo.count())]
+    first_untrained = next(i for i, t in enumerate(texts) if "untrained" in t)
+    assert panel.model_combo.currentIndex() < first_untrained  # trained models are listed first
+    assert panel.model_combo.currentText() == "metastasis (synthetic demo)"  # marked in the list
     assert "not for diagnostic use" in panel.model_info.text()
     assert panel.tta_check.isChecked()  # Liu et al.: 8 orientations by default
     panel.run_button.click()
@@ -108,8 +112,10 @@ def test_shipped_metastasis_model_finds_the_tumour_from_the_panel(
 def test_untrained_models_are_marked(panel_on_slide) -> None:
     _, panel, _ = panel_on_slide
     texts = [panel.model_combo.itemText(i) for i in range(panel.model_combo.count())]
-    assert any(t.startswith("metastasis-small-10x") and "untrained" in t for t in texts)
+    assert "metastasis-small-10x (untrained)" in texts
     assert not any(t.startswith("metastasis (") and "untrained" in t for t in texts)
+    index = texts.index("metastasis-small-10x (untrained)")  # short names; family and details in a tooltip
+    assert panel.model_combo.itemData(index, Qt.ItemDataRole.ToolTipRole).startswith("metastasis: ")
     panel.select_model("metastasis-small-10x")
     assert "Untrained" in panel.model_info.text()
 
@@ -252,14 +258,22 @@ def test_a_result_with_an_attention_heatmap_and_points_shows_without_a_runner(pa
     block = HeatmapBlock(np.array([[1, 1], [2, 3]]), np.array([-3.0, 5.0], np.float32), kind="attention")
     panel._on_progress(Progress(2, 143, "2/143 tiles", block))
     growing = viewer.layers[f"{slide_layer.name} toy-clam attention"]
-    assert growing is panel._heatmap_layer and growing.colormap.name == "turbo"
+    assert growing is panel._heatmap_layer and growing.colormap.name == "coolwarm"  # diverging
     assert tuple(growing.contrast_limits) == (-3.0, 5.0) and growing.data[2, 3] == 5.0
 
     panel.show_result(result)
     layer = viewer.layers[f"{slide_layer.name} toy-clam attention"]
     assert layer is growing  # filled in place
-    assert layer.colormap.name == "turbo" and layer.scale[0] == pytest.approx(128.0)
+    assert layer.colormap.name == "coolwarm" and layer.scale[0] == pytest.approx(128.0)
+    assert tuple(layer.contrast_limits) == (0.0, 100.0)  # CLAM's view: percentiles of the raw scores
+    hottest = np.unravel_index(np.nanargmax(attention), attention.shape)
+    assert layer.data[hottest] == pytest.approx(100.0) and np.isnan(layer.data[0, 0])
+    assert panel.percentile_check.isVisibleTo(panel) and "percentile" in panel.legend.text()
+    panel.percentile_check.setChecked(False)  # raw scores, the same layer
+    assert viewer.layers[f"{slide_layer.name} toy-clam attention"] is layer
+    np.testing.assert_array_equal(layer.data, attention)
     assert tuple(layer.contrast_limits) == pytest.approx((np.nanmin(attention), np.nanmax(attention)))
+    assert "raw" in panel.legend.text()
     assert layer.metadata["heatmap_kind"] == "attention"
     assert not [name for name in viewer.layers if name.name.endswith(" heatmap")]
     detections = viewer.layers[f"{slide_layer.name} toy-clam detections"]
@@ -268,7 +282,8 @@ def test_a_result_with_an_attention_heatmap_and_points_shows_without_a_runner(pa
     assert len(nuclei.data) == 50  # all in view: drawn, coloured by tumour probability
     colours = np.asarray(nuclei.face_color)
     assert not np.allclose(colours[np.argmin(nuclei.features["probability"])], colours[-1])
-    assert panel.score_label.text() == "Slide score (attention): 0.870"
+    assert panel.score_label.text().startswith("Slide score (attention): 0.870<br>")
+    assert "PARTIAL" not in panel.score_label.text() and "synthetic demo" not in panel.score_label.text()
     assert "complete: 143/143 tiles, 2 detections, 50 nuclei" in panel.status.text()
 
     # the nuclei follow the slide when its um/px changes, also when redrawn from their micrometres

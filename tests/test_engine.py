@@ -11,6 +11,7 @@ from torch import nn
 
 from napari_pathology._layers import overlay_geometry
 from napari_pathology.analysis import NoTissueError, RunSettings, load_result, run_analysis
+from napari_pathology.analysis.engine import FIRST_BATCH, first_batches
 from napari_pathology.models import ModelSpec, PathologyModel
 from napari_pathology.progress import run_to_completion
 from napari_pathology.slide import InMemoryBackend, Slide
@@ -95,16 +96,16 @@ def test_cancel_keeps_finished_tiles_and_a_rerun_resumes(planted_slide, tmp_path
     settings = RunSettings(batch_size=100, tta=False)
     job = run_analysis(planted_slide, model, settings=settings, out_dir=tmp_path, cancel=cancel)
     next(job)  # grid
-    next(job)  # first block of 100 tiles
+    next(job)  # first block: the small first batch (FIRST_BATCH tiles), shown within a second or two
     cancel.set()
     partial = run_to_completion(job)
-    assert partial.partial and partial.tiles_done == 100 and partial.tiles_total == 1024
+    assert partial.partial and partial.tiles_done == FIRST_BATCH and partial.tiles_total == 1024
     assert load_result(tmp_path).partial
     resumed_model = dark_model()
     resumed, _ = run(
         planted_slide, resumed_model, settings=RunSettings(batch_size=100, tta=False), out_dir=tmp_path
     )
-    assert not resumed.partial and resumed_model.net.tiles_seen == 1024 - 100
+    assert not resumed.partial and resumed_model.net.tiles_seen == 1024 - FIRST_BATCH
     again_model = dark_model()
     again, events = run(
         planted_slide, again_model, settings=RunSettings(batch_size=100, tta=False), out_dir=tmp_path
@@ -119,7 +120,7 @@ def test_closing_the_generator_saves_a_partial_result(planted_slide, tmp_path) -
     next(job)
     job.close()
     saved = load_result(tmp_path)
-    assert saved.partial and saved.tiles_done == 50
+    assert saved.partial and saved.tiles_done == FIRST_BATCH
 
 
 def test_out_of_memory_retries_with_smaller_batches(planted_slide) -> None:
@@ -151,3 +152,11 @@ def test_engine_refuses_a_nucleus_classifier(synthetic_slide) -> None:
     model = resolve_model("nucleus-purity")
     with open_slide(synthetic_slide.slide_path) as slide, pytest.raises(ValueError, match="not tiles"):
         next(run_analysis(slide, model))
+
+
+def test_first_batches_ramp_up_to_the_batch_size(planted_slide) -> None:
+    assert first_batches(1000, 32) == [4, 8, 16]
+    assert first_batches(6, 32) == [4, 2] and first_batches(0, 32) == [] and first_batches(100, 4) == []
+    _, events = run(planted_slide, dark_model(), settings=RunSettings(batch_size=32, tta=False))
+    sizes = [len(e.payload.cells) for e in events if type(e.payload).__name__ == "HeatmapBlock"]
+    assert sizes[:4] == [4, 8, 16, 32] and sum(sizes) == events[-1].total

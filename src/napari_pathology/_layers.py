@@ -351,3 +351,38 @@ def follow_slide_scale(layers: Iterable[Any], slide_layer: Any, old_scale: Any =
 
 
 # --------------------------------------------------------------------------- remembered um/px
+
+
+def adopt_pixel_shapes(layer: Any, slide_layer: Any) -> bool:
+    """Put a Shapes layer made in pixel units (napari's own new-shapes button) on a slide's micrometres.
+
+    A pixel-unit layer beside micrometre slides makes napari's scale bar lose its unit
+    and warn "Inconsistent units across layers" on every change. An empty layer (made
+    by the button, drawn afterwards in world micrometres) only takes the slide's units;
+    one that already holds shapes has them in slide pixels, so it also takes the
+    slide's ``scale``. Either way it is tied to the slide (:func:`link_metadata`).
+
+    Parameters
+    ----------
+    layer : napari.layers.Shapes
+        The new layer.
+    slide_layer : napari.layers.Image
+        A slide layer shown in micrometres.
+
+    Returns
+    -------
+    bool
+        Whether the layer was changed (False for layers already in micrometres, or
+        when the slide itself has no um/px).
+    """
+    units = tuple(str(u) for u in getattr(slide_layer, "units", ()))
+    mine = tuple(str(u) for u in getattr(layer, "units", ()))
+    if not units or units[-1] == "pixel" or not mine or mine[-1] != "pixel":
+        return False
+    if len(layer.data):
+        scale = np.array(layer.scale, dtype=np.float64)
+        scale[-2:] = np.asarray(slide_layer.scale, dtype=np.float64)[-2:]
+        layer.scale = scale
+    layer.units = (tuple(slide_layer.units)[-1],) * len(mine)
+    layer.metadata = {**dict(layer.metadata), **link_metadata(slide_layer.metadata)}
+    return True

@@ -10,9 +10,11 @@ if TYPE_CHECKING:
 
 PLUGIN = "napari-pathology"
 #: Panels docked by the demo, in order (display names from napari.yaml).
-#: Each group shares one dock as tabs; the last of a group is docked last and shown.
-TAB_GROUPS = (("Tissue", "Slide"), ("Nuclei", "Train", "Analyze"))
+#: Each group shares one dock area as tabs; the last of a group is docked last and shown.
+TAB_GROUPS = (("Slide", "Tissue", "Nuclei", "Train", "Analyze"),)
 DEMO_PANELS = ("Slide", "Tissue", "Analyze", "Train", "Nuclei")
+#: Width of the plugin's dock area (px): the slide keeps most of a laptop screen.
+DOCK_WIDTH = 340
 
 
 def scale_bar(viewer: napari.Viewer):
@@ -36,18 +38,53 @@ def show_slide(viewer: napari.Viewer, path: str | Path) -> list[napari.layers.La
     return layers
 
 
-def dock_panels(viewer: napari.Viewer, panels: tuple[str, ...] = DEMO_PANELS) -> None:
-    """Dock the plugin's panels on the right of the viewer."""
-    # Slide shares a dock with Tissue, and Analyze with Train and Nuclei: five stacked panels do
-    # not fit a laptop screen. A tabified dock becomes the visible tab, so Slide and Analyze go last.
+def dock_panels(viewer: napari.Viewer, panels: tuple[str, ...] = DEMO_PANELS) -> list:
+    """Dock the plugin's panels as tabs of one narrow column on the right; return the dock widgets.
+
+    napari's layer list moves to the top of that column and its layer controls (at least
+    271 px wide) become one more tab, so the left side is free and the canvas keeps most
+    of a laptop screen. Stacked panels would not fit; as tabs each scrolls in the full
+    height. A tabified dock becomes the visible tab, so Analyze goes last and is shown.
+    """
+    from qtpy.QtCore import Qt
+
+    window = viewer.window._qt_window
+    qt_viewer = viewer.window._qt_viewer
+    window.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, qt_viewer.dockLayerList)
+    docks = []
     for group in TAB_GROUPS:
         present = [p for p in group if p in panels]
         for position, panel in enumerate(present):
-            viewer.window.add_plugin_dock_widget(PLUGIN, panel, tabify=position > 0)
+            dock, _widget = viewer.window.add_plugin_dock_widget(PLUGIN, panel, tabify=position > 0)
+            dock.setWindowTitle(panel)  # the tab's text: the plugin's name does not fit a narrow column
+            docks.append(dock)
     grouped = {p for group in TAB_GROUPS for p in group}
     for panel in panels:
         if panel not in grouped:
-            viewer.window.add_plugin_dock_widget(PLUGIN, panel)
+            docks.append(viewer.window.add_plugin_dock_widget(PLUGIN, panel)[0])
+    if docks:
+        window.tabifyDockWidget(docks[0], qt_viewer.dockLayerControls)
+        qt_viewer.dockLayerControls.setWindowTitle("Layer")
+        docks[-1].raise_()
+    fit_docks(viewer, docks)
+    return docks
+
+
+def fit_docks(viewer: napari.Viewer, docks: list | None = None) -> None:
+    """Make the right dock column :data:`DOCK_WIDTH` wide, the layer list a quarter of its height.
+
+    Call again after the window is resized.
+    """
+    from qtpy.QtCore import Qt
+
+    window = viewer.window._qt_window
+    layer_list = viewer.window._qt_viewer.dockLayerList
+    ours = list(docks) if docks is not None else list(viewer.window._dock_widgets.values())
+    if not ours:
+        return
+    window.resizeDocks([layer_list, *ours], [DOCK_WIDTH] * (1 + len(ours)), Qt.Orientation.Horizontal)
+    height = max(window.height(), 400)
+    window.resizeDocks([layer_list, ours[-1]], [height // 4, height], Qt.Orientation.Vertical)
 
 
 def open_demo_viewer(path: str | Path) -> None:

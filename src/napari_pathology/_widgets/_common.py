@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from qtpy.QtCore import Signal
-from qtpy.QtWidgets import QComboBox, QFileDialog, QLineEdit, QWidget
+from qtpy.QtCore import Qt, Signal
+from qtpy.QtWidgets import QComboBox, QFileDialog, QFrame, QLineEdit, QScrollArea, QVBoxLayout, QWidget
 
-from napari_pathology._layers import is_slide_metadata
+from napari_pathology._layers import adopt_pixel_shapes, is_slide_metadata
 from napari_pathology._widgets._workers import passthrough, run_in_thread, show_failure
 
 __all__ = [  # the worker helpers live in _workers (re-exported for the panels that import them here)
@@ -17,6 +17,7 @@ __all__ = [  # the worker helpers live in _workers (re-exported for the panels t
     "SlideLayerCombo",
     "choose_checkpoint",
     "choose_folder_into",
+    "compact_panel",
     "device_combo",
     "passthrough",
     "run_in_thread",
@@ -24,7 +25,13 @@ __all__ = [  # the worker helpers live in _workers (re-exported for the panels t
     "select_or_add",
     "shape_rings_px",
     "show_failure",
+    "watch_viewer",
 ]
+
+#: Width a panel is laid out for (px): docks stay narrow so the slide keeps the window.
+PANEL_WIDTH = 340
+#: Characters a combo box needs at least (longer items are elided; the popup shows them whole).
+COMBO_CHARS = 14
 
 if TYPE_CHECKING:
     import napari
@@ -47,6 +54,7 @@ class SlideLayerCombo(QComboBox):
         viewer.layers.events.removed.connect(self._sync)
         viewer.layers.events.changed.connect(self._sync)
         viewer.layers.selection.events.active.connect(self._follow_active)
+        watch_viewer(viewer)
         self._sync()
 
     def slide_layers(self) -> list[napari.layers.Image]:
@@ -175,3 +183,73 @@ def same_path(a: str | None, b: str | None) -> bool:
         return Path(a).resolve() == Path(b).resolve()
     except OSError:
         return str(a) == str(b)
+
+
+_WATCHED: set[int] = set()
+
+
+def watch_viewer(viewer: napari.Viewer) -> None:
+    """Once per viewer: show the scale bar when a slide opens; adopt pixel-unit Shapes layers.
+
+    napari's own new-shapes button makes a pixel-unit layer when no layer is selected;
+    it is put on the slide's micrometres (:func:`napari_pathology._layers.adopt_pixel_shapes`)
+    so the scale bar keeps its unit and napari stops warning about inconsistent units.
+    """
+    import weakref
+
+    if id(viewer) in _WATCHED:
+        return
+    _WATCHED.add(id(viewer))
+    weakref.finalize(viewer, _WATCHED.discard, id(viewer))
+    viewer.layers.events.inserted.connect(_inserted_handler(viewer))
+
+
+def _inserted_handler(viewer: napari.Viewer) -> Any:
+    """The ``layers.events.inserted`` handler of :func:`watch_viewer` (holds the viewer weakly)."""
+    import weakref
+
+    ref = weakref.ref(viewer)
+
+    def inserted(event: Any) -> None:
+        viewer = ref()
+        layer = getattr(event, "value", None)
+        if viewer is None or layer is None:
+            return
+        if is_slide_metadata(getattr(layer, "metadata", {})):
+            from napari_pathology._viewer import show_scale_bar
+
+            show_scale_bar(viewer)
+        elif getattr(layer, "_type_string", "") == "shapes":
+            slides = [x for x in viewer.layers if is_slide_metadata(getattr(x, "metadata", {}))]
+            if slides:
+                adopt_pixel_shapes(layer, slides[-1])
+
+    return inserted
+
+
+def compact_panel(panel: QWidget, scroll: bool = True) -> None:
+    """Fit a panel to a narrow dock: combos elide long items, and the panel scrolls when short.
+
+    Parameters
+    ----------
+    panel : QWidget
+        A panel whose layout is set; it is moved into a frameless :class:`QScrollArea`
+        (the panel keeps one layout holding the scroll area).
+    scroll : bool
+        False for panels that already scroll inside.
+    """
+    for combo in panel.findChildren(QComboBox):
+        combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        combo.setMinimumContentsLength(COMBO_CHARS)
+    if not scroll or panel.layout() is None:
+        return
+    content = QWidget()
+    content.setLayout(panel.layout())  # Qt moves the layout and its widgets to ``content``
+    area = QScrollArea()
+    area.setWidgetResizable(True)
+    area.setFrameShape(QFrame.Shape.NoFrame)
+    area.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAsNeeded)
+    area.setWidget(content)
+    outer = QVBoxLayout(panel)
+    outer.setContentsMargins(0, 0, 0, 0)
+    outer.addWidget(area)

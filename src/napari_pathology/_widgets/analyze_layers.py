@@ -40,24 +40,31 @@ if TYPE_CHECKING:
 #: :func:`transparent_low_colormap`); kinds not listed get :data:`DEFAULT_COLORMAP`.
 HEATMAP_COLORMAPS = {
     "probability": "transparent-low",
-    "attention": "turbo",
+    "attention": "coolwarm",  # diverging, as CLAM's heatmaps
     "purity": "coolwarm",
     "activation": "magma",
 }
 DEFAULT_COLORMAP = "viridis"
 HEATMAP_OPACITY = 0.5
+#: Opacity of a computed cell at probability 0: a faint veil shows the grid a run has covered.
+COVERED_ALPHA = 0.12
+#: Detections are drawn as rings: border width relative to the ring's size, and opacity.
+RING_WIDTH = 0.12
+RING_OPACITY = 0.8
 
 
 def transparent_low_colormap(name: str = "inferno") -> Any:
-    """``name`` (inferno) fading in from transparent: low values leave the tissue visible.
+    """``name`` (inferno) fading in from a faint veil: low values leave the tissue visible.
 
     Plain inferno paints probability 0 black, which at 0.5 opacity darkens
-    all the tissue; here alpha rises from 0 at probability 0 to 1 at 0.4.
+    all the tissue; here alpha rises from :data:`COVERED_ALPHA` at probability 0
+    (the covered grid stays visible; cells not computed are NaN, drawn clear)
+    to 1 at 0.4.
     """
     from napari.utils.colormaps import Colormap, ensure_colormap
 
     colors = np.array(ensure_colormap(name).colors, dtype=np.float32)
-    colors[:, 3] = np.clip(np.linspace(0.0, 2.5, len(colors)), 0.0, 1.0)
+    colors[:, 3] = np.clip(np.linspace(0.0, 2.5, len(colors)), COVERED_ALPHA, 1.0)
     return Colormap(colors, name=f"{name} (transparent low)", display_name=f"{name}, transparent low")
 
 
@@ -78,10 +85,58 @@ def heatmap_limits(kind: str, data: np.ndarray) -> tuple[float, float]:
     return (low, high) if high > low else (low, low + 1.0)
 
 
+#: What a model spec says of shipped weights trained on synthetic slides.
+DEMO_MARK = "synthetic demo"
+
+
+def is_demo(spec: Any) -> bool:
+    """Whether a model (a spec or its dict) is a synthetic demo.
+
+    Its name ends in ``-demo`` or its description says "synthetic demo".
+    """
+    get = spec.get if isinstance(spec, dict) else lambda key, default="": getattr(spec, key, default)
+    name, description = str(get("name", "") or ""), str(get("description", "") or "")
+    return name.endswith("-demo") or DEMO_MARK in description.lower()
+
+
+def score_meaning(result: AnalysisResult) -> tuple[str, str]:
+    """What a result's slide score is and what its per-class scores are, in words."""
+    spec = result.spec
+    aggregator = str(spec.get("aggregator", ""))
+    positive = str(spec.get("positive_class") or "positive")
+    if result.heatmap_kind == "attention":
+        return "probability of the predicted class for the whole slide", "class probabilities (sum to 1)"
+    meanings = {
+        "max": (f"highest {positive} probability of any tile", "per class, its highest tile probability"),
+        "mean": ("mean over the cells", "per class, its mean over the cells"),
+        "fraction": (
+            f"share of tissue tiles whose most likely class is {positive}",
+            "per class, the share of tissue tiles it wins",
+        ),
+    }
+    return meanings.get(aggregator, (f"aggregated by {aggregator or 'the model'}", "class scores"))
+
+
 def result_text(result: AnalysisResult) -> tuple[str, str]:
-    """The panel's two lines for a result: its slide score, and its state, counts and folder."""
+    """The panel's two lines for a result (rich text): its slide score and what it is; its state and folder.
+
+    A partial result says so beside the score; a synthetic demo model's result says it is one.
+    """
     title = result.score_title[:1].upper() + result.score_title[1:]
     score = f"{result.slide_score:.3f}" if np.isfinite(result.slide_score) else "-"
+    score_meant, classes_meant = score_meaning(result)
+    partial = (
+        f" <span style='color:#ff9030'>PARTIAL ({result.tiles_done}/{result.tiles_total} {result.unit}, "
+        "cancelled: not the whole slide)</span>"
+        if result.partial
+        else ""
+    )
+    demo = (
+        f"<br><span style='color:#ffb000'>{DEMO_MARK} model: trained on synthetic slides, "
+        "not for diagnostic use</span>"
+        if is_demo(result.spec)
+        else ""
+    )
     state = "partial (cancelled)" if result.partial else "complete"
     parts = [f"{result.tiles_done}/{result.tiles_total} {result.unit}"]
     if len(result.detections) or result.points is None:
@@ -90,8 +145,8 @@ def result_text(result: AnalysisResult) -> tuple[str, str]:
         parts.append(f"{result.n_points} nuclei")
     scores = ", ".join(f"{k} {v:.3f}" for k, v in result.scores.items())
     return (
-        f"{title}: {score}",
-        f"{state}: {', '.join(parts)}; class scores {scores}. Saved in {result.out_dir}",
+        f"{title}: {score}{partial}<br><small style='font-weight: normal'>{score_meant}</small>{demo}",
+        f"{state}: {', '.join(parts)}; {classes_meant}: {scores}. Saved in {result.out_dir}",
     )
 
 
@@ -121,6 +176,9 @@ class ResultLayers:
         self.heatmap_kind = "probability"
         self.detections_layer: Any = None
         self.points: InViewPoints | None = None
+        #: The shown result's raw heatmap (an attention result can be shown as percentiles of it).
+        self.raw_heatmap: np.ndarray | None = None
+        self.percentile = True
 
     @property
     def run_mpp(self) -> tuple[float, float]:
@@ -196,10 +254,33 @@ class ResultLayers:
         self.heatmap_kind = kind
 
     def show(self, result: AnalysisResult) -> None:
-        """Show everything ``result`` holds: its heatmap, detections and points."""
+        """Show everything ``result`` holds: its heatmap, detections and points (layers reused)."""
         self._show_heatmap(result)
         self._show_detections(result)
         self._show_points(result)
+
+    def set_percentile(self, percentile: bool) -> None:
+        """Show an attention heatmap as percentiles of its raw scores (CLAM's view) or raw.
+
+        The layer's data is replaced in place; other kinds are always shown as they are.
+        """
+        from napari_pathology._widgets.analyze_view import attention_percentiles
+
+        self.percentile = percentile
+        layer = self.heatmap_layer
+        if layer is None or self.raw_heatmap is None or self.heatmap_kind != "attention":
+            return
+        if percentile:
+            layer.data = attention_percentiles(self.raw_heatmap)
+            layer.contrast_limits = (0.0, 100.0)
+        else:
+            layer.data = self.raw_heatmap
+            layer.contrast_limits = heatmap_limits("attention", self.raw_heatmap)
+
+    @property
+    def showing_percentiles(self) -> bool:
+        """Whether the heatmap layer shows attention percentiles."""
+        return self.heatmap_kind == "attention" and self.percentile and self.raw_heatmap is not None
 
     def _show_heatmap(self, result: AnalysisResult) -> None:
         kind = result.heatmap_kind
@@ -211,6 +292,9 @@ class ResultLayers:
             geometry = overlay_geometry(result.cell_um, result.first_centre_um, self.run_mpp)
             layer = self._add_image(result.kind.title, result.heatmap, kind, geometry)
         self.heatmap_layer, self.heatmap_kind = layer, kind
+        self.raw_heatmap = result.heatmap
+        if kind == "attention":
+            self.set_percentile(self.percentile)
         placed = layer.metadata.get(PLACED_SCALE_KEY)  # kept: the layer may have moved since
         metadata = self.link({
             "napari_pathology_result": str(result.out_dir), "spec": result.spec, "heatmap_kind": kind,
@@ -219,30 +303,62 @@ class ResultLayers:
         follow_slide_scale([layer], self.slide_layer)
 
     def _show_detections(self, result: AnalysisResult) -> None:
+        """Detections as semi-transparent rings the size of a patch, coloured by score (layer reused)."""
         name = self.name("detections")
-        self._remove(name)
-        self.detections_layer = None
-        if not len(result.detections):
+        old = self.viewer.layers[name] if name in self.viewer.layers else None
+        detections = np.asarray(result.detections, dtype=np.float64)
+        if not len(detections):  # none: no empty layer left behind
+            self._remove(name)
+            self.detections_layer = None
             return
-        scores = result.detections[:, 2]
-        layer = self.viewer.add_points(
-            world_from_um(result.detections[:, :2], self.run_mpp), name=name, features={"score": scores},
-            size=result.cell_um * 2, face_color="score", face_colormap="viridis",
-            face_contrast_limits=(0.5, 1.0), border_color="white", border_width=0.1, opacity=0.9,
-            units=self.slide_layer.units, metadata=self.link(),
-        )  # fmt: skip
-        layer.face_contrast_limits = (0.5, 1.0)
+        size = ring_size_um(result)
+        scores = detections[:, 2]
+        limits = (0.5, 1.0) if result.heatmap_kind != "attention" else _score_limits(scores)
+        data = world_from_um(detections[:, :2], self.run_mpp)
+        if old is not None:  # a rerun: new data in the same layer (removing a layer costs a gc pass)
+            old.metadata = self.link()
+            old.data = data
+            old.features = {"score": scores}
+            old.size = size
+            layer = old
+        else:
+            layer = self.viewer.add_points(
+                data, name=name, features={"score": scores}, size=size, face_color="transparent",
+                border_color="score", border_colormap="viridis", border_width=RING_WIDTH,
+                border_width_is_relative=True, opacity=RING_OPACITY, units=self.slide_layer.units,
+                metadata=self.link(),
+            )  # fmt: skip
+        layer.border_color = "score"
+        layer.border_contrast_limits = limits
         follow_slide_scale([layer], self.slide_layer)
         self.detections_layer = layer
 
     def _show_points(self, result: AnalysisResult) -> None:
         name = self.name("nuclei")
+        if self.points is not None and self.points.layer in self.viewer.layers and result.points is not None:
+            self.points.replace(result.points, self.run_mpp)  # a rerun: the same layer, new nuclei
+            return
         if self.points is not None:
             self.points.remove()
         self._remove(name)
         self.points = None
         if result.points is not None:
             self.points = InViewPoints(self.viewer, result.points, name, self.run_mpp, self)
+
+
+def ring_size_um(result: AnalysisResult) -> float:
+    """Diameter of a detection's ring (um): the model's patch (``input_size`` px at ``mpp``), else a cell."""
+    size, mpp = result.spec.get("input_size"), result.spec.get("mpp")
+    if result.heatmap_kind != "attention" and result.spec.get("centre_size"):
+        size = result.spec["centre_size"]  # a tile model's label covers its centre
+    return float(size) * float(mpp) if size and mpp else float(result.cell_um)
+
+
+def _score_limits(scores: np.ndarray) -> tuple[float, float]:
+    finite = scores[np.isfinite(scores)]
+    if not finite.size or finite.max() <= finite.min():
+        return (0.0, 1.0)
+    return (float(finite.min()), float(finite.max()))
 
 
 def _camera(viewer: napari.Viewer) -> Any:
@@ -336,6 +452,15 @@ class InViewPoints:
         if len(index):
             self.layer.size = point_sizes(subset.area_um2) * float(np.sqrt(fx * fy))
             self.layer.face_color = probability_rgba(subset.probability)
+
+    def replace(self, points: Any, run_mpp: tuple[float, float]) -> None:
+        """Show other nuclei (a rerun's) in the same layer."""
+        from napari_pathology.nuclei.density import PointIndex
+
+        self.points, self.run_mpp = points, run_mpp
+        self.index = PointIndex(points.xy_um())
+        self.shown = np.full(1, -1, np.int64)  # forces the redraw
+        self.update()
 
     def remove(self) -> None:
         """Take the layer out of the viewer and stop following the camera."""

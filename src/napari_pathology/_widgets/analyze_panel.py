@@ -15,6 +15,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -29,17 +30,21 @@ from qtpy.QtWidgets import (
     QVBoxLayout,
     QWidget,
 )
+from superqt import QCollapsible
 
 from napari_pathology._layers import PLACED_SCALE_KEY, link_metadata, slide_from_metadata
 from napari_pathology._widgets._common import (
     SlideLayerCombo,
     choose_checkpoint,
     choose_folder_into,
+    compact_panel,
     device_combo,
     select_or_add,
 )
 from napari_pathology._widgets._workers import show_failure, start_worker
-from napari_pathology._widgets.analyze_layers import ResultLayers, result_text
+from napari_pathology._widgets.analyze_gallery import PatchGallery
+from napari_pathology._widgets.analyze_layers import ResultLayers, is_demo, result_text
+from napari_pathology._widgets.analyze_view import HeatmapLegend
 from napari_pathology.analysis.jobs import analysis_job, default_results_dir
 from napari_pathology.progress import Progress
 
@@ -66,8 +71,12 @@ class AnalyzePanel(QWidget):
 
         self.model_combo = QComboBox()
         for spec in sorted_for_analysis(list_models()):
-            untrained = " - untrained, train it first" if is_untrained(spec) else ""
-            self.model_combo.addItem(f"{spec.name} ({spec.family}){untrained}", spec.name)
+            self.model_combo.addItem(model_label(spec, is_untrained(spec)), spec.name)
+            self.model_combo.setItemData(
+                self.model_combo.count() - 1,
+                f"{spec.family}: {spec.description}",
+                Qt.ItemDataRole.ToolTipRole,
+            )
         self.model_combo.currentIndexChanged.connect(self._model_changed)
         self.load_checkpoint_button = QPushButton("Load checkpoint...")
         self.load_checkpoint_button.clicked.connect(self._choose_checkpoint)
@@ -103,33 +112,47 @@ class AnalyzePanel(QWidget):
         self.score_label = QLabel("")
         self.score_label.setWordWrap(True)
         self.score_label.setStyleSheet("font-weight: bold;")
+        self.legend = HeatmapLegend()
+        self.percentile_check = QCheckBox("Attention as percentiles (CLAM); off: raw scores")
+        self.percentile_check.setChecked(True)
+        self.percentile_check.setVisible(False)
+        self.percentile_check.toggled.connect(self._percentile_toggled)
+        self.gallery = PatchGallery(napari_viewer)
 
         form = QFormLayout()
         form.addRow("Slide", self.slide_combo)
-        model_row = QHBoxLayout()
-        model_row.addWidget(self.model_combo, 1)
-        model_row.addWidget(self.load_checkpoint_button)
-        form.addRow("Model", model_row)
+        form.addRow("Model", self.model_combo)
+        form.addRow("", self.load_checkpoint_button)
         form.addRow("", self.model_info)
-        form.addRow("Device", self.device_combo)
-        form.addRow("Batch size", self.batch_spin)
-        form.addRow("Stride (px)", self.stride_spin)
-        form.addRow("", self.tta_check)
-        form.addRow("Min tissue", self.min_tissue_spin)
+        settings = QWidget()
+        settings_form = QFormLayout(settings)
+        settings_form.setContentsMargins(0, 0, 0, 0)
+        settings_form.addRow("Device", self.device_combo)
+        settings_form.addRow("Batch size", self.batch_spin)
+        settings_form.addRow("Stride (px)", self.stride_spin)
+        settings_form.addRow("", self.tta_check)
+        settings_form.addRow("Min tissue", self.min_tissue_spin)
         out_row = QHBoxLayout()
         out_row.addWidget(self.out_edit, 1)
         out_row.addWidget(browse)
-        form.addRow("Results", out_row)
+        settings_form.addRow("Results", out_row)
+        self.settings_section = QCollapsible("Run settings")
+        self.settings_section.addWidget(settings)
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
+        layout.addWidget(self.settings_section)
         layout.addLayout(buttons)
         layout.addWidget(self.progress)
         layout.addWidget(self.status)
         layout.addWidget(self.score_label)
+        layout.addWidget(self.legend)
+        layout.addWidget(self.percentile_check)
+        layout.addWidget(self.gallery)
         layout.addStretch(1)
+        compact_panel(self)
 
         self.worker: Any = None
         self.running: Any = None
@@ -177,9 +200,12 @@ class AnalyzePanel(QWidget):
             if not Path(source).suffix and is_untrained(spec)
             else ""
         )
+        if is_demo(spec):
+            warning += "<br><b style='color:#ffb000'>Synthetic demo model: not for diagnostic use.</b>"
         self.model_info.setText(
-            f"{spec.task}: {spec.input_size} px at {spec.mpp:g} um/px, output {spec.output}, "
-            f"slide score = {spec.aggregator}.<br><small>{spec.description}</small>{warning}"
+            f"{spec.name} ({spec.family}) - {spec.task}: {spec.input_size} px at {spec.mpp:g} um/px, "
+            f"output {spec.output}, slide score = {spec.aggregator}."
+            f"<br><small>{spec.description}</small>{warning}"
         )
         self.tta_check.setEnabled(spec.tta)
         self.tta_check.setChecked(spec.tta)  # the paper's default (Liu et al.: 8 orientations)
@@ -228,12 +254,15 @@ class AnalyzePanel(QWidget):
         )  # fmt: skip
         self.worker = self.running.worker
         self.status.setText("starting...")
+        self.gallery.clear()
 
     def _refuse(self, message: str) -> None:
         """Say why Run did not start, in the panel and as a notification; no stale score stays."""
         from napari.utils.notifications import show_error
 
         self.score_label.setText("")
+        self.legend.setVisible(False)
+        self.gallery.clear()
         self.status.setText(f"not started: {message}")
         show_error(message)
 
@@ -265,6 +294,7 @@ class AnalyzePanel(QWidget):
 
         if isinstance(event.payload, TileGrid):
             self._layers.show_grid(event.payload)
+            self.legend.show_layer(self._heatmap_layer, self._layers.heatmap_kind)
             self._last_paint = 0.0  # the next block (a resumed run's kept cells) is shown at once
         elif isinstance(event.payload, HeatmapBlock) and self._heatmap_layer is not None:
             self._layers.paint(event.payload)
@@ -272,6 +302,8 @@ class AnalyzePanel(QWidget):
             if now - self._last_paint > REPAINT_INTERVAL:
                 self._layers.refresh()
                 self._last_paint = now
+                if not self.legend.isVisible() or event.payload.kind != self._layers.heatmap_kind:
+                    self.legend.show_layer(self._heatmap_layer, self._layers.heatmap_kind)
 
     @property
     def _heatmap_layer(self) -> Any:
@@ -304,16 +336,46 @@ class AnalyzePanel(QWidget):
             run_scale = tuple(link_metadata(layer.metadata)[PLACED_SCALE_KEY])
             self._layers = ResultLayers(self.viewer, layer, result.model_name, run_scale)
             self._slide_layer = layer
+        self._layers.percentile = self.percentile_check.isChecked()
         self._layers.show(result)
         score, status = result_text(result)
         self.score_label.setText(score)
         self.status.setText(status)
         self.progress.setRange(0, max(1, result.tiles_total))
         self.progress.setValue(result.tiles_done)
+        attention = result.heatmap_kind == "attention"
+        self.percentile_check.setVisible(attention)
+        self.legend.show_layer(self._heatmap_layer, result.heatmap_kind, self._layers.showing_percentiles)
+        try:
+            slide = slide_from_metadata(layer.metadata) if attention else None
+        except (ValueError, OSError) as exc:
+            slide = None
+            self.status.setText(f"{status} (no patch gallery: {exc})")
+        placed = tuple(link_metadata(layer.metadata)[PLACED_SCALE_KEY])
+        factor = (placed[0] / self._layers.run_scale[0], placed[1] / self._layers.run_scale[1])
+        self.gallery.show_result(result, slide, factor)
+
+    def _percentile_toggled(self, percentile: bool) -> None:
+        """Attention heatmap as percentiles of the raw scores, or raw (the layer's data, in place)."""
+        if self._layers is not None:
+            self._layers.set_percentile(percentile)
+            self.legend.show_layer(
+                self._heatmap_layer, self._layers.heatmap_kind, self._layers.showing_percentiles
+            )
 
     def _on_error(self, error: BaseException) -> None:
         self.score_label.setText("")  # no score from an earlier run beside a failure
         show_failure(self.status, error)
+
+
+def model_label(spec: Any, untrained: bool = False) -> str:
+    """A model's short name in the list: its name, marked ``(synthetic demo)`` or ``(untrained)``.
+
+    The family and description go in the item's tooltip and the line under the list.
+    """
+    if untrained:
+        return f"{spec.name} (untrained)"
+    return f"{spec.name} (synthetic demo)" if is_demo(spec) else spec.name
 
 
 def _spec_of(info: dict[str, Any]) -> Any:

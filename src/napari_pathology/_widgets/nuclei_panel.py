@@ -35,7 +35,13 @@ from qtpy.QtWidgets import (
 )
 
 from napari_pathology._layers import slide_from_metadata
-from napari_pathology._widgets._common import SlideLayerCombo, choose_checkpoint, device_combo, select_or_add
+from napari_pathology._widgets._common import (
+    SlideLayerCombo,
+    choose_checkpoint,
+    compact_panel,
+    device_combo,
+    select_or_add,
+)
 from napari_pathology._widgets.nuclei_detect import DetectControls
 from napari_pathology._widgets.nuclei_files import AnnotationFiles
 from napari_pathology._widgets.nuclei_labelling import NucleiLayerControls
@@ -111,6 +117,7 @@ class NucleiPanel(NucleiLayerControls, DetectControls, AnnotationFiles, QWidget)
         outer = QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)
         outer.addWidget(scroll)
+        compact_panel(self, scroll=False)
         napari_viewer.layers.events.inserted.connect(self._sync_regions)
         napari_viewer.layers.events.removed.connect(self._layers_removed)
         self._sync_regions()

@@ -20,7 +20,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_pathology._layers import apply_mpp, follow_slide_scale, is_slide_metadata, slide_from_metadata
-from napari_pathology._widgets._common import SlideLayerCombo
+from napari_pathology._widgets._common import SlideLayerCombo, compact_panel
 from napari_pathology._widgets._workers import run_in_thread
 from napari_pathology.slide.settings import remember_mpp
 
@@ -116,6 +116,7 @@ class SlidePanel(QWidget):
         layout.addWidget(mpp_box)
         layout.addWidget(assoc_box)
         layout.addStretch(1)
+        compact_panel(self)
         self._associated_cache: dict[tuple[str, str], np.ndarray] = {}
         self._refresh()
 

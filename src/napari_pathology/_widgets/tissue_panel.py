@@ -18,7 +18,7 @@ from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QFileDialog, QHBoxLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
 
 from napari_pathology._layers import follow_slide_scale, slide_from_metadata
-from napari_pathology._widgets._common import SlideLayerCombo, same_path
+from napari_pathology._widgets._common import SlideLayerCombo, compact_panel, same_path
 from napari_pathology._widgets._workers import PanelWorker, run_in_thread, start_worker
 from napari_pathology._widgets.tissue_form import METHOD_CHOICES, TissueFormMixin
 from napari_pathology.tissue import TissueMask, detect_tissue, read_tissue_file, save_tissue_mask
@@ -143,6 +143,7 @@ class TissuePanel(TissueFormMixin, QWidget):
         layout.addWidget(hint)
         layout.addLayout(file_row)
         layout.addStretch(1)
+        compact_panel(self)
 
         self._area_timer = QTimer(self)
         self._area_timer.setSingleShot(True)

@@ -36,7 +36,6 @@ from typing import TYPE_CHECKING, Any
 
 from qtpy.QtCore import QEvent, QTimer, Signal
 from qtpy.QtWidgets import (
-    QComboBox,
     QHBoxLayout,
     QLabel,
     QProgressBar,
@@ -46,6 +45,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_pathology._widgets._common import compact_panel
 from napari_pathology._widgets.train_close import CloseWatcher, stop_jobs
 from napari_pathology._widgets.train_curves import CurvePlot
 from napari_pathology._widgets.train_form import (
@@ -132,9 +132,7 @@ class TrainPanel(TrainFormMixin, TrainMonitorMixin, QWidget):
         self._make_monitor_fields()
 
         self._build_layout()
-        for combo in self.findChildren(QComboBox):  # long model names must not widen the dock
-            combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
-            combo.setMinimumContentsLength(12)
+        compact_panel(self)  # long model names must not widen the dock; a short dock scrolls
         self._apply_theme()
 
         self.family_combo.currentIndexChanged.connect(self._family_changed)

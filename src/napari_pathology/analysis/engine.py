@@ -20,6 +20,7 @@ NaN model outputs are an error (:class:`ModelOutputError`), never a cell
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Callable, Generator
@@ -304,7 +305,14 @@ def run_analysis(
             done, total, f"resuming: {done}/{total} tiles kept from the saved partial result",
             HeatmapBlock(kept, heatmap[kept[:, 0], kept[:, 1]].copy()),
         )  # fmt: skip
-    loader = TileLoader(slide, grid, settings.batch_size, indices=todo, workers=settings.workers)
+    # the first results show within a couple of seconds: batches of 4, 8, 16... up to batch_size
+    ramp = first_batches(len(todo), settings.batch_size)
+    bounds = np.cumsum([0, *ramp])
+    loaders = [
+        TileLoader(slide, grid, size, indices=todo[start : start + size], workers=settings.workers)
+        for start, size in zip(bounds[:-1], ramp, strict=True)
+    ] + [TileLoader(slide, grid, settings.batch_size, indices=todo[bounds[-1] :], workers=settings.workers)]
+    loader = _Loaders(loaders)
     try:
         for indices, tiles in loader:
             if cancel is not None and cancel.is_set():
@@ -338,6 +346,34 @@ def run_analysis(
     finally:
         loader.close()
     return finish()
+
+
+#: Tiles in a run's first batch; the next batches double up to the run's batch size.
+FIRST_BATCH = 4
+
+
+def first_batches(todo: int, batch_size: int, first: int = FIRST_BATCH) -> list[int]:
+    """Sizes of a run's ramp of small first batches (4, 8, 16... below ``batch_size``, within ``todo``)."""
+    sizes: list[int] = []
+    size = first
+    while size < batch_size and sum(sizes) < todo:
+        sizes.append(min(size, todo - sum(sizes)))
+        size *= 2
+    return sizes
+
+
+class _Loaders:
+    """Several tile loaders read one after the other, closed together."""
+
+    def __init__(self, loaders: list[Any]) -> None:
+        self.loaders = loaders
+
+    def __iter__(self) -> Any:
+        return itertools.chain.from_iterable(self.loaders)
+
+    def close(self) -> None:
+        for loader in self.loaders:
+            loader.close()
 
 
 def _require_finite_outputs(probs: np.ndarray, model_name: str, autocast: bool) -> None:
