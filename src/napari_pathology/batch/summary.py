@@ -12,7 +12,7 @@ from typing import Any
 from napari_pathology.batch.tasks import SlideReport, SlideTask
 from napari_pathology.fileio import atomic_write
 
-__all__ = ["SUMMARY_NAME", "CohortTable"]
+__all__ = ["SUMMARY_NAME", "CohortTable", "cohort_roc", "scores_by_label"]
 
 #: File name of the summary table in the output folder.
 SUMMARY_NAME = "cohort.csv"
@@ -79,3 +79,33 @@ class CohortTable:
             writer.writerows(self.rows())
 
         return atomic_write(self.path, rows, text=True)
+
+
+def scores_by_label(reports: Sequence[SlideReport]) -> dict[str, list[float]]:
+    """Finite slide scores of the slides done, grouped by label (``unlabelled`` for none)."""
+    groups: dict[str, list[float]] = {}
+    for report in reports:
+        if report.status in ("done", "skipped") and math.isfinite(report.slide_score):
+            groups.setdefault(report.label or "unlabelled", []).append(float(report.slide_score))
+    return groups
+
+
+def cohort_roc(reports: Sequence[SlideReport]) -> tuple[Any, Any, float] | None:
+    """ROC (fpr, tpr, AUC) of the slide scores against tumour/normal labels; None without both classes."""
+    import numpy as np
+
+    from napari_pathology.analysis.metrics import roc_auc, roc_curve
+    from napari_pathology.cohort import canonical_label
+
+    pairs = [
+        (canonical_label(r.label) == "tumour", r.slide_score)
+        for r in reports
+        if r.status in ("done", "skipped") and canonical_label(r.label) in ("tumour", "normal")
+        and math.isfinite(r.slide_score)
+    ]  # fmt: skip
+    labels = np.array([p[0] for p in pairs], bool)
+    if not 0 < labels.sum() < len(labels):
+        return None
+    scores = np.array([p[1] for p in pairs], float)
+    fpr, tpr, _ = roc_curve(labels, scores)
+    return fpr, tpr, float(roc_auc(labels, scores))
