@@ -19,8 +19,9 @@ from napari_pathology.tissue.filters import (
     closing,
     fill_holes,
     gray_u8,
-    median_above,
+    majority,
     remove_small,
+    saturation_above,
     saturation_u8,
 )
 from napari_pathology.tissue.mask import DEFAULT_PARAMS, TissueMask, TissueParams, _pair
@@ -82,34 +83,32 @@ class _Foreground:
 
     def __init__(self, rgb: np.ndarray, size: int, params: TissueParams) -> None:
         self.size = size
-        self.image: np.ndarray | None = None  # per-box input of median_above
+        self.above: np.ndarray | None = None  # per-box input of majority(): the unblurred threshold
         self.full: np.ndarray | None = None  # the whole foreground, when it had to be computed at once
-        self.threshold = 0.0
         self.invert = False
-        sat = saturation_u8(rgb) if params.method == "saturation" or params.exclude_pen else None
         if params.method == "saturation" and params.saturation_threshold is not None:
-            self.image, self.threshold = sat, float(params.saturation_threshold)
-            self.candidate = sat > self.threshold
-        elif params.method == "gray":
-            self.image, self.threshold, self.invert = gray_u8(rgb), params.gray_threshold * 255.0, True
-            self.candidate = self.image <= self.threshold
+            self.above = saturation_above(rgb, float(params.saturation_threshold))
+            self.candidate = self.above
+        elif params.method == "gray":  # tissue where the blurred gray is at most the threshold
+            self.above, self.invert = gray_u8(rgb) > params.gray_threshold * 255.0, True
+            self.candidate = ~self.above
         else:
             if params.method == "saturation":
-                blurred = _median(sat, size)
+                blurred = _median(saturation_u8(rgb), size)
             else:  # otsu: tissue is darker than the glass
                 blurred = 255 - _median(gray_u8(rgb), size)
             threshold = _otsu(blurred, min_contrast=12.0)
             self.full = np.zeros(blurred.shape, bool) if threshold is None else blurred > threshold
             self.candidate = self.full
         if params.exclude_pen:
-            self.candidate = self.candidate | (sat > _PEN_MIN_SATURATION)
+            self.candidate = self.candidate | saturation_above(rgb, _PEN_MIN_SATURATION)
 
     def box(self, box: tuple[slice, slice]) -> np.ndarray:
         """The foreground inside ``box``."""
         if self.full is not None:
             return self.full[box]
-        above = median_above(self.image[box], self.threshold, self.size)
-        return ~above if self.invert else above
+        blurred = majority(self.above[box], self.size)
+        return ~blurred if self.invert else blurred
 
 
 def _remove_pen(mask: np.ndarray, rgb: np.ndarray) -> np.ndarray:

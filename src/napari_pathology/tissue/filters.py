@@ -24,8 +24,10 @@ __all__ = [
     "disk_rectangles",
     "fill_holes",
     "gray_u8",
+    "majority",
     "median_above",
     "remove_small",
+    "saturation_above",
     "saturation_u8",
 ]
 
@@ -60,6 +62,15 @@ def saturation_u8(rgb: np.ndarray) -> np.ndarray:
     index <<= 8
     index |= np.minimum(np.minimum(r, g), b)
     return _saturation_table().take(index)
+
+
+def saturation_above(rgb: np.ndarray, threshold: float) -> np.ndarray:
+    """Where the HSV saturation (0-255, :func:`saturation_u8`) of a uint8 RGB image exceeds ``threshold``."""
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    index = np.maximum(np.maximum(r, g), b).astype(np.uint16)
+    index <<= 8
+    index |= np.minimum(np.minimum(r, g), b)
+    return (_saturation_table() > threshold).take(index)
 
 
 def gray_u8(rgb: np.ndarray) -> np.ndarray:
@@ -98,12 +109,46 @@ def _inside(n: int, size: int) -> np.ndarray:
     return np.minimum(index + half, n - 1) - np.maximum(index - half, 0) + 1
 
 
+def majority(above: np.ndarray, size: int) -> np.ndarray:
+    """Where at least half of each ``size`` x ``size`` window (its pixels inside the image) is set.
+
+    With ``above = image > t`` this is ``skimage.filters.rank.median(image,
+    np.ones((size, size))) > t``: the median of a window exceeds ``t`` exactly
+    when at least half of it does.
+
+    Parameters
+    ----------
+    above : ndarray
+        ``(H, W)`` bool.
+    size : int
+        Odd window side (1: ``above`` itself).
+
+    Returns
+    -------
+    ndarray
+        ``(H, W)`` bool.
+
+    """
+    if size <= 1 or min(above.shape) < 2:
+        return above
+    dtype = np.uint8 if size <= 15 else np.uint16 if size <= 255 else np.uint32
+    counts = _sum_along(_sum_along(above.view(np.uint8).astype(dtype), size, 0), size, 1)
+    out = counts >= (size * size + 1) // 2
+    rows, cols = above.shape
+    half = size // 2
+    inside_r, inside_c = _inside(rows, size), _inside(cols, size)
+    for r in (slice(0, half), slice(max(half, rows - half), rows)):  # windows cut by the border
+        out[r] = counts[r] >= (inside_r[r, None] * inside_c[None, :] + 1) // 2
+    for c in (slice(0, half), slice(max(half, cols - half), cols)):
+        out[:, c] = counts[:, c] >= (inside_r[:, None] * inside_c[None, c] + 1) // 2
+    return out
+
+
 def median_above(image: np.ndarray, threshold: float, size: int) -> np.ndarray:
     """Where the ``size`` x ``size`` median of a uint8 image exceeds ``threshold``.
 
     The same as ``skimage.filters.rank.median(image, np.ones((size, size))) > threshold``
-    (whose windows hold only the pixels inside the image), from window counts:
-    the median exceeds ``t`` exactly when at least half the window does.
+    (whose windows hold only the pixels inside the image), by :func:`majority`.
 
     Parameters
     ----------
@@ -120,21 +165,7 @@ def median_above(image: np.ndarray, threshold: float, size: int) -> np.ndarray:
         ``(H, W)`` bool.
 
     """
-    above = image > threshold
-    if size <= 1 or min(image.shape) < 2:
-        return above
-    dtype = np.uint16 if size * size <= 65535 else np.uint32
-    counts = _sum_along(_sum_along(above.view(np.uint8).astype(dtype), size, 0), size, 1)
-    counts *= 2
-    out = counts >= size * size
-    rows, cols = image.shape
-    half = size // 2
-    inside_r, inside_c = _inside(rows, size), _inside(cols, size)
-    for r in (slice(0, half), slice(max(half, rows - half), rows)):  # windows cut by the border
-        out[r] = counts[r] >= inside_r[r, None] * inside_c[None, :]
-    for c in (slice(0, half), slice(max(half, cols - half), cols)):
-        out[:, c] = counts[:, c] >= inside_r[:, None] * inside_c[None, c]
-    return out
+    return majority(image > threshold, size)
 
 
 @functools.cache
@@ -191,6 +222,45 @@ def closing(mask: np.ndarray, size: int) -> np.ndarray:
     return closed[radius:-radius, radius:-radius] | mask
 
 
+#: Above this many pieces to change, one gather over the whole image beats a loop over their boxes.
+_LOOP_PIECES = 512
+
+
+Boxes = list[tuple[slice, slice] | None]
+
+
+def _boxes(labels: np.ndarray, pieces: np.ndarray, boxes: Boxes | None) -> Boxes:
+    return boxes if boxes is not None else ndimage.find_objects(labels, max_label=int(pieces.max()))
+
+
+def _set_pieces(
+    mask: np.ndarray, labels: np.ndarray, pieces: np.ndarray, value: bool, boxes: Boxes | None = None
+) -> np.ndarray:
+    """``mask`` with the labelled ``pieces`` (label numbers) set to ``value``."""
+    if len(pieces) == 0:
+        return mask
+    if len(pieces) > _LOOP_PIECES:
+        chosen = np.zeros(int(labels.max()) + 1, bool)
+        chosen[pieces] = True
+        return mask | chosen[labels] if value else mask & ~chosen[labels]
+    out = mask.copy()
+    boxes = _boxes(labels, pieces, boxes)
+    for piece in pieces.tolist():
+        box = boxes[piece - 1]
+        out[box][labels[box] == piece] = value
+    return out
+
+
+def _sizes(labels: np.ndarray, pieces: np.ndarray, boxes: Boxes | None = None) -> np.ndarray:
+    """Pixel counts of the labelled ``pieces`` (label numbers)."""
+    if len(pieces) == 0:
+        return np.zeros(0, np.int64)
+    if len(pieces) > _LOOP_PIECES:
+        return np.bincount(labels.ravel(), minlength=int(pieces.max()) + 1)[pieces]
+    boxes = _boxes(labels, pieces, boxes)
+    return np.array([np.count_nonzero(labels[boxes[p - 1]] == p) for p in pieces.tolist()], np.int64)
+
+
 def fill_holes(mask: np.ndarray, max_hole_pixels: float | None) -> np.ndarray:
     """Fill holes (background 4-connected pieces not reaching the border) of at most ``max_hole_pixels``.
 
@@ -204,13 +274,10 @@ def fill_holes(mask: np.ndarray, max_hole_pixels: float | None) -> np.ndarray:
     outside = np.zeros(n + 1, bool)
     for edge in (labels[0], labels[-1], labels[:, 0], labels[:, -1]):
         outside[edge] = True
-    fill = ~outside
-    if max_hole_pixels is not None:
-        fill &= np.bincount(labels.ravel(), minlength=n + 1) <= max_hole_pixels
-    fill[0] = False
-    if not fill[1:].any():
-        return mask
-    return mask | fill[labels]
+    holes = np.flatnonzero(~outside[1:]) + 1
+    if max_hole_pixels is not None and len(holes):
+        holes = holes[_sizes(labels, holes) <= max_hole_pixels]
+    return _set_pieces(mask, labels, holes, True)
 
 
 def remove_small(mask: np.ndarray, min_pixels: float) -> np.ndarray:
@@ -218,12 +285,13 @@ def remove_small(mask: np.ndarray, min_pixels: float) -> np.ndarray:
     if min_pixels <= 1 or not mask.any():
         return mask
     labels, n = ndimage.label(mask, structure=np.ones((3, 3), bool))
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)
-    keep = sizes >= min_pixels
-    keep[0] = False
-    if keep[1:].all():
-        return mask
-    return keep[labels]
+    boxes = ndimage.find_objects(labels)
+    # a piece whose bounding box is smaller than min_pixels is small for sure; the others are counted
+    area = np.array([(b[0].stop - b[0].start) * (b[1].stop - b[1].start) for b in boxes], np.int64)
+    pieces = np.arange(1, n + 1)
+    unsure = pieces[area >= min_pixels]
+    small = np.concatenate([pieces[area < min_pixels], unsure[_sizes(labels, unsure, boxes) < min_pixels]])
+    return _set_pieces(mask, labels, np.sort(small), False, boxes)
 
 
 def candidate_boxes(candidate: np.ndarray, margin: int, block: int = 64) -> list[Box]:
