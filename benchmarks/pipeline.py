@@ -309,6 +309,130 @@ def tissue_rows(big: Path, rounds: int) -> list[Row]:
     ]
 
 
+#: CLAM's defaults (``create_patches_fp.py`` and ``WholeSlideImage.segmentTissue``): segmentation level
+#: nearest a 64x downsample, saturation median-blurred over 7 px, threshold 8, 4 x 4 closing, tissue
+#: pieces above 100 and holes above 16 reference patches of 512 px at level 0, at most 8 holes each.
+CLAM_SEG = {"downsample": 64, "sthresh": 8, "mthresh": 7, "close": 4, "a_t": 100, "a_h": 16, "max_n_holes": 8}
+CLAM_REF_PATCH = 512
+TISSUE_SEEDS = (1, 2, 3)
+
+
+def clam_segment(path: Path, areas_mm2: tuple[float, float] | None = None) -> tuple[Any, Any, int]:
+    """CLAM's tissue segmentation, step for step with OpenCV: ``(tissue contours, their holes, level)``.
+
+    What ``WholeSlideImage(path).segmentTissue(...)`` does with CLAM's default parameters: read
+    the segmentation level whole, HSV saturation, median blur, fixed threshold, closing, contours
+    (two-level hierarchy) filtered by net area, holes by area and count. ``areas_mm2``: the
+    smallest tissue piece and hole kept, in mm^2, instead of CLAM's reference-patch areas.
+    """
+    import cv2
+    import openslide
+
+    slide = openslide.OpenSlide(str(path))
+    level = slide.get_best_level_for_downsample(CLAM_SEG["downsample"])
+    rgba = np.array(slide.read_region((0, 0), level, slide.level_dimensions[level]))
+    scale = slide.level_downsamples[level]
+    slide_mpp = slide.properties.get(openslide.PROPERTY_NAME_MPP_X, 0.5)
+    slide.close()
+    saturation = cv2.cvtColor(rgba[..., :3], cv2.COLOR_RGB2HSV)[..., 1]
+    blurred = cv2.medianBlur(saturation, CLAM_SEG["mthresh"])
+    _, binary = cv2.threshold(blurred, CLAM_SEG["sthresh"], 255, cv2.THRESH_BINARY)
+    kernel = np.ones((CLAM_SEG["close"], CLAM_SEG["close"]), np.uint8)
+    binary = cv2.morphologyEx(binary, cv2.MORPH_CLOSE, kernel)
+    patch_area = int(CLAM_REF_PATCH**2 / (scale * scale))
+    min_tissue, min_hole = CLAM_SEG["a_t"] * patch_area, CLAM_SEG["a_h"] * patch_area
+    if areas_mm2 is not None:
+        pixel_mm2 = (float(slide_mpp) * scale / 1000.0) ** 2
+        min_tissue, min_hole = areas_mm2[0] / pixel_mm2, areas_mm2[1] / pixel_mm2
+    contours, hierarchy = cv2.findContours(binary, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
+    if hierarchy is None:
+        return [], [], level
+    parents = hierarchy[0][:, 3]
+    tissue, holes = [], []
+    for index in np.flatnonzero(parents == -1):
+        children = [contours[i] for i in np.flatnonzero(parents == index)]
+        net = cv2.contourArea(contours[index]) - sum(cv2.contourArea(c) for c in children)
+        if net > min_tissue:
+            children.sort(key=cv2.contourArea, reverse=True)
+            tissue.append(contours[index])
+            holes.append([c for c in children[: CLAM_SEG["max_n_holes"]] if cv2.contourArea(c) > min_hole])
+    return tissue, holes, level
+
+
+def clam_mask(path: Path, tissue: Any, holes: Any, level: int) -> Any:
+    """CLAM's contours filled at their level, as a :class:`~napari_pathology.tissue.TissueMask`."""
+    import cv2
+
+    from napari_pathology.tissue import TissueMask
+
+    slide = open_slide(path)
+    width, height = slide.level_dimensions[level]
+    canvas = np.zeros((height, width), np.uint8)
+    for contour, its_holes in zip(tissue, holes, strict=True):
+        cv2.drawContours(canvas, [contour], -1, 1, thickness=cv2.FILLED)
+        if its_holes:
+            cv2.drawContours(canvas, its_holes, -1, 0, thickness=cv2.FILLED)
+    mpp = slide.require_mpp()[0] * float(slide.level_downsamples[level])
+    return TissueMask(canvas > 0, mpp, slide.dimensions, slide.require_mpp())
+
+
+def truth_iou(mask: Any, path: Path) -> float:
+    """IoU of a tissue mask with the synthetic slide's true tissue (``<slide>.tissue.png``), on the truth's grid."""
+    from PIL import Image
+
+    from napari_pathology.slide.synthetic import load_truth, truth_paths
+
+    truth = np.asarray(Image.open(truth_paths(path)["tissue_png"])) > 0
+    mpp = float(load_truth(path)["mask_mpp"])
+    ours = mask if abs(mask.mpp - mpp) < 1e-9 else mask.resampled(mpp)
+    a = ours.mask[: truth.shape[0], : truth.shape[1]]
+    b = truth[: a.shape[0], : a.shape[1]]
+    return float((a & b).sum() / max(1, (a | b).sum()))
+
+
+def clam_rows(paths: list[Path], rounds: int) -> list[Row]:
+    """Seconds and IoU with the true tissue: CLAM's segmentation against ``detect_tissue``, slide by slide.
+
+    Seconds from a fresh slide handle to the finished result (CLAM: its contours; ours: the
+    mask), alternately, best of ``rounds``; ours also on a slide already opened as the viewer
+    opens it (its brightfield judgement, one more read of the coarsest level, made at open).
+    IoU of each on the truth's grid; CLAM's also with our area filters instead of its own.
+    """
+    from napari_pathology.tissue import TissueParams, detect_tissue
+
+    params = TissueParams()
+    areas = (params.min_tissue_area_mm2, params.min_hole_area_mm2)
+    rows: list[Row] = []
+    for path in paths:
+        load = OtherLoad()
+        clam_t, fresh_t, opened_t = [], [], []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            contours = clam_segment(path)
+            clam_t.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            ours = run_to_completion(detect_tissue(open_slide(path), params))
+            fresh_t.append(time.perf_counter() - start)
+            slide = open_slide(path)
+            _ = slide.brightfield  # as the viewer's reader does when it opens the slide
+            start = time.perf_counter()
+            run_to_completion(detect_tissue(slide, params))
+            opened_t.append(time.perf_counter() - start)
+        clam_iou, ours_iou = truth_iou(clam_mask(path, *contours), path), truth_iou(ours, path)
+        matched_iou = truth_iou(clam_mask(path, *clam_segment(path, areas)), path)
+        others = load.cores()
+        clam, fresh, opened = min(clam_t), min(fresh_t), min(opened_t)
+        seed = path.stem.split("seed")[1].split("-")[0]
+        side = f"{open_slide(path).dimensions[0]:,} px"
+        rows += [
+            (f"tissue mask vs CLAM, {side} slide, seed {seed}", "s", clam, fresh, _ratio(clam, fresh), others),
+            ("  the same, slide already open (as in the viewer)", "s", clam, opened, _ratio(clam, opened), others),
+            ("  IoU with the true tissue", "IoU", clam_iou, ours_iou, f"{ours_iou / clam_iou:.3f}", others),
+            ("  IoU, CLAM with our area filters", "IoU", matched_iou, ours_iou, f"{ours_iou / matched_iou:.3f}", others),
+        ]
+    return rows
+
+
 # --------------------------------------------------------------------------- GUI stall
 
 
