@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import itertools
 import json
 import os
@@ -377,7 +378,7 @@ def clam_mask(path: Path, tissue: Any, holes: Any, level: int) -> Any:
 
 
 def truth_iou(mask: Any, path: Path) -> float:
-    """IoU of a tissue mask with the synthetic slide's true tissue (``<slide>.tissue.png``), on the truth's grid."""
+    """IoU of a tissue mask with a synthetic slide's true tissue (``<slide>.tissue.png``), on its grid."""
     from PIL import Image
 
     from napari_pathology.slide.synthetic import load_truth, truth_paths
@@ -424,11 +425,19 @@ def clam_rows(paths: list[Path], rounds: int) -> list[Row]:
         clam, fresh, opened = min(clam_t), min(fresh_t), min(opened_t)
         seed = path.stem.split("seed")[1].split("-")[0]
         side = f"{open_slide(path).dimensions[0]:,} px"
+        name = f"tissue mask vs CLAM, {side} slide, seed {seed}"
         rows += [
-            (f"tissue mask vs CLAM, {side} slide, seed {seed}", "s", clam, fresh, _ratio(clam, fresh), others),
-            ("  the same, slide already open (as in the viewer)", "s", clam, opened, _ratio(clam, opened), others),
+            (name, "s", clam, fresh, _ratio(clam, fresh), others),
+            ("  the same, slide already open (viewer)", "s", clam, opened, _ratio(clam, opened), others),
             ("  IoU with the true tissue", "IoU", clam_iou, ours_iou, f"{ours_iou / clam_iou:.3f}", others),
-            ("  IoU, CLAM with our area filters", "IoU", matched_iou, ours_iou, f"{ours_iou / matched_iou:.3f}", others),
+            (
+                "  IoU, CLAM with our area filters",
+                "IoU",
+                matched_iou,
+                ours_iou,
+                f"{ours_iou / matched_iou:.3f}",
+                others,
+            ),
         ]
     return rows
 
@@ -569,6 +578,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None, help="best of (2; quick: 1)")
     parser.add_argument("--big", type=int, default=100_000, help="side of the sparse slide for the mask")
     parser.add_argument("--no-gui", action="store_true", help="skip the Qt event-loop rows")
+    parser.add_argument("--only", choices=("inference", "tissue", "gui"), help="run this part only")
+    parser.add_argument(
+        "--tissue-size", type=int, default=16_384, help="side of the slides of the tissue rows against CLAM"
+    )
     parser.add_argument("--retries", type=int, default=2, help="re-measurements of a disturbed row")
     parser.add_argument(
         "--patience",
@@ -600,18 +613,29 @@ def main() -> None:
     def section(name: str) -> None:
         print(f"[{time.perf_counter() - started:5.0f} s] {name}...", file=sys.stderr)
 
+    def part(name: str) -> bool:
+        return args.only in (None, name)
+
     section("slides")
     main_slide = path_for(slide_mpp)
-    for name in models:
-        path_for(get_spec(name).mpp)
-    section("inference")
-    rows = inference_rows(path_for, models, args)
-    section("tissue mask")
-    big = write_big_slide(OUT / f"big-{args.big}.tif", main_slide, side=args.big)
-    big.read_bytes()  # warm the OS page cache
-    rows += quiet(functools.partial(tissue_rows, big, args.rounds), args)
+    rows: list[Row] = []
+    if part("inference"):
+        for name in models:
+            path_for(get_spec(name).mpp)
+        section("inference")
+        rows += inference_rows(path_for, models, args)
+    if part("tissue"):
+        section("tissue mask")
+        if importlib.util.find_spec("cv2") is None:
+            print("no OpenCV: no rows against CLAM (pip install opencv-python-headless)", file=sys.stderr)
+        else:
+            paths = [synthetic_slide(args.tissue_size, seed=seed, mpp=slide_mpp) for seed in TISSUE_SEEDS]
+            rows += quiet(functools.partial(clam_rows, paths, max(args.rounds, 3)), args)
+        big = write_big_slide(OUT / f"big-{args.big}.tif", main_slide, side=args.big)
+        big.read_bytes()  # warm the OS page cache
+        rows += quiet(functools.partial(tissue_rows, big, args.rounds), args)
     report: dict[str, Any] = {}
-    if not args.no_gui:
+    if not args.no_gui and part("gui"):
         section("GUI stall")
         attempts: list[tuple[list[Row], dict[str, Any]]] = []
 
@@ -630,7 +654,8 @@ def main() -> None:
     print("| measure | unit | baseline | napari-pathology | ratio | other load |")
     print("|---|---|---:|---:|---:|---:|")
     for name, unit, base, ours, ratio, others in rows:
-        print(f"| {name} | {unit} | {base:,.1f} | {ours:,.1f} | {ratio} | {others:.2f} |")
+        digits = ".3f" if unit in ("s", "IoU") else ",.1f"
+        print(f"| {name} | {unit} | {base:{digits}} | {ours:{digits}} | {ratio} | {others:.2f} |")
     print("\nratio: ours / baseline for rates, baseline / ours for times (higher is better);")
     print("baselines: the model alone on in-memory tensors, raw openslide.read_region of the level")
     print(f"the mask reads, and the {HEARTBEAT_MS} ms heartbeat of an idle viewer; other load: CPU cores")
