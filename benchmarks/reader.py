@@ -94,7 +94,7 @@ def write_big_slide(path: Path, source: Path, side: int = 100_000, coverage: int
     slide = open_slide(source)
     width, height = slide.dimensions
     encoded = [
-        imagecodecs.jpeg_encode(slide.read_region(0, x, y, TILE, TILE), level=85)
+        imagecodecs.jpeg_encode(np.ascontiguousarray(slide.read_region(0, x, y, TILE, TILE)), level=85)
         for x, y in random_tiles(width, height, 64, TILE, seed=1)
     ]
     mpp = slide.mpp[0] if slide.mpp else 0.5
