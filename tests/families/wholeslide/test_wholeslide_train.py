@@ -45,6 +45,7 @@ def test_read_slide_image_at_the_target_resolution(tiny_cohort: Path) -> None:
     np.testing.assert_array_equal(cropped, image[64:192, 64:192])
 
 
+@pytest.mark.slow
 def test_trains_validates_and_saves(tiny_cohort: Path, tmp_path: Path) -> None:
     out = tmp_path / "wholeslide.pt"
     events, result = _run(_job(tiny_cohort, out))
@@ -62,6 +63,7 @@ def test_trains_validates_and_saves(tiny_cohort: Path, tmp_path: Path) -> None:
     assert cams.shape == (1, 2, 7, 6)
 
 
+@pytest.mark.slow
 def test_tile_from_the_memory_budget_and_its_refusal(tiny_cohort: Path, tmp_path: Path) -> None:
     _events, result = _run(_job(tiny_cohort, tmp_path / "a.pt", tile=None, memory_gb=2.0, epochs=1))
     assert result.step == 2
