@@ -57,7 +57,8 @@ def _worker(config: dict[str, Any]) -> dict[str, Any]:
     tile = config.get("tile")
     if config["path"] == "tiled" and not tile:
         dtype = autocast or torch.float32
-        tile = choose_tile(net, side, side, int(config["budget_gb"] * GiB), dtype=dtype)
+        budget = int(config["budget_gb"] * GiB)
+        tile = choose_tile(net, side, side, budget, dtype=dtype, stream_stages=config["stream_stages"])
     optimizer = torch.optim.Adam(net.parameters(), lr=2e-5)
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     seconds, tiles, backward = [], 1, 1
@@ -73,6 +74,7 @@ def _worker(config: dict[str, Any]) -> dict[str, Any]:
             step = streaming_step(
                 net, x, y, F.cross_entropy, tile, device=device, autocast=autocast,
                 channels_last=config["channels_last"], offload=config["offload"],
+                stream_stages=config["stream_stages"],
             )  # fmt: skip
             tiles, backward = step.tiles, step.backward_tiles
         optimizer.step()
@@ -148,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--autocast", default="none", choices=("none", "bf16", "fp16"))
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--offload", action="store_true", help="save_on_cpu for a tile's activations (GPU)")
+    parser.add_argument("--stream-stages", type=int, default=None, help="stages streamed (default: all 5)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per configuration")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -158,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     base = {
         "device": args.device, "arch": args.arch, "width": args.width, "budget_gb": args.budget_gb,
         "steps": args.steps, "autocast": args.autocast, "channels_last": args.channels_last,
-        "offload": args.offload, "tile": (tile[0] if len(tile) == 1 else tile) if tile else None,
+        "offload": args.offload, "stream_stages": args.stream_stages,
+        "tile": (tile[0] if len(tile) == 1 else tile) if tile else None,
     }  # fmt: skip
     rows = []
     for side in (int(v) for v in args.sizes.split(",")):
@@ -186,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "wholeslide.json").write_text(json.dumps(rows, indent=1))
     precision = args.autocast if args.autocast != "none" else "float32"
-    print(f"\n{args.arch} width {args.width}, {args.device}, {precision}, budget {args.budget_gb:g} GiB")
+    streamed = f"({args.stream_stages} of 5 stages streamed)" if args.stream_stages else ""
+    title = f"{args.arch} width {args.width}, {args.device}, {precision}, budget {args.budget_gb:g} GiB"
+    print(f"\n{title} {streamed}".rstrip())
     gpu = args.device.startswith("cuda")
     head = "| input | path | tile | tiles (backward) | peak RSS GiB (before steps) |"
     print(head + (" GPU peak GiB |" if gpu else "") + " s/step | memory vs plain | time vs plain |")
