@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -201,7 +202,11 @@ def watch_viewer(viewer: napari.Viewer) -> None:
         return
     _WATCHED.add(id(viewer))
     weakref.finalize(viewer, _WATCHED.discard, id(viewer))
-    viewer.layers.events.inserted.connect(_inserted_handler(viewer))
+    handler = _inserted_handler(viewer)
+    viewer.layers.events.inserted.connect(handler)
+    for layer in list(viewer.layers):  # slides opened before the first panel
+        if is_slide_metadata(getattr(layer, "metadata", {})):
+            handler(SimpleNamespace(value=layer))
 
 
 def _inserted_handler(viewer: napari.Viewer) -> Any:

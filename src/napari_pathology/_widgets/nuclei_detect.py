@@ -41,6 +41,33 @@ from napari_pathology.progress import Progress
 
 #: Where the detector looks: combo text and key.
 REGION_CHOICES = (("Current view", "view"), ("Drawn regions", "regions"), ("Whole tissue", "tissue"))
+#: Nuclei per mm^2 assumed before a view or region detection (dense H&E: one per 250 um^2).
+NUCLEI_PER_MM2 = 4000.0
+#: Above this many expected nuclei a view or region detection asks first: editable points
+#: beyond a few thousand make every pan slow; *Whole tissue* (predictions) is built for that scale.
+EDITABLE_LIMIT = 5000
+
+
+def expected_nuclei(area_um2: float, density_per_mm2: float = NUCLEI_PER_MM2) -> int:
+    """About how many nuclei an area holds (``area_um2`` in um^2) at a dense H&E density."""
+    return round(max(0.0, area_um2) / 1e6 * density_per_mm2)
+
+
+def ask_large_detection(parent: QWidget, text: str) -> str:
+    """Ask what to do with a large view or region: ``"tissue"``, ``"here"`` or ``"cancel"``."""
+    from qtpy.QtWidgets import QMessageBox
+
+    box = QMessageBox(parent)
+    box.setIcon(QMessageBox.Icon.Question)
+    box.setWindowTitle("Large detection")
+    box.setText(text)
+    tissue = box.addButton("Whole tissue (predictions)", QMessageBox.ButtonRole.AcceptRole)
+    here = box.addButton("Detect here anyway", QMessageBox.ButtonRole.DestructiveRole)
+    box.addButton(QMessageBox.StandardButton.Cancel)
+    box.setDefaultButton(tissue)
+    box.exec()
+    clicked = box.clickedButton()
+    return "tissue" if clicked is tissue else "here" if clicked is here else "cancel"
 
 
 class DetectControls:
@@ -60,6 +87,11 @@ class DetectControls:
         self.regions_combo = QComboBox()
         self.regions_combo.setToolTip("Shapes layer whose areas are regions (detection and purity)")
         self.regions_combo.currentIndexChanged.connect(self._regions_layer_changed)
+        self.new_regions_button = QPushButton("New")
+        self.new_regions_button.setToolTip("Add a Shapes layer on the slide's micrometres to draw regions in")
+        self.new_regions_button.clicked.connect(self.add_regions_layer)
+        #: Asks before a large view or region detection (tests replace it): text -> choice.
+        self.ask_large = lambda text: ask_large_detection(self, text)
         self.param_spins: dict[str, QDoubleSpinBox] = {}
         specs = {
             "sigma_um": ("Smoothing (um)", 0.0, 5.0, 0.1),
@@ -70,7 +102,10 @@ class DetectControls:
         form = QFormLayout()
         form.addRow("Slide", self.slide_combo)
         form.addRow("Where", self.where_combo)
-        form.addRow("Regions", self.regions_combo)
+        regions_row = QHBoxLayout()
+        regions_row.addWidget(self.regions_combo, 1)
+        regions_row.addWidget(self.new_regions_button)
+        form.addRow("Regions", regions_row)
         settings = QWidget()
         settings_form = QFormLayout(settings)
         settings_form.setContentsMargins(0, 0, 0, 0)
@@ -120,6 +155,20 @@ class DetectControls:
         if event.value is self._layer:
             self._layer = None
         self._sync_regions()
+
+    def add_regions_layer(self) -> Any:
+        """Add (and choose) an empty Shapes layer in the slide's units, in polygon mode."""
+        slide = self.slide_layer()
+        extent = {}
+        if slide is not None:  # edges a few screen pixels wide when the whole slide is in view
+            height, width = np.asarray(slide.extent.world[1] - slide.extent.world[0])[-2:]
+            extent = {"units": slide.units, "edge_width": max(height, width) / 300}
+        name = f"{slide.name} regions" if slide is not None else "regions"
+        layer = self.viewer.add_shapes(name=name, face_color="transparent", edge_color="#30c0ff", **extent)
+        layer.mode = "add_polygon"
+        self._sync_regions()
+        self.regions_combo.setCurrentText(layer.name)
+        return layer
 
     def regions_layer(self) -> Any:
         """The chosen Shapes layer of regions, or None."""
@@ -197,6 +246,23 @@ class DetectControls:
 
             tissue_layer = find_tissue_layer(self.viewer, slide.metadata.get("path"))
             tissue = tissue_mask_from_layer(tissue_layer) if tissue_layer is not None else None
+        if where != "tissue":
+            area = box[2] * box[3] if polygons is None else _polygons_area(polygons)
+            expected = expected_nuclei(area)
+            if expected > EDITABLE_LIMIT:
+                what = "view" if where == "view" else "region"
+                choice = self.ask_large(
+                    f"This {what} covers {area / 1e6:.2f} mm\N{SUPERSCRIPT TWO}: "
+                    f"about {expected:,} nuclei, too many to edit as points (every pan slows down). "
+                    "Detect over the whole tissue as predictions instead, or here anyway?"
+                )
+                if choice == "cancel":
+                    self.status.setText("Detection not started: zoom in or draw a smaller region.")
+                    return
+                if choice == "tissue":
+                    self.where_combo.setCurrentIndex(self.where_combo.findData("tissue"))
+                    self.detect()
+                    return
         try:
             params = self.detection_params()
         except ValueError as exc:
@@ -267,3 +333,13 @@ class DetectControls:
         if self._overlay is not None:
             self._overlay.remove()
             self._overlay = None
+
+
+def _polygons_area(polygons: list[list[np.ndarray]]) -> float:
+    """Area (um^2) of polygons given as ``[exterior, *holes]`` rings of ``(x, y)`` um (shoelace)."""
+
+    def ring_area(ring: np.ndarray) -> float:
+        x, y = np.asarray(ring, dtype=np.float64).T
+        return 0.5 * abs(float(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))))
+
+    return sum(ring_area(p[0]) - sum(ring_area(h) for h in p[1:]) for p in polygons)

@@ -13,7 +13,7 @@ from qtpy.QtWidgets import QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QG
 
 from napari_pathology.tissue import DEFAULT_PARAMS, TissueParams
 
-__all__ = ["METHOD_CHOICES", "TissueFormMixin"]
+__all__ = ["METHOD_CHOICES", "TissueFormMixin", "style_tissue_layer"]
 
 #: Methods as shown in the combo box, with their :class:`TissueParams` names.
 METHOD_CHOICES = (
@@ -23,6 +23,12 @@ METHOD_CHOICES = (
 )
 
 SQUARE_MM = " mm\N{SUPERSCRIPT TWO}"
+
+
+def style_tissue_layer(layer: Any, fill: bool) -> None:
+    """The tissue as its outline (the H&E stays visible), or filled at 35% when ``fill``."""
+    layer.contour = 0 if fill else 2
+    layer.opacity = 0.35 if fill else 0.9
 
 
 def _double_spin(
@@ -39,6 +45,15 @@ def _double_spin(
 
 class TissueFormMixin:
     """The Detection box of :class:`~napari_pathology._widgets.tissue_panel.TissuePanel` (a QWidget)."""
+
+    def _make_fill_check(self) -> None:
+        """The "Fill" box: the tissue layer shows its outline unless it is ticked."""
+        self.fill_check = QCheckBox("Fill the tissue (else its outline)")
+        self.fill_check.toggled.connect(self._fill_toggled)
+
+    def _fill_toggled(self, fill: bool) -> None:
+        if self.tissue_layer is not None:
+            style_tissue_layer(self.tissue_layer, fill)
 
     def _make_params_box(self) -> QGroupBox:
         """Build the parameter fields (defaults: :data:`~napari_pathology.tissue.DEFAULT_PARAMS`)."""

@@ -15,12 +15,20 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from qtpy.QtCore import QTimer
-from qtpy.QtWidgets import QFileDialog, QHBoxLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
+from qtpy.QtWidgets import (
+    QFileDialog,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
 
 from napari_pathology._layers import follow_slide_scale, slide_from_metadata
 from napari_pathology._widgets._common import SlideLayerCombo, compact_panel, same_path
 from napari_pathology._widgets._workers import PanelWorker, run_in_thread, start_worker
-from napari_pathology._widgets.tissue_form import METHOD_CHOICES, TissueFormMixin
+from napari_pathology._widgets.tissue_form import METHOD_CHOICES, TissueFormMixin, style_tissue_layer
 from napari_pathology.tissue import TissueMask, detect_tissue, read_tissue_file, save_tissue_mask
 from napari_pathology.tissue.layer import (
     TISSUE_LAYER_COLORS,
@@ -130,6 +138,7 @@ class TissuePanel(TissueFormMixin, QWidget):
         file_row = QHBoxLayout()
         file_row.addWidget(self.import_button)
         file_row.addWidget(self.save_button)
+        self._make_fill_check()
         hint = QLabel("Correct the mask with the layer's paint / erase tools; the area follows.")
         hint.setWordWrap(True)
 
@@ -140,6 +149,7 @@ class TissuePanel(TissueFormMixin, QWidget):
         layout.addWidget(self.progress_bar)
         layout.addWidget(self.area_label)
         layout.addWidget(self.status_label)
+        layout.addWidget(self.fill_check)
         layout.addWidget(hint)
         layout.addLayout(file_row)
         layout.addStretch(1)
@@ -312,6 +322,7 @@ class TissuePanel(TissueFormMixin, QWidget):
             layer.units = kwargs["units"]
             layer.data = data
         follow_slide_scale([layer], slide_layer)  # the um/px changed while it was computed
+        style_tissue_layer(layer, self.fill_check.isChecked())
         self._watch(layer)
         self.update_area()
         return layer
