@@ -43,6 +43,28 @@ def _saturation_table() -> np.ndarray:
     return np.clip(np.rint(sat), 0, 255).astype(np.uint8)
 
 
+#: Pixels per chunk of the table look-ups (their index arrays stay small and in cache).
+_CHUNK = 1 << 20
+
+
+def _max_min_index(rgb: np.ndarray) -> np.ndarray:
+    """``max * 256 + min`` of each pixel's channels (uint16)."""
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    index = np.maximum(np.maximum(r, g), b).astype(np.uint16)
+    index <<= 8
+    index |= np.minimum(np.minimum(r, g), b)
+    return index
+
+
+def _look_up(table: np.ndarray, rgb: np.ndarray) -> np.ndarray:
+    """``table[max * 256 + min]`` for every pixel, a band of rows at a time."""
+    rows = max(1, _CHUNK // max(1, rgb.shape[1]))
+    out = np.empty(rgb.shape[:2], table.dtype)
+    for start in range(0, rgb.shape[0], rows):
+        out[start : start + rows] = table.take(_max_min_index(rgb[start : start + rows]))
+    return out
+
+
 def saturation_u8(rgb: np.ndarray) -> np.ndarray:
     """HSV saturation on 0-255 of a uint8 RGB image (as OpenCV computes it).
 
@@ -57,20 +79,12 @@ def saturation_u8(rgb: np.ndarray) -> np.ndarray:
         ``(H, W)`` uint8, ``round(255 * (max - min) / max)`` (0 where max is 0).
 
     """
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    index = np.maximum(np.maximum(r, g), b).astype(np.uint16)
-    index <<= 8
-    index |= np.minimum(np.minimum(r, g), b)
-    return _saturation_table().take(index)
+    return _look_up(_saturation_table(), rgb)
 
 
 def saturation_above(rgb: np.ndarray, threshold: float) -> np.ndarray:
     """Where the HSV saturation (0-255, :func:`saturation_u8`) of a uint8 RGB image exceeds ``threshold``."""
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    index = np.maximum(np.maximum(r, g), b).astype(np.uint16)
-    index <<= 8
-    index |= np.minimum(np.minimum(r, g), b)
-    return (_saturation_table() > threshold).take(index)
+    return _look_up(_saturation_table() > threshold, rgb)
 
 
 def gray_u8(rgb: np.ndarray) -> np.ndarray:
