@@ -289,9 +289,12 @@ def fill_holes(mask: np.ndarray, max_hole_pixels: float | None) -> np.ndarray:
     for edge in (labels[0], labels[-1], labels[:, 0], labels[:, -1]):
         outside[edge] = True
     holes = np.flatnonzero(~outside[1:]) + 1
-    if max_hole_pixels is not None and len(holes):
-        holes = holes[_sizes(labels, holes) <= max_hole_pixels]
-    return _set_pieces(mask, labels, holes, True)
+    if len(holes) == 0:
+        return mask
+    boxes = None if len(holes) > _LOOP_PIECES else _boxes(labels, holes, None)
+    if max_hole_pixels is not None:
+        holes = holes[_sizes(labels, holes, boxes) <= max_hole_pixels]
+    return _set_pieces(mask, labels, holes, True, boxes)
 
 
 def remove_small(mask: np.ndarray, min_pixels: float) -> np.ndarray:
