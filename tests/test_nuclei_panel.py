@@ -241,6 +241,11 @@ def test_train_from_my_labels_hands_the_model_over(make_napari_viewer, qtbot, sy
     model = load_checkpoint(panel.model_source)
     assert model.spec.family == "nucleus-purity"
     assert "classifier" in panel.train_status.text()
+    assert "Validation on held-out nuclei" in panel.train_status.text()  # the new model's metrics shown
+    assert "AUC" in panel.train_status.text()
+    assert panel.previous_button.isVisibleTo(panel)  # the previous classifier is one click away
+    panel.previous_button.click()
+    assert panel.model_source == "nucleus-purity" and not panel.previous_button.isVisibleTo(panel)
 
 
 def test_train_refuses_unlabelled_nuclei(

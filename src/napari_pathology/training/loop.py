@@ -30,6 +30,7 @@ and are re-exported here. No Qt, no napari.
 from __future__ import annotations
 
 import math
+import shutil
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator
@@ -40,7 +41,7 @@ from typing import Any
 import torch
 
 from napari_pathology.devices import is_out_of_memory, resolve_device
-from napari_pathology.fileio import OutputError, ensure_writable_dir
+from napari_pathology.fileio import OutputError, atomic_path, ensure_writable_dir
 from napari_pathology.models.registry import (
     PathologyModel,
     save_checkpoint,
@@ -282,11 +283,16 @@ def fit(
         saved_step = step
         return event("checkpoint", path=str(last_path), metrics=metrics, message=f"saved {last_path.name}")
 
+    def stopping() -> bool:
+        return stop is not None and stop.is_set()
+
     def run_validation() -> list[TrainEvent]:
         nonlocal best_score, best_metrics, last_metrics
         events = []
-        if settings.precise_bn_batches > 0:
-            recalibrate_batch_norm(model, forward, batches, settings.precise_bn_batches, device, context)
+        if settings.precise_bn_batches > 0 and not stopping():  # Stop keeps the running averages
+            recalibrate_batch_norm(
+                model, forward, batches, settings.precise_bn_batches, device, context, stop=stop
+            )
         if validate is not None:
             model.eval()
             with torch.no_grad(), context:
@@ -306,6 +312,12 @@ def fit(
         last_metrics = metrics
         if validate is not None:
             history.append(dict(metrics))
+        if validate is None:  # without validation the best is the latest: one save, then a file copy
+            best_score, best_metrics = score, dict(metrics)
+            events.append(save_last(metrics))
+            saving(lambda: copy_file_atomic(last_path, best_path))
+            events.append(event("checkpoint", path=str(best_path), metrics=metrics, message="best = last"))
+            return events
         if score > best_score or not best_path.exists():
             best_score, best_metrics = score, dict(metrics)
             saving(
@@ -365,7 +377,7 @@ def fit(
                 yield event(
                     "step", loss=smoothed, message=f"step {step}/{settings.steps} loss {smoothed:.4f}"
                 )
-            if step % settings.eval_every == 0 or step == settings.steps:
+            if (step % settings.eval_every == 0 or step == settings.steps) and not stopping():
                 yield from run_validation()
                 if after_validation is not None and step < settings.steps:
                     message = after_validation(model, step)
@@ -376,9 +388,12 @@ def fit(
         if step > saved_step:
             save_last(last_metrics)
         raise
-    if stopped and step > 0:
+    stopped = stopped or stopping()  # set during the last step: its validation was skipped
+    if stopped and step > saved_step:  # Stop costs one save of the steps not yet on disk
         yield save_last(last_metrics)
-    elif step > 0 and not last_path.exists():
+        if validate is None:
+            saving(lambda: copy_file_atomic(last_path, best_path))
+    elif not stopped and step > 0 and not last_path.exists():
         yield from run_validation()
     best = f"best {best_path.name}" if best_path.exists() else "no best checkpoint yet (no validation ran)"
     message = f"{'stopped' if stopped else 'finished'} at step {step}; {best}"
@@ -389,6 +404,13 @@ def fit(
     )  # fmt: skip
 
 
+def copy_file_atomic(source: Path, target: Path) -> Path:
+    """Copy ``source`` to ``target`` through a temporary file in ``target``'s folder (never half a file)."""
+    with atomic_path(target) as temporary:
+        shutil.copyfile(source, temporary)
+    return target
+
+
 def recalibrate_batch_norm(
     model: torch.nn.Module,
     forward: Callable[[Any, torch.Tensor], torch.Tensor],
@@ -396,11 +418,13 @@ def recalibrate_batch_norm(
     n_batches: int,
     device: torch.device,
     context: Any = None,
+    stop: threading.Event | None = None,
 ) -> int:
     """Replace the running statistics of training-mode batch norms by their mean over ``n_batches``.
 
     Batch norms that are frozen (eval mode while the model trains, as a
-    frozen trunk) are left alone. Returns the number of layers recalibrated.
+    frozen trunk) are left alone. When ``stop`` is set the mean is over the
+    batches done so far (at least one). Returns the number of layers recalibrated.
     """
     batch_norm = torch.nn.modules.batchnorm._BatchNorm
     norms = [m for m in model.modules() if isinstance(m, batch_norm) and m.training]
@@ -413,7 +437,9 @@ def recalibrate_batch_norm(
     try:
         context = context if context is not None else torch.autocast(device.type, enabled=False)
         with torch.no_grad(), context:
-            for _ in range(n_batches):
+            for done in range(n_batches):
+                if done and stop is not None and stop.is_set():
+                    break
                 x, _y = next(batches)
                 forward(model, x.to(device, non_blocking=True))
     finally:
