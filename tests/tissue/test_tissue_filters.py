@@ -9,10 +9,11 @@ from skimage.filters.rank import median
 from skimage.morphology import disk
 
 from napari_pathology.progress import run_to_completion
-from napari_pathology.slide import InMemoryBackend, Slide
+from napari_pathology.slide import InMemoryBackend, NotBrightfieldError, Slide
 from napari_pathology.tissue import (
     TissueMask,
     TissueParams,
+    detect_tissue,
     filters,
     pen_mask,
     read_at_mpp,
@@ -208,3 +209,30 @@ def test_area_counts_the_parts_of_edge_pixels_on_the_slide() -> None:
         tissue = TissueMask(mask, 8.0, (width, height), 0.5)
         whole = tissue.fraction_in(0, 0, width * 0.5, height * 0.5) * width * 0.5 * height * 0.5 / 1e6
         assert tissue.area_mm2 == pytest.approx(whole, rel=1e-9, abs=1e-15)
+
+
+def _two_level_slide(level1: np.ndarray) -> Slide:
+    """A slide at 2 um/px whose second level (4x) is exactly an 8 um/px mask's grid."""
+    level0 = np.repeat(np.repeat(level1, 4, axis=0), 4, axis=1)
+    return Slide(InMemoryBackend([level0, level1], mpp=2.0))
+
+
+def test_the_brightfield_judgement_reuses_the_masks_read_of_the_coarsest_level() -> None:
+    rgb = _sparse_slide_image(0)[:200, :240]
+    slide = _two_level_slide(rgb)
+    reads, read_region = [], slide.read_region
+    slide.read_region = lambda level, *box: reads.append(level) or read_region(level, *box)
+    events = []
+    mask = run_to_completion(detect_tissue(slide, TissueParams()), events.append)
+    assert len(events) >= 2 and not mask.is_empty
+    assert reads == [1]  # the coarsest level, once
+    assert slide.brightfield is True
+    assert slide.brightfield == _two_level_slide(rgb).brightfield  # the same as judging from a read
+
+    dark = np.clip(_rng(5).normal(8, 4, (200, 240, 3)), 0, 255).astype(np.uint8)
+    for y in range(10, 200, 20):
+        dark[y - 2 : y + 2, 10:240:20] = (20, 60, 230)  # bright nuclei, one pixel wide at this scale
+    fluorescence = _two_level_slide(dark)
+    with pytest.raises(NotBrightfieldError, match="fluorescence"):
+        next(detect_tissue(fluorescence, TissueParams()))  # refused before any progress
+    assert _two_level_slide(dark).brightfield is False

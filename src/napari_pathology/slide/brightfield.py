@@ -73,16 +73,21 @@ def _percentile_u8(cumulative: np.ndarray, q: float) -> float:
     return a + (b - a) * t if t < 0.5 else b - (b - a) * (1 - t)
 
 
-def _slide_brightfield(slide: Slide) -> tuple[bool | None, str]:
-    """:func:`judge_brightfield` on a small sample of the coarsest level (and OME metadata)."""
+def _slide_brightfield(slide: Slide, coarsest: np.ndarray | None = None) -> tuple[bool | None, str]:
+    """:func:`judge_brightfield` on a small sample of the coarsest level (and OME metadata).
+
+    ``coarsest``: that whole level as RGB when the caller has it already (not read again).
+    """
     description = str(slide.backend.properties.get("tiff.ImageDescription", ""))
     if "Epifluorescence" in description or 'IlluminationType="Fluorescence"' in description:
         return False, "its OME metadata says epifluorescence"
     level = slide.level_count - 1
     width, height = slide.level_dimensions[level]
+    if coarsest is not None and coarsest.shape[:2] != (height, width):
+        coarsest = None
     try:
         if width * height <= 2**21:
-            image = slide.read_region(level, 0, 0, width, height)
+            image = slide.read_region(level, 0, 0, width, height) if coarsest is None else coarsest
             edge = max(1, min(width, height) // 20)
             border = np.concatenate(
                 [image[:edge].reshape(-1, 3), image[-edge:].reshape(-1, 3),
@@ -93,7 +98,13 @@ def _slide_brightfield(slide: Slide) -> tuple[bool | None, str]:
         xs = np.linspace(0, max(0, width - side), 8).astype(int)
         ys = np.linspace(0, max(0, height - side), 8).astype(int)
         w, h = min(side, width), min(side, height)
-        patches = [slide.read_region(level, int(x), int(y), w, h) for y in ys for x in xs]
+        patches = [
+            slide.read_region(level, int(x), int(y), w, h)
+            if coarsest is None
+            else coarsest[y : y + h, x : x + w]
+            for y in ys
+            for x in xs
+        ]
         return judge_brightfield(np.concatenate([p.reshape(-1, 3) for p in patches]))
     except (SlideReadError, ValueError):
         return None, "its pixels could not be read"

@@ -252,8 +252,14 @@ class Slide:
             self._brightfield = _slide_brightfield(self)
         return self._brightfield[0]
 
-    def require_brightfield(self) -> None:
+    def require_brightfield(self, coarsest: np.ndarray | None = None) -> None:
         """Refuse a fluorescence (dark-field) slide for the H&E models and tissue masks.
+
+        Parameters
+        ----------
+        coarsest : ndarray, optional
+            The whole coarsest level as RGB, when the caller has read it already: the first
+            judgement uses it instead of reading the level again.
 
         Raises
         ------
@@ -261,6 +267,8 @@ class Slide:
             When :attr:`brightfield` is False; the message names the slide and why.
 
         """
+        if self._brightfield is None and coarsest is not None:
+            self._brightfield = _slide_brightfield(self, coarsest)
         if self.brightfield is False:
             reason = self._brightfield[1] if self._brightfield else ""
             raise NotBrightfieldError(

@@ -24,7 +24,7 @@ from napari_pathology.tissue.filters import (
     saturation_above,
     saturation_u8,
 )
-from napari_pathology.tissue.mask import DEFAULT_PARAMS, TissueMask, TissueParams, _pair
+from napari_pathology.tissue.mask import DEFAULT_PARAMS, TissueMask, TissueParams, _mask_shape, _pair
 from napari_pathology.tissue.pen import _as_rgb_uint8, pen_mask
 from napari_pathology.tissue.resample import read_at_mpp
 
@@ -204,6 +204,19 @@ def tissue_mask_from_rgb(
 # --------------------------------------------------------------------------------------
 
 
+def _coarsest_is_grid(slide: Slide, mpp: float) -> bool:
+    """Whether the slide's coarsest level is exactly the grid of a mask at ``mpp`` (read as it is)."""
+    mpp_x, mpp_y = slide.require_mpp()
+    last = slide.level_count - 1
+    factor = float(slide.level_downsamples[last])
+    rows, cols = _mask_shape(slide.dimensions, (mpp_x, mpp_y), mpp)
+    return (
+        tuple(slide.level_dimensions[last]) == (cols, rows)
+        and abs(mpp / (mpp_x * factor) - 1.0) < 1e-9
+        and abs(mpp / (mpp_y * factor) - 1.0) < 1e-9
+    )
+
+
 def detect_tissue(
     slide: Slide,
     params: TissueParams = DEFAULT_PARAMS,
@@ -241,10 +254,14 @@ def detect_tissue(
         find light glass around stained tissue.
 
     """
-    slide.require_mpp()
-    slide.require_brightfield()
+    # the brightfield judgement reads the coarsest level; when that level is the mask's grid it is
+    # judged from the mask's own read instead (and nothing is reported before, so a fluorescence
+    # slide is refused by the first next() either way)
+    reuse = _coarsest_is_grid(slide, params.mask_mpp)
+    if not reuse:
+        slide.require_brightfield()
     reader = read_at_mpp(slide, params.mask_mpp)
-    total = 1
+    total, held = 1, []
     while True:
         try:
             event = next(reader)
@@ -252,7 +269,12 @@ def detect_tissue(
             rgb = stop.value
             break
         total = event.total + 1
-        yield Progress(event.done, total, event.message)
+        held.append(Progress(event.done, total, event.message))
+        if not reuse:
+            yield held.pop()
+    if reuse:
+        slide.require_brightfield(coarsest=rgb)
+        yield from held
     yield Progress(total - 1, total, f"finding tissue ({params.method})")
     mask = tissue_mask_from_rgb(
         rgb, params.mask_mpp, params, slide_size=slide.dimensions, slide_mpp=slide.require_mpp()
