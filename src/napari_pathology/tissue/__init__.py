@@ -27,9 +27,11 @@ an integral image), and converts to polygons in level-0 pixels and GeoJSON.
 
 Layout: :mod:`~napari_pathology.tissue.mask` (:class:`TissueParams`,
 :class:`TissueMask`), :mod:`~napari_pathology.tissue.resample` (:func:`read_at_mpp`),
-:mod:`~napari_pathology.tissue.detect` (the detectors), :mod:`~napari_pathology.tissue.pen`
-(marker ink) and :mod:`~napari_pathology.tissue.io` (files); every public name is
-importable from ``napari_pathology.tissue``.
+:mod:`~napari_pathology.tissue.detect` (the detectors), :mod:`~napari_pathology.tissue.filters`
+(their uint8 / binary filters, each equal to its plain scikit-image / SciPy counterpart, run
+only in boxes around candidate tissue), :mod:`~napari_pathology.tissue.pen` (marker ink) and
+:mod:`~napari_pathology.tissue.io` (files); every public name is importable from
+``napari_pathology.tissue``.
 
 Nothing here imports Qt or napari.
 
