@@ -26,14 +26,23 @@ from typing import Any
 
 from napari_pathology.analysis.settings import RunSettings
 from napari_pathology.batch.summary import SUMMARY_NAME, CohortTable
-from napari_pathology.batch.tasks import SlideReport, SlideTask, cached_model, process_slide, read_marker
+from napari_pathology.batch.tasks import (
+    SlideReport,
+    SlideTask,
+    cached_model,
+    process_slide,
+    process_slide_on_worker,
+    read_marker,
+)
 from napari_pathology.fileio import ensure_writable_dir
 from napari_pathology.progress import Progress
 
 __all__ = ["CohortEvent", "CohortRun", "cohort_tasks", "run_cohort"]
 
-#: Seconds between two questions to the scheduler about the slides running.
+#: Seconds between two looks at the finished slides.
 _POLL_S = 0.2
+#: Seconds a cancelled cohort waits for its running slides to save what they finished.
+STOP_WAIT_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -189,8 +198,8 @@ def run_cohort(
     retries : int
         Times a slide runs again after its worker died (local clusters).
     cancel : threading.Event, optional
-        Set it to stop: no new slide starts (in-process: the running one stops
-        after its batch, its finished part kept).
+        Set it to stop: no new slide starts, the running ones stop after their
+        batch and keep what they finished (marked partial, resumed by a rerun).
     evaluate : bool
         Score the results against the table's labels at the end (when it has any).
 
@@ -266,7 +275,7 @@ def run_cohort(
     run.reports = list(table.reports.values())
     table.write()
     labelled = [e for e in entries if e.label]
-    if evaluate and not encoder and labelled:
+    if evaluate and not encoder and labelled and not (cancel is not None and cancel.is_set()):
         from napari_pathology.analysis.evaluate import evaluate_reports
 
         run.evaluation = evaluate_reports(job, spec.output, entries, run.reports, out)
@@ -308,7 +317,7 @@ def _on_dask(
     todo: Sequence[SlideTask], run: CohortRun, finish: Any, event: Any, workers: int | None,
     scheduler: str | None, settings: RunSettings, retries: int, cancel: threading.Event | None,
 ) -> Generator[Progress, None, None]:  # fmt: skip
-    from distributed import as_completed
+    from distributed import Event, as_completed
     from distributed.scheduler import KilledWorker
 
     from napari_pathology.batch.cluster import open_client
@@ -320,40 +329,54 @@ def _on_dask(
     with open_client(workers, scheduler, settings.device, retries) as client:
         run.dashboard = str(client.dashboard_link or "")
         yield event(None, 0, f"dask dashboard: {run.dashboard}")
+        stop_name = f"napari-pathology-stop-{uuid.uuid4().hex}"
+        stop = Event(stop_name, client=client)
         futures = {}
         for task in todo:
             key = f"slide-{safe_name(Path(task.slide).stem)}-{uuid.uuid4().hex[:8]}"
-            future = client.submit(process_slide, task, key=key, pure=False,
+            future = client.submit(process_slide_on_worker, task, stop_name, key=key, pure=False,
                                    resources={"GPU": 1} if gpu else None)  # fmt: skip
             futures[future] = task
         pending = as_completed(list(futures))
         left = set(futures)
-        polled, running = 0.0, 0
+        polled, running, stopping = 0.0, 0, 0.0
         while left:
-            if cancel is not None and cancel.is_set():
-                client.cancel(list(left))
+            if cancel is not None and cancel.is_set() and not stopping:
+                stopping = time.monotonic()  # running slides stop after their batch and keep it
+                stop.set()
+                busy = {key for keys in client.processing().values() for key in keys}
+                queued = [future for future in left if future.key not in busy]
+                client.cancel(queued)
+                left.difference_update(queued)  # never started: they stay pending
+                yield event(None, len(left), f"cancelling: waiting for {len(left)} running slides to stop")
+            if stopping and time.monotonic() - stopping > STOP_WAIT_S:
                 break
             finished = pending.next_batch(block=False)
             for future in finished:
+                if future not in left:
+                    continue
                 left.discard(future)
-                task = futures[future]
-                try:
-                    report = future.result()
-                except KilledWorker:
-                    report = SlideReport(task.slide, task.name, task.label, "failed", error=(
-                        f"the worker running it died {retries + 1} times (out of memory, or a crash "
-                        "in a native library); see the workers' logs"
-                    ))  # fmt: skip
-                except Exception as error:  # recorded, the rest go on
-                    text = " ".join(str(error).split()) or type(error).__name__
-                    report = SlideReport(task.slide, task.name, task.label, "failed",
-                                         error=f"{type(error).__name__}: {text}")  # fmt: skip
-                yield finish(report)
+                yield finish(_report_of(future, futures[future], retries, KilledWorker))
             now = time.monotonic()
-            if now - polled > 1.0:
+            if now - polled > 1.0 and not stopping:
                 polled = now
                 processing = client.processing()
                 running = sum(len(keys) for keys in processing.values())
                 yield event(None, running, f"{running} running")
             if not finished:
                 time.sleep(_POLL_S)
+
+
+def _report_of(future: Any, task: SlideTask, retries: int, killed: type[BaseException]) -> SlideReport:
+    """A finished future's report; a slide whose workers kept dying, or a task error, as a failure."""
+    try:
+        return future.result()
+    except killed:
+        error = (
+            f"the worker running it died {retries + 1} times (out of memory, or a crash in a native "
+            "library); see the workers' logs"
+        )
+    except Exception as failure:  # recorded, the rest go on
+        text = " ".join(str(failure).split()) or type(failure).__name__
+        error = f"{type(failure).__name__}: {text}"
+    return SlideReport(task.slide, task.name, task.label, "failed", error=error)

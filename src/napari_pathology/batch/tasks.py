@@ -40,6 +40,7 @@ __all__ = [
     "cached_model",
     "marker_path",
     "process_slide",
+    "process_slide_on_worker",
     "read_marker",
 ]
 
@@ -372,3 +373,30 @@ def process_slide(
     if report.status == "done":
         _write_marker(task, report)  # only after the result is on disk, whole
     return report
+
+
+def process_slide_on_worker(task: SlideTask, stop_event: str | None = None) -> SlideReport:
+    """:func:`process_slide` in a dask worker; setting the dask Event ``stop_event`` stops it after its batch.
+
+    A stopped slide keeps what it finished (marked partial, no done marker):
+    the next run resumes it as ``run`` does.
+    """
+    cancel = threading.Event()
+    if stop_event:
+        from distributed import Event
+
+        remote = Event(stop_event)
+
+        def watch() -> None:
+            while not cancel.is_set():
+                try:
+                    if remote.wait(timeout=1.0):
+                        cancel.set()
+                except Exception:  # the scheduler went away: the task goes with it
+                    return
+
+        threading.Thread(target=watch, name=f"stop {task.name}", daemon=True).start()
+    try:
+        return process_slide(task, cancel=cancel)
+    finally:
+        cancel.set()  # ends the watcher
