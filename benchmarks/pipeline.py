@@ -445,9 +445,17 @@ def clam_rows(paths: list[Path], rounds: int) -> list[Row]:
 # --------------------------------------------------------------------------- GUI stall
 
 
-def gui_rows(path: Path) -> tuple[list[Row], dict[str, Any]]:
+#: What each GUI row does in its panel (see :func:`start_panel_job`).
+GUI_PANELS = {
+    "analyze": "Analyze panel Run",
+    "detect": "Nuclei panel Detect in a drawn region",
+    "classify": "Nuclei panel Classify",
+}
+
+
+def gui_rows(path: Path, panel: str = "analyze") -> tuple[list[Row], dict[str, Any]]:
     """Run :func:`gui_child` in a child process (under xvfb-run when there is no display)."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--gui-child", str(path)]
+    command = [sys.executable, str(Path(__file__).resolve()), "--gui-child", str(path), "--gui-panel", panel]
     if not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY"):
         if shutil.which("xvfb-run") is None:
             print("no display and no xvfb-run: skipping the GUI rows", file=sys.stderr)
@@ -462,35 +470,65 @@ def gui_rows(path: Path) -> tuple[list[Row], dict[str, Any]]:
         return [], {}
     report = json.loads(lines[-1])
     run, idle = report["run"], report["idle"]
-    what = f"Analyze panel, {report['tiles']} tiles in {report['seconds']:.1f} s"
+    what = f"{GUI_PANELS[panel]}, {report['seconds']:.1f} s"
     longest = f"event-loop stall, longest ({what})"
     others = load.cores()
     rows: list[Row] = [
         (longest, "ms", idle["max"], run["max"], _ratio(idle["max"], run["max"]), others),
-        ("event-loop stall, p99", "ms", idle["p99"], run["p99"], _ratio(idle["p99"], run["p99"]), others),
+        (f"  p99 ({panel})", "ms", idle["p99"], run["p99"], _ratio(idle["p99"], run["p99"]), others),
     ]
     return rows, report
 
 
-def gui_child(path: Path) -> None:
-    """Heartbeat gaps while the Analyze panel runs in a shown viewer, then idle as long; JSON on stdout."""
+def start_panel_job(viewer: Any, panel: str, out_dir: str) -> tuple[Any, Callable[[], bool], list]:
+    """Open ``panel`` on the viewer's slide, ready its job: ``(start, idle again, [widget, handlers])``."""
+    from napari_pathology._widgets.analyze_panel import AnalyzePanel
+    from napari_pathology._widgets.nuclei_panel import NucleiPanel
+
+    if panel == "analyze":
+        widget = AnalyzePanel(viewer)
+        viewer.window.add_dock_widget(widget, name="Analyze")
+        widget.select_model(GUI_MODEL)
+        widget.tta_check.setChecked(False)  # the run's other settings are the panel's defaults
+        widget.out_edit.setText(out_dir)
+        names = ("_on_progress", "_on_result", "_on_error")
+        return widget.run_button.click, widget.run_button.isEnabled, [widget, names]
+    widget = NucleiPanel(viewer)
+    viewer.window.add_dock_widget(widget, name="Nuclei")
+    extent = np.asarray(viewer.layers[0].extent.world)[:, -2:]
+    centre = extent.mean(0)  # (y, x) um: the slide's middle, in tissue
+    side = 400.0  # um: about 600 nuclei, fewer than the Detect guard asks about
+    box = np.array([centre - side / 2, centre + side / 2])
+    regions = viewer.add_shapes([box], shape_type="rectangle", name="regions", units=("micrometer",) * 2)
+    widget.where_combo.setCurrentIndex(widget.where_combo.findData("regions"))
+    widget.regions_combo.setCurrentText(regions.name)
+    widget.device_combo.setCurrentIndex(widget.device_combo.findData("cpu"))
+    names = ("_on_detected", "_on_classified", "recount", "autosave")
+    if panel == "detect":
+        return widget.detect_button.click, widget.detect_button.isEnabled, [widget, names]
+    widget.detect()  # the nuclei to classify (not timed)
+    from qtpy.QtCore import QCoreApplication
+
+    while not widget.detect_button.isEnabled():
+        QCoreApplication.processEvents()
+        time.sleep(0.01)
+    widget.select_model("nucleus-purity")
+    return widget.classify_button.click, widget.classify_button.isEnabled, [widget, names]
+
+
+def gui_child(path: Path, panel: str = "analyze") -> None:
+    """Heartbeat gaps while a panel's job runs in a shown viewer, then idle as long; JSON on stdout."""
     # The model registry imports torchvision, which loads triton: that must happen before napari
     # sets up OpenGL, or triton's native library crashes on load.
     import napari_pathology.models  # noqa: F401  isort: skip
     import napari
     from qtpy.QtCore import QEventLoop, Qt, QTimer
 
-    from napari_pathology._widgets.analyze_panel import AnalyzePanel
-
     viewer = napari.Viewer(show=True)
     viewer.window._qt_window.resize(1200, 900)
     viewer.open(str(path), plugin="napari-pathology")
-    panel = AnalyzePanel(viewer)
-    viewer.window.add_dock_widget(panel, name="Analyze")
-    panel.select_model(GUI_MODEL)
-    panel.tta_check.setChecked(False)  # the run's other settings are the panel's defaults
     out_dir = tempfile.mkdtemp(prefix="pipeline-gui-")
-    panel.out_edit.setText(out_dir)
+    start_job, idle_again, (widget, handler_names) = start_panel_job(viewer, panel, out_dir)
 
     calls: list[tuple[str, float, float]] = []  # (handler, start, seconds) of the panel's Qt-thread work
 
@@ -504,8 +542,9 @@ def gui_child(path: Path) -> None:
 
         return wrapper
 
-    for name in ("_on_progress", "_show_empty_heatmap", "_on_result", "_show_detections", "_on_finished"):
-        setattr(panel, name, timed(name, getattr(panel, name)))  # run() connects the instance attributes
+    for name in handler_names:  # the jobs connect the instance attributes when they start
+        if hasattr(widget, name):
+            setattr(widget, name, timed(name, getattr(widget, name)))
 
     ticks: list[float] = []
     timer = QTimer()
@@ -526,12 +565,14 @@ def gui_child(path: Path) -> None:
     spin(2.0)  # first frames, shaders, the slide's tiles
     timer.start()
     spin(0.2)
-    finished = threading.Event()
-    panel.run_button.click()
-    panel.worker.finished.connect(lambda: (finished.set(), QTimer.singleShot(300, loop.quit)))
+    start_job()
     run_start = ticks[-1]
+    poll = QTimer()
+    poll.setInterval(50)
+    poll.timeout.connect(lambda: idle_again() and (poll.stop(), QTimer.singleShot(300, loop.quit)))
+    poll.start()
     loop.exec()
-    assert finished.is_set()
+    assert idle_again()
     run_stop = time.perf_counter()
     seconds = run_stop - run_start
     spin(seconds)
@@ -551,9 +592,9 @@ def gui_child(path: Path) -> None:
     report = {
         "run": gaps(run_start, run_stop),
         "idle": gaps(run_stop, idle_stop),
+        "panel": panel,
         "seconds": seconds,
-        "tiles": panel.progress.value(),
-        "status": panel.status.text(),
+        "status": widget.status.text(),
         "worst_gap_handlers_ms": during_worst,
         "slowest_handlers_ms": [(n, round(s * 1e3, 1), round(t - run_start, 2)) for n, t, s in slowest],
         "worst_gap_at_s": round(gap_start - run_start, 2),
@@ -590,9 +631,10 @@ def main() -> None:
         help="seconds to wait, in all, for a quiet machine (300; quick: 0)",
     )
     parser.add_argument("--gui-child", metavar="SLIDE", help=argparse.SUPPRESS)
+    parser.add_argument("--gui-panel", choices=sorted(GUI_PANELS), default="analyze", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.gui_child:
-        gui_child(Path(args.gui_child))
+        gui_child(Path(args.gui_child), args.gui_panel)
         return
     args.batch_size = args.batch_size or (8 if args.quick else 32)
     args.budget = args.budget or (1.5 if args.quick else 8.0)
@@ -639,13 +681,16 @@ def main() -> None:
         section("GUI stall")
         attempts: list[tuple[list[Row], dict[str, Any]]] = []
 
-        def gui() -> list[Row]:
-            attempts.append(gui_rows(main_slide))
-            return attempts[-1][0]
+        for panel in GUI_PANELS:  # training: benchmarks/train_stall.py
 
-        kept = quiet(gui, args)
-        rows += kept
-        report = next(report for table, report in attempts if table is kept)
+            def gui(panel: str = panel) -> list[Row]:
+                attempts.append(gui_rows(main_slide, panel))
+                return attempts[-1][0]
+
+            kept = quiet(gui, args)
+            rows += kept
+            found = next(report for table, report in attempts if table is kept)
+            report = report or found  # the Analyze run's details are printed below
 
     print(f"\nPipeline benchmark: {os.cpu_count()} CPU cores, no GPU, {args.size:,} px synthetic slides, "
           f"batch size {args.batch_size}, {args.budget:g} s per run, best of {args.rounds} "
