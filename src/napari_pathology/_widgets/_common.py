@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
@@ -202,11 +203,21 @@ def watch_viewer(viewer: napari.Viewer) -> None:
         return
     _WATCHED.add(id(viewer))
     weakref.finalize(viewer, _WATCHED.discard, id(viewer))
+    threading.Thread(target=_warm_imports, name="napari-pathology imports", daemon=True).start()
     handler = _inserted_handler(viewer)
     viewer.layers.events.inserted.connect(handler)
     for layer in list(viewer.layers):  # slides opened before the first panel
         if is_slide_metadata(getattr(layer, "metadata", {})):
             handler(SimpleNamespace(value=layer))
+
+
+def _warm_imports() -> None:
+    """Import pandas in the background (~0.4 s).
+
+    napari imports it on the Qt thread when the first points layer with features
+    appears (a result's detections): imported beforehand, that moment does not freeze.
+    """
+    import pandas  # noqa: F401
 
 
 def _inserted_handler(viewer: napari.Viewer) -> Any:
