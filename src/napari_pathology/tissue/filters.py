@@ -316,7 +316,8 @@ def candidate_boxes(candidate: np.ndarray, margin: int, block: int = 64) -> list
 
     The image is cut into ``block`` px blocks; blocks holding a candidate pixel,
     grown by enough blocks to cover ``margin``, are grouped into 8-connected
-    pieces whose bounding boxes are merged until none overlap. Outside the
+    pieces, and each piece is filled to its bounding box until the pieces are
+    rectangles that neither overlap nor touch. Outside the
     boxes there is no candidate pixel, and none lies within ``margin`` px of a
     box side that is not the image's border, so a filter that reaches at most
     ``margin`` px gives inside a box what it gives on the whole image.
@@ -346,22 +347,17 @@ def candidate_boxes(candidate: np.ndarray, margin: int, block: int = 64) -> list
         return []
     grow = 1 + margin // block
     grown = ndimage.binary_dilation(occupied, np.ones((3, 3), bool), iterations=grow)
-    labels, _ = ndimage.label(grown, np.ones((3, 3), bool))
-    boxes = [[s[0].start, s[0].stop, s[1].start, s[1].stop] for s in ndimage.find_objects(labels)]
-    merged = True
-    while merged:
-        merged = False
-        for i in range(len(boxes)):
-            for j in range(i + 1, len(boxes)):
-                a, b = boxes[i], boxes[j]
-                if a[0] < b[1] and b[0] < a[1] and a[2] < b[3] and b[2] < a[3]:
-                    boxes[i] = [min(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), max(a[3], b[3])]
-                    del boxes[j]
-                    merged = True
-                    break
-            if merged:
-                break
-    boxes.sort()
+    eight = np.ones((3, 3), bool)
+    while True:  # fill each piece's bounding box until the pieces are rectangles apart from each other
+        labels, _ = ndimage.label(grown, eight)
+        pieces = ndimage.find_objects(labels)
+        filled = np.zeros_like(grown)
+        for piece in pieces:
+            filled[piece] = True
+        if np.array_equal(filled, grown):
+            break
+        grown = filled
+    boxes = sorted((p[0].start, p[0].stop, p[1].start, p[1].stop) for p in pieces)
     return [
         (slice(y0 * block, min(rows, y1 * block)), slice(x0 * block, min(cols, x1 * block)))
         for y0, y1, x0, x1 in boxes
