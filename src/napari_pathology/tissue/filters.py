@@ -197,6 +197,24 @@ def _run(image: np.ndarray, half: int, axis: int, dilate: bool) -> np.ndarray:
     """OR (``dilate``) or AND over centred windows of ``2 * half + 1`` along ``axis``, False outside."""
     if half == 0:
         return image
+    n = image.shape[axis]
+    if half <= 4:  # a few shifted in-place ORs / ANDs, no padded copy
+        out = image.copy()
+
+        def part(start: int | None, stop: int | None) -> tuple[slice, slice]:
+            return (slice(start, stop), slice(None)) if axis == 0 else (slice(None), slice(start, stop))
+
+        for shift in range(1, min(half, n - 1) + 1):
+            if dilate:
+                out[part(shift, None)] |= image[part(None, n - shift)]
+                out[part(None, n - shift)] |= image[part(shift, None)]
+            else:
+                out[part(shift, None)] &= image[part(None, n - shift)]
+                out[part(None, n - shift)] &= image[part(shift, None)]
+        if not dilate:  # these windows reach outside, where it is False
+            out[part(None, min(half, n))] = False
+            out[part(max(n - half, 0), None)] = False
+        return out
     pad = [(0, 0), (0, 0)]
     pad[axis] = (half, half)
     out = np.pad(image, pad)
@@ -339,10 +357,8 @@ def candidate_boxes(candidate: np.ndarray, margin: int, block: int = 64) -> list
 
     """
     rows, cols = candidate.shape
-    nby, nbx = -(-rows // block), -(-cols // block)
-    padded = np.zeros((nby * block, nbx * block), bool)
-    padded[:rows, :cols] = candidate
-    occupied = padded.reshape(nby, block, nbx, block).any(axis=(1, 3))
+    occupied = np.logical_or.reduceat(candidate, np.arange(0, rows, block), axis=0)
+    occupied = np.logical_or.reduceat(occupied, np.arange(0, cols, block), axis=1)
     if not occupied.any():
         return []
     grow = 1 + margin // block
