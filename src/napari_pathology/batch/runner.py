@@ -360,8 +360,8 @@ def _on_dask(
             now = time.monotonic()
             if now - polled > 1.0 and not stopping:
                 polled = now
-                processing = client.processing()
-                running = sum(len(keys) for keys in processing.values())
+                threads = client.nthreads()  # a worker may hold queued tasks beyond its threads
+                running = sum(min(len(keys), threads.get(w, 1)) for w, keys in client.processing().items())
                 yield event(None, running, f"{running} running")
             if not finished:
                 time.sleep(_POLL_S)

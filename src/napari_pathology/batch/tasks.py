@@ -383,9 +383,11 @@ def process_slide_on_worker(task: SlideTask, stop_event: str | None = None) -> S
     """
     cancel = threading.Event()
     if stop_event:
-        from distributed import Event
+        from distributed import Event, get_client
 
-        remote = Event(stop_event)
+        remote = Event(stop_event, client=get_client())
+        if remote.is_set():  # cancelled before it started: nothing is computed, nothing kept
+            return SlideReport(task.slide, task.name, task.label, "cancelled", worker=_worker_name())
 
         def watch() -> None:
             while not cancel.is_set():
