@@ -71,7 +71,7 @@ def dock_panels(viewer: napari.Viewer, panels: tuple[str, ...] = DEMO_PANELS) ->
 
 
 def fit_docks(viewer: napari.Viewer, docks: list | None = None) -> None:
-    """Make the right dock column :data:`DOCK_WIDTH` wide, the layer list a quarter of its height.
+    """Make the right dock column :data:`DOCK_WIDTH` wide, the layer list a third of its height.
 
     Call again after the window is resized.
     """
@@ -84,7 +84,7 @@ def fit_docks(viewer: napari.Viewer, docks: list | None = None) -> None:
         return
     window.resizeDocks([layer_list, *ours], [DOCK_WIDTH] * (1 + len(ours)), Qt.Orientation.Horizontal)
     height = max(window.height(), 400)
-    window.resizeDocks([layer_list, ours[-1]], [height // 4, height], Qt.Orientation.Vertical)
+    window.resizeDocks([layer_list, ours[-1]], [height // 3, 2 * height // 3], Qt.Orientation.Vertical)
 
 
 def open_demo_viewer(path: str | Path) -> None:

@@ -146,11 +146,11 @@ class AnalyzePanel(QWidget):
         layout.addWidget(self.settings_section)
         layout.addLayout(buttons)
         layout.addWidget(self.progress)
-        layout.addWidget(self.status)
-        layout.addWidget(self.score_label)
+        layout.addWidget(self.score_label)  # what the result says first, then how it came about
         layout.addWidget(self.legend)
         layout.addWidget(self.percentile_check)
         layout.addWidget(self.gallery)
+        layout.addWidget(self.status)
         layout.addStretch(1)
         compact_panel(self)
 
