@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import threading
 import time
@@ -144,14 +145,24 @@ class SlideReport:
     detail: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready (the done marker's content)."""
-        return dataclasses.asdict(self)
+        """JSON-ready (the done marker's content): NaN scores as null."""
+        data = dataclasses.asdict(self)
+        data["slide_score"] = _finite_or_none(self.slide_score)
+        data["scores"] = {k: _finite_or_none(v) for k, v in self.scores.items()}
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SlideReport:
-        """The report a done marker holds."""
+        """The report a done marker holds (null scores as NaN)."""
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        report = cls(**{k: v for k, v in data.items() if k in names})
+        report.slide_score = math.nan if report.slide_score is None else float(report.slide_score)
+        report.scores = {k: math.nan if v is None else float(v) for k, v in report.scores.items()}
+        return report
+
+
+def _finite_or_none(value: float) -> float | None:
+    return float(value) if math.isfinite(value) else None
 
 
 def marker_path(task: SlideTask) -> Path:
