@@ -192,9 +192,11 @@ def test_classify_with_shipped_model_and_whole_tissue_overlay(
     layer = detect_in_regions(panel, qtbot)
     label_from_truth(panel, layer, synthetic_slide)
     panel.select_model("nucleus-purity")
+    assert panel.model_combo.currentText() == "nucleus-purity (synthetic demo)"  # marked in the list
     panel.device_combo.setCurrentIndex(panel.device_combo.findData("cpu"))
     panel.classify_button.click()
     qtbot.waitUntil(lambda: panel.classify_button.isEnabled(), timeout=WAIT_MS)
+    assert "Synthetic demo model" in panel.status.text()  # and in its result
     probability = np.asarray(layer.features["probability"], float)
     assert np.isfinite(probability).all(), panel.status.text()
     assert layer.metadata["colour_by"] == "probability"

@@ -224,6 +224,7 @@ class ResultLayers:
         else:
             self.heatmap_layer = self._add_image(title, data, kind, geometry)
         self.heatmap_kind = kind
+        self.raw_heatmap = None  # streaming raw values: percentiles only once the result is complete
         follow_slide_scale([self.heatmap_layer], self.slide_layer)
         return self.heatmap_layer
 

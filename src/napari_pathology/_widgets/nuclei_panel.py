@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from qtpy.QtCore import QTimer
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QComboBox,
     QFormLayout,
@@ -132,13 +132,17 @@ class NucleiPanel(NucleiLayerControls, DetectControls, AnnotationFiles, LabelTra
         return timer
 
     def _build_classify_box(self) -> QGroupBox:
+        from napari_pathology._widgets.analyze_panel import model_label
         from napari_pathology.models import list_models
+        from napari_pathology.models.pretrained import is_untrained
 
         box = QGroupBox("Purity classifier")
         self.model_combo = QComboBox()
         for spec in list_models():
             if spec.family in self.nuclei_families:
-                self.model_combo.addItem(f"{spec.name} ({spec.description.split('.')[0]})", spec.name)
+                self.model_combo.addItem(model_label(spec, is_untrained(spec)), spec.name)
+                tip = f"{spec.family}: {spec.description}"
+                self.model_combo.setItemData(self.model_combo.count() - 1, tip, Qt.ItemDataRole.ToolTipRole)
         load = QPushButton("Load...")
         load.clicked.connect(self._choose_checkpoint)
         self.device_combo = device_combo()
@@ -245,4 +249,8 @@ class NucleiPanel(NucleiLayerControls, DetectControls, AnnotationFiles, LabelTra
             self.show_predictions(self.predictions.with_probabilities(probabilities[1]))
         self.recount()
         self._autosave_timer.start()
-        self.status.setText("classified: points coloured by tumour probability (blue normal, red tumour).")
+        demo = self.model_combo.currentText().endswith("(synthetic demo)")
+        mark = " Synthetic demo model: not for diagnostic use." if demo else ""
+        self.status.setText(
+            f"classified: points coloured by tumour probability (blue normal, red tumour).{mark}"
+        )
