@@ -55,9 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     panel.select_start("metastasis")
     panel.set_source("viewer")
     panel.shapes_combo.setCurrentText("regions")
-    panel.val_spin.setValue(0.0)
-    panel.steps_spin.setValue(args.steps)
-    panel.batch_spin.setValue(16)
+    panel.setting_widget("val_fraction").value = 0.0
+    panel.setting_widget("steps").value = args.steps
+    panel.setting_widget("batch_size").value = 16
     panel.device_combo.setCurrentIndex(panel.device_combo.findData("cpu"))
     panel.out_edit.setText(tempfile.mkdtemp(prefix="train-stall-"))
 
