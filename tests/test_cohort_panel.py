@@ -38,10 +38,9 @@ def test_the_table_fills_in_from_a_run_and_a_double_click_opens_the_result(
     panel.out_edit.setText(str(tmp_path / "out"))
     seen: list[str] = []
     panel.start()
-    assert panel.table.rowCount() == 3
-    assert {row[2] for row in panel.row_texts()} == {"pending"}
     panel.running.worker.yielded.connect(lambda event: seen.append(event.message))
     qtbot.waitUntil(lambda: panel.result is not None, timeout=TIMEOUT_MS)
+    assert seen[0] == "3 slides in cohort.csv"  # read in the worker: the rows came in as pending
     assert any("slide score" in message for message in seen)  # slides reported as they finished
     rows = panel.row_texts()
     assert [row[2] for row in rows] == ["done"] * 3
@@ -68,3 +67,14 @@ def test_start_without_a_table_says_why(make_napari_viewer, qtbot) -> None:
     panel.table_edit.setText("")
     panel.start()
     assert panel.running is None and "choose a slide table" in panel.status.text()
+
+
+def test_a_missing_table_is_said_in_the_status_line(make_napari_viewer, qtbot, tmp_path) -> None:
+    panel = CohortPanel(make_napari_viewer())
+    qtbot.addWidget(panel)
+    panel.table_edit.setText(str(tmp_path / "nope.csv"))
+    panel.out_edit.setText(str(tmp_path / "out"))
+    panel.start()
+    qtbot.waitUntil(lambda: not panel.running.running, timeout=TIMEOUT_MS)
+    assert "failed:" in panel.status.text() and "nope.csv" in panel.status.text()
+    assert panel.table.rowCount() == 0

@@ -6,8 +6,9 @@ A slide table (CSV) or a folder, a model, an output folder and a cluster
 carries each finished slide: its row of the sortable table gets its status,
 score, seconds and worker, and the score plot grows. A double click opens
 the slide in the viewer with its saved result's layers. The ROC is drawn
-once the cohort is finished. Cancel starts no new slide and stops the local
-cluster. No compute here: see :mod:`napari_pathology.batch`.
+once the cohort is finished. Cancel starts no new slide, and the running
+ones stop after their batch, keeping what they finished (Start resumes). No
+compute here: see :mod:`napari_pathology.batch`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+from collections.abc import Generator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +41,7 @@ from qtpy.QtWidgets import (
 from napari_pathology._widgets._workers import PanelWorker, show_failure, start_worker
 from napari_pathology._widgets.cohort_plots import CohortPlots
 from napari_pathology.batch import CohortEvent, CohortRun, SlideReport
+from napari_pathology.progress import Progress
 
 if TYPE_CHECKING:
     import napari
@@ -143,37 +146,25 @@ class CohortPanel(QWidget):
     # ------------------------------------------------------------------ running
 
     def start(self) -> None:
-        """Read the table, fill the rows (pending) and run the cohort in a worker thread."""
-        from napari_pathology.batch import run_cohort
-        from napari_pathology.cohort import read_slide_table
-
+        """Read the table and run the cohort in a worker thread (rows come in pending, then fill in)."""
         if self.running is not None and self.running.running:
             return
-        try:
-            source = self.table_edit.text().strip()
-            if not source:
-                raise ValueError("choose a slide table or a folder of slides first")
-            entries = read_slide_table(source)
-            model = self.model_combo.currentText().strip()
-            if not model:
-                raise ValueError("choose a model")
-            out = self.out_edit.text().strip()
-            if not out:
-                raise ValueError("choose an output folder")
-        except (ValueError, OSError) as error:
-            show_failure(self.status, error)
+        source = self.table_edit.text().strip()
+        model = self.model_combo.currentText().strip()
+        out = self.out_edit.text().strip()
+        missing = next((what for what, value in (("a slide table or a folder of slides", source),
+                        ("a model", model), ("an output folder", out)) if not value), None)  # fmt: skip
+        if missing:
+            show_failure(self.status, ValueError(f"choose {missing} first"))
             return
-        self.reports = {os.path.abspath(e.path): SlideReport(os.path.abspath(e.path), e.path.name,
-                        e.label, "pending") for e in entries}  # fmt: skip
-        self._fill_table()
+        self.reports = {}
+        self.table.setRowCount(0)
         self.plots.show_scores([])
         self.result = None
         self._cancel = threading.Event()
         scheduler = self.scheduler_edit.text().strip() or None
-        job = run_cohort(
-            entries, model, out, workers=None if scheduler else self.workers.value(), scheduler=scheduler,
-            cancel=self._cancel,
-        )  # fmt: skip
+        workers = None if scheduler else self.workers.value()
+        job = _cohort_job(source, model, out, workers, scheduler, self._cancel)
         self.running = start_worker(
             job, progress=self.progress, status=self.status, busy=(self.start_button,),
             cancel_button=self.cancel_button, cancel_event=self._cancel, on_progress=self._on_event,
@@ -181,12 +172,16 @@ class CohortPanel(QWidget):
         )  # fmt: skip
 
     def cancel(self) -> None:
-        """No new slide starts; the local cluster stops (finished slides are kept, and a rerun skips them)."""
+        """No new slide starts; running slides stop after their batch and keep it (Start resumes)."""
         if self.running is not None:
-            self.running.cancel("cancelling: no new slide starts...")
+            self.running.cancel("cancelling: running slides save what they finished...")
 
     def _on_event(self, event: Any) -> None:
         state = getattr(event, "payload", None)
+        if isinstance(state, list):  # the table was read: every slide pending
+            self.reports = {r.slide: r for r in state}
+            self._fill_table()
+            return
         if not isinstance(state, CohortEvent):
             return
         if state.report is not None:
@@ -288,6 +283,19 @@ class CohortPanel(QWidget):
         ResultLayers(self.viewer, slide_layer, result.model_name, run_scale).show(result)
         self.status.setText(result.summary())
         return layers
+
+
+def _cohort_job(
+    source: str, model: str, out: str, workers: int | None, scheduler: str | None, cancel: threading.Event
+) -> Generator[Progress, None, CohortRun]:
+    """Read the slide table (its rows go out as pending reports), then run the cohort (in the worker)."""
+    from napari_pathology.batch import run_cohort
+    from napari_pathology.cohort import read_slide_table
+
+    entries = read_slide_table(source)
+    pending = [SlideReport(os.path.abspath(e.path), e.path.name, e.label, "pending") for e in entries]
+    yield Progress(0, len(entries), f"{len(entries)} slides in {Path(source).name}", pending)
+    return (yield from run_cohort(entries, model, out, workers=workers, scheduler=scheduler, cancel=cancel))
 
 
 def _model_names() -> list[str]:

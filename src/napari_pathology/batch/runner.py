@@ -291,10 +291,11 @@ def _in_process(
     steps: queue.Queue[Any] = queue.Queue()
     done = object()
     holder: dict[str, Any] = {}
+    stop = cancel if cancel is not None else threading.Event()
 
     def work() -> None:
         try:
-            holder["report"] = process_slide(task, model, cancel, steps.put)
+            holder["report"] = process_slide(task, model, stop, steps.put)
         except BaseException as error:  # raised here, in the caller's thread
             holder["error"] = error
         finally:
@@ -302,12 +303,16 @@ def _in_process(
 
     thread = threading.Thread(target=work, name=f"slide {task.name}", daemon=True)
     thread.start()
-    while True:
-        step = steps.get()
-        if step is done:
-            break
-        yield wrap(f"{task.name}: {step.message}")
-    thread.join()
+    try:
+        while True:
+            step = steps.get()
+            if step is done:
+                break
+            yield wrap(f"{task.name}: {step.message}")
+    finally:  # closed or interrupted: the slide stops after its batch and saves what it finished
+        if thread.is_alive():
+            stop.set()
+        thread.join()
     if "error" in holder:
         raise holder["error"]
     return holder["report"]

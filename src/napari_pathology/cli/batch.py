@@ -2,18 +2,23 @@
 
 Exit status 0 when every slide is done, 1 when any failed (the others still
 complete; ``cohort.csv`` names each failure), 2 for a usage error (no such
-table, an unknown model, a scheduler that cannot be reached: one line).
+table, an unknown model, a scheduler that cannot be reached: one line), 130
+(143 after SIGTERM) when interrupted: the running slides keep what they
+finished and the same command resumes.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
-from collections.abc import Generator
+import threading
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
-from napari_pathology.cli.errors import CommandError
+from napari_pathology.cli.errors import CommandError, interrupted_status
 from napari_pathology.cli.options import BATCH_SIZE, fraction, int_option, mpp_option
 from napari_pathology.progress import Progress
 
@@ -22,11 +27,40 @@ WORKERS = int_option(1, 512)
 RETRIES = int_option(0, 20)
 
 
+@contextlib.contextmanager
+def _first_signal_stops(cancel: threading.Event) -> Iterator[dict[str, int]]:
+    """While the block runs, the first Ctrl-C or SIGTERM sets ``cancel``; a second one interrupts at once.
+
+    Yields a dict that holds ``{"signal": number}`` once one arrived (see
+    :func:`~napari_pathology.cli.errors.interrupted_status`). Only the main thread installs handlers.
+    """
+    received: dict[str, int] = {}
+
+    def stop(signum: int, frame: Any) -> None:
+        received["signal"] = signum
+        if cancel.is_set():
+            raise KeyboardInterrupt
+        cancel.set()
+        print(
+            "\nstopping: running slides keep what they finished (Ctrl-C again to quit now)", file=sys.stderr
+        )
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {number: signal.signal(number, stop) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
 def _drive(job: Generator[Progress, None, Any], quiet: bool) -> Any:
     """Run the cohort with a tqdm bar (slides done / failed / running, ETA); failures printed above it."""
     from tqdm import tqdm
 
     with tqdm(desc="slides", unit="slide", file=sys.stderr, disable=quiet, leave=False) as bar:
+        say = print if quiet else bar.write
         while True:
             try:
                 step = next(job)
@@ -40,9 +74,9 @@ def _drive(job: Generator[Progress, None, Any], quiet: bool) -> Any:
             bar.set_postfix_str(f"done {state.done}, failed {state.failed}, running {state.running}", False)
             report = state.report
             if step.message.startswith("dask dashboard:"):
-                (print if quiet else bar.write)(step.message, file=sys.stderr)
+                say(step.message, file=sys.stderr)
             elif report is not None and report.status == "failed":
-                (print if quiet else bar.write)(f"{report.name}: failed: {report.error}", file=sys.stderr)
+                say(f"{report.name}: failed: {report.error}", file=sys.stderr)
             bar.refresh()
 
 
@@ -66,6 +100,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
     if not args.data.exists():
         raise CommandError(f"{args.data}: no such slide table or folder")
     entries = read_slide_table(args.data, classes=classes)
+    cancel = threading.Event()
     if args.mpp is not None:
         from dataclasses import replace
 
@@ -73,9 +108,10 @@ def _cmd_batch(args: argparse.Namespace) -> int:
     job = run_cohort(
         entries, args.model, args.out, settings=settings, workers=args.workers, scheduler=args.scheduler,
         force=args.force, encoder=args.encoder if args.features_only else None, classes=classes,
-        retries=args.retries,
+        retries=args.retries, cancel=cancel,
     )  # fmt: skip
-    cohort = _drive(job, args.quiet)
+    with _first_signal_stops(cancel) as received:
+        cohort = _drive(job, args.quiet)
     print(cohort.summary())
     for report in cohort.failed:
         print(f"failed: {report.name}: {report.error}")
@@ -84,6 +120,9 @@ def _cmd_batch(args: argparse.Namespace) -> int:
     if cohort.dashboard:
         print(f"dask dashboard was: {cohort.dashboard}")
     print(f"summary: {cohort.table}")
+    if cancel.is_set():
+        print("interrupted: run the same command again to resume", file=sys.stderr)
+        return interrupted_status(received)
     return 0 if cohort.complete else 1
 
 
