@@ -160,3 +160,22 @@ def test_first_batches_ramp_up_to_the_batch_size(planted_slide) -> None:
     _, events = run(planted_slide, dark_model(), settings=RunSettings(batch_size=32, tta=False))
     sizes = [len(e.payload.cells) for e in events if type(e.payload).__name__ == "HeatmapBlock"]
     assert sizes[:4] == [4, 8, 16, 32] and sum(sizes) == events[-1].total
+
+
+def test_cancel_on_the_cpu_stops_within_a_batch_keeping_its_finished_tiles(planted_slide) -> None:
+    cancel = threading.Event()
+    model = dark_model()
+    net = model.net
+    forward = net.forward
+
+    def pressed_during_the_fourth_call(x):
+        out = forward(x)
+        if net.calls == 4:  # 4 tiles into the third batch (16 tiles): Cancel pressed
+            cancel.set()
+        return out
+
+    net.forward = pressed_during_the_fourth_call
+    settings = RunSettings(batch_size=32, tta=False, device="cpu")
+    result, _ = run(planted_slide, model, settings=settings, cancel=cancel)
+    assert result.partial and result.tiles_done == 4 + 8 + 4 and net.tiles_seen == 16
+    assert np.isfinite(result.heatmap).sum() == 16

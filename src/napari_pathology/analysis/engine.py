@@ -319,8 +319,9 @@ def run_analysis(
                 cancelled = True
                 break
             x = _to_batch(tiles, spec.normalization)
-            probs, chunk = _predict_with_retry(predict, x, device, chunk, notes)
+            probs, chunk = _predict_cancellable(predict, x, device, chunk, notes, cancel)
             probs = probs.cpu().numpy()
+            indices = indices[: len(probs)]  # cancelled within the batch: the tiles finished
             _require_finite_outputs(probs, spec.name, autocast)
             r, c = rows[indices], cols[indices]
             class_heatmaps[:, r, c] = probs.T
@@ -360,6 +361,30 @@ def first_batches(todo: int, batch_size: int, first: int = FIRST_BATCH) -> list[
         sizes.append(min(size, todo - sum(sizes)))
         size *= 2
     return sizes
+
+
+#: On the CPU a batch is predicted this many tiles at a time, Cancel checked in between (~1 s).
+CANCEL_STEP_CPU = 4
+
+
+def _predict_cancellable(
+    predict: Callable[[Any], Any], x: Any, device: Any, chunk: int, notes: list[str], cancel: Any
+) -> tuple[Any, int]:
+    """Predict a batch, on the CPU :data:`CANCEL_STEP_CPU` tiles at a time so that Cancel stops it.
+
+    Between two steps a set ``cancel`` ends the batch early (at least one step is done);
+    elsewhere the batch goes whole. Returns the finished tiles' outputs and the chunk size.
+    """
+    import torch
+
+    step = CANCEL_STEP_CPU if device.type == "cpu" and cancel is not None else len(x)
+    parts = []
+    for start in range(0, len(x), step):
+        if parts and cancel.is_set():
+            break
+        part, chunk = _predict_with_retry(predict, x[start : start + step], device, chunk, notes)
+        parts.append(part)
+    return torch.cat(parts), chunk
 
 
 class _Loaders:
