@@ -9,6 +9,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from napari_pathology.cohort import SlideEntry, write_slide_table
@@ -87,9 +88,11 @@ def test_training_extracts_missing_features_once_and_the_spec_names_the_encoder(
     assert model.provenance["encoder"]["name"] == ENCODER
     assert len(model.provenance["features_extracted"]) == 4
     stamps = {p: p.stat().st_mtime_ns for p in features.glob("*.h5")}
-    again, events = _run(_job(table, tmp_path / "second.pt", model_type="mb"))
+    again, events = _run(_job(table, tmp_path / "second.pt"))
     assert again.best is not None and _extractions(events) == []  # every file reused, none written
     assert {p: p.stat().st_mtime_ns for p in features.glob("*.h5")} == stamps
+    second = load_checkpoint(again.last).state_dict()  # extracting or not, the same seed trains the same
+    assert all(torch.equal(t, second[k]) for k, t in load_checkpoint(result.last).state_dict().items())
     reused = load_checkpoint(again.best).spec
     assert reused.config["encoder"] == ENCODER and (reused.input_size, reused.mpp) == (256, 1.0)
     assert reused.config["encoder_weights"] == "tumor-normal"  # from the files' own record
@@ -200,8 +203,6 @@ def test_encoder_settings_are_checked():
     ],
 )
 def test_the_demo_models_load_by_name_and_carry_their_encoder(name, kind, classes):
-    import torch
-
     from napari_pathology.families.clam import FAMILY
     from napari_pathology.models import create_model
     from napari_pathology.models.pretrained import shipped_weights

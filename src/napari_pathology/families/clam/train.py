@@ -479,7 +479,6 @@ def _train(job: ClamTraining, stop: threading.Event | None) -> Generator[TrainEv
         afresh = f"; nothing of {job.out.name} trained yet (stopped in feature extraction): from step 0"
     elif job.resume:
         resume = check_resume(job.out)
-    seed_everything(job.seed)
     try:
         entries = read_slide_table(job.data, classes=job.classes)
     except ValueError as error:
@@ -495,6 +494,7 @@ def _train(job: ClamTraining, stop: threading.Event | None) -> Generator[TrainEv
         message = f"{source.stopped}; the finished slides and batches are kept: Resume (or Start) continues"
         yield TrainEvent("done", 0, 0, message=message)
         return TrainResult(None, None, 0, True, {})
+    seed_everything(job.seed)  # after extraction (building an encoder draws numbers): the same network
     cache = BagCache()
     sizes: dict[Path, int] = {}
     for k, entry in enumerate(entries):  # every bag checked before training starts
