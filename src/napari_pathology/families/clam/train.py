@@ -2,8 +2,10 @@
 
 A slide table (``slide,label``) names the slides; each slide's bag is its
 CLAM-layout feature file ``<features_dir>/<slide stem>.h5`` (see
-:mod:`.bags`). Slides are split into training and validation by slide,
-stratified by label. One slide per optimiser step (CLAM's batch of one
+:mod:`.bags`), extracted first with the settings' encoder for slides that
+have none (see :mod:`.extraction`); the trained spec names that encoder.
+Slides are split into training and validation by slide, stratified by
+label. One slide per optimiser step (CLAM's batch of one
 bag), drawn class-balanced (each class equally often, as CLAM's weighted
 sampler); the loss is ``bag_weight`` x cross-entropy + (1 - ``bag_weight``) x
 the instance-clustering loss (0.7 / 0.3); Adam, lr 2e-4, weight decay 1e-5;
