@@ -17,7 +17,6 @@ No Qt, no napari.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
@@ -34,8 +33,6 @@ __all__ = [
     "freeze_batch_norm",
     "wholeslide_spec",
 ]
-
-log = logging.getLogger(__name__)
 
 FAMILY = "wholeslide"
 #: Supported torchvision ResNets.
@@ -171,9 +168,6 @@ class WholeSlideNet(nn.Module):
         with rng:
             torch.manual_seed(0)
             resnet = _resnet(arch, width)
-        self.provenance = f"random initialisation (fixed seed), {arch} width {width}"
-        if imagenet:
-            self.provenance = _load_imagenet(resnet, arch, width) or self.provenance
         freeze_batch_norm(resnet, trainable_affine)
         self.conv1, self.bn1, self.relu, self.maxpool = resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = (
@@ -182,6 +176,9 @@ class WholeSlideNet(nn.Module):
         self.num_features = int(resnet.fc.in_features)
         self.fc = nn.Linear(self.num_features, num_classes)
         self.arch, self.width = arch, width
+        self.provenance = f"random initialisation (fixed seed), {arch} width {width}"
+        if imagenet:
+            self.provenance = self.load_imagenet() or self.provenance
 
     def load_imagenet(self) -> str | None:
         """Load torchvision's ImageNet weights from torch's cache (not the head); a provenance line or None.
@@ -247,19 +244,6 @@ def _check_config(num_classes: int, arch: str, width: int) -> None:
         raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {arch!r}")
     if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= 64:
         raise ValueError(f"width must be an integer from 1 to 64, got {width!r}")
-
-
-def _load_imagenet(resnet: nn.Module, arch: str, width: int) -> str | None:
-    """Load ImageNet weights from torch's cache into ``resnet``; a provenance line, or None when absent."""
-    from napari_pathology.features.backbones import cached_weights
-    from napari_pathology.features.encoders import load_state_dict, load_weights_into
-
-    path = cached_weights(arch)
-    if width != 64 or path is None:
-        log.info("no ImageNet weights for %s width %d on disk: random initialisation", arch, width)
-        return None
-    load_weights_into(resnet, load_state_dict(path), path, arch)
-    return f"ImageNet weights from {Path(path).name}"
 
 
 @register_family(FAMILY)
