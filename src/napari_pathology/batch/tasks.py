@@ -7,7 +7,7 @@ opens the slide itself, takes the model from this process's cache
 code as ``napari-pathology run`` (:func:`napari_pathology.analysis.run`: one
 result folder per slide, saved atomically) or, for features only, extracts
 the slide's patch features as ``napari-pathology features`` does
-(:func:`napari_pathology.families.clam.extraction.extract_to_h5`), and only
+(:func:`napari_pathology.features.slide_files.extract_to_h5`), and only
 then writes the slide's done marker (:func:`marker_path`). A slide that
 fails returns a :class:`SlideReport` with its message instead of raising, so
 the others go on; a worker that dies leaves no marker, and the slide runs
@@ -302,8 +302,8 @@ def _run_model(task: SlideTask, slide: Any, model: Any, cancel: Any, on_progress
 
 def _run_features(task: SlideTask, slide: Any, cancel: Any, on_progress: Any) -> SlideReport:
     from napari_pathology.demo import cache_dir
-    from napari_pathology.families.clam.extraction import extract_to_h5
     from napari_pathology.features import get_encoder
+    from napari_pathology.features.slide_files import extract_to_h5
 
     encoder = cached_encoder(str(task.encoder), task.settings.device, get_encoder)
     target = Path(task.out_dir) / safe_name(task.job, fallback="features") / f"{Path(task.slide).stem}.h5"

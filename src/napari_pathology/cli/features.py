@@ -75,7 +75,8 @@ def _open_slides(args: argparse.Namespace) -> list[Any]:
 
 def _extract_one(args: argparse.Namespace, encoder: Any, slide: Any, target: Path) -> None:
     from napari_pathology.cli.analysis import _load_tissue_for_run
-    from napari_pathology.features import extract_features, write_clam_h5
+    from napari_pathology.features import extract_features
+    from napari_pathology.features.slide_files import write_features_h5
 
     tissue = _load_tissue_for_run(args, slide)
     job = extract_features(
@@ -87,13 +88,7 @@ def _extract_one(args: argparse.Namespace, encoder: Any, slide: Any, target: Pat
         raise CommandError(
             f"{slide.name}: no tissue tiles at {feats.grid.target_mpp:g} um/px; nothing written"
         )
-    patch_size, patch_level = feats.clam_patch()
-    write_clam_h5(
-        target, feats.features, feats.coords, patch_size, patch_level,
-        attrs={"encoder": encoder.name, "trained": encoder.trained, "provenance": feats.encoder,
-               "mpp": feats.grid.target_mpp, "patch_size_px": feats.grid.tile_size,
-               "stride_px": feats.grid.stride, "slide": slide.name},
-    )  # fmt: skip
+    write_features_h5(target, feats, encoder, slide.name)
     state = "" if encoder.trained else " (UNTRAINED encoder: random weights)"
     print(f"{target}: {len(feats)} x {feats.features.shape[1]} features{state}")
 
