@@ -63,6 +63,27 @@ def _gpu_cluster(workers: int, retries: int) -> Any:
 
 
 @contextlib.contextmanager
+def _workers_ignore_interrupt() -> Iterator[None]:
+    """Worker processes started in the block inherit an ignored SIGINT (from the main thread only).
+
+    Ctrl-C in a terminal reaches every process of the group; the caller then
+    asks the running slides to stop after their batch (they keep what they
+    finished), which workers killed by the same Ctrl-C could not do.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
 def open_client(
     workers: int | None = None,
     scheduler: str | None = None,
@@ -104,14 +125,18 @@ def open_client(
             ) from None
     else:
         n = workers or default_workers(device)
-        if str(device).startswith("cuda"):
-            cluster = _gpu_cluster(n, retries)
-        else:
-            cluster = LocalCluster(
-                n_workers=n, processes=True, threads_per_worker=1, dashboard_address=":0",
-                scheduler_kwargs={"allowed_failures": retries}, silence_logs=40,
-            )  # fmt: skip
+        with _workers_ignore_interrupt():
+            if str(device).startswith("cuda"):
+                cluster = _gpu_cluster(n, retries)
+            else:
+                cluster = LocalCluster(
+                    n_workers=n, processes=True, threads_per_worker=1, dashboard_address=":0",
+                    scheduler_kwargs={"allowed_failures": retries}, silence_logs=40,
+                )  # fmt: skip
         client = Client(cluster)
+        from napari_pathology.batch._plugins import IgnoreInterrupt
+
+        client.register_plugin(IgnoreInterrupt())  # workers started after a crash too
     try:
         yield client
     finally:

@@ -120,7 +120,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
     if cohort.dashboard:
         print(f"dask dashboard was: {cohort.dashboard}")
     print(f"summary: {cohort.table}")
-    if cancel.is_set():
+    if cancel.is_set() and not cohort.complete:
         print("interrupted: run the same command again to resume", file=sys.stderr)
         return interrupted_status(received)
     return 0 if cohort.complete else 1
