@@ -68,3 +68,26 @@ def test_a_slide_without_a_label_is_named_not_silently_left_out_of_the_auc(tmp_p
     evaluation = run_to_completion(evaluate_cohort(model, entries, tmp_path / "eval", RunSettings()))
     assert any("1 of 3 slides" in note and "c.png" in note for note in evaluation.notes), evaluation.notes
     assert "not in the slide AUC" in evaluation.summary()
+
+
+def test_a_slide_that_cannot_be_read_is_named_and_the_others_are_scored(tmp_path, capsys) -> None:
+    from napari_pathology.cli import main
+
+    rows = ["slide,label,mpp"]
+    for name, label, colour in (("a", "tumour", (60, 30, 90)), ("b", "normal", (230, 180, 200))):
+        path = tmp_path / f"{name}.png"
+        Image.fromarray(np.full((256, 256, 3), colour, np.uint8)).save(path)
+        rows.append(f"{path},{label},1.0")
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    rows.append(f"{broken},tumour,1.0")
+    table = tmp_path / "slides.csv"
+    table.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "eval"
+    words = ["evaluate", "--model", "nuclear-density", "--data", str(table), "--out", str(out), "--quiet"]
+    assert main(words) == 1  # the others are still scored and written
+    printed = capsys.readouterr().out
+    assert "1 of 3 slides failed and are not scored: broken.png (" in printed
+    summary = json.loads((out / "evaluation-nuclear-density.json").read_text())
+    assert [row["slide"] for row in summary["slides"]] == ["a", "b"]
+    assert len(summary["failed"]) == 1 and summary["failed"][0].startswith("broken.png (")
