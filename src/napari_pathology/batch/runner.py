@@ -15,6 +15,7 @@ generator of :class:`~napari_pathology.progress.Progress` whose payload is a
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -233,7 +234,7 @@ def run_cohort(
         _refuse_shared_features(tasks)
     class_names = list(spec.classes) if spec is not None else []
     table = CohortTable(out / SUMMARY_NAME, tasks, class_names)
-    counts = {"done": 0, "failed": 0}
+    counts = {"done": 0, "failed": 0, "running": 0}
     todo = []
     for task in tasks:
         # a model built in code has no name or file to check a marker against: its run's key decides
@@ -247,8 +248,12 @@ def run_cohort(
     total = len(tasks)
     run = CohortRun(job, out, [], table.path, classes=class_names)
 
-    def event(report: SlideReport | None, running: int, message: str) -> Progress:
-        payload = CohortEvent(total, counts["done"], counts["failed"], running, report, run.dashboard)
+    def event(report: SlideReport | None, running: int | None, message: str) -> Progress:
+        if running is not None:
+            counts["running"] = running
+        payload = CohortEvent(
+            total, counts["done"], counts["failed"], counts["running"], report, run.dashboard
+        )
         return Progress(counts["done"] + counts["failed"], total, message, payload)
 
     def finish(report: SlideReport) -> Progress:
@@ -258,7 +263,7 @@ def run_cohort(
             counts["failed"] += 1
         table.update(report)
         table.write()
-        return event(report, 0, _finished_message(report))
+        return event(report, None, _finished_message(report))
 
     for report in list(table.reports.values()):
         if report.status == "skipped":
@@ -269,9 +274,16 @@ def run_cohort(
                 break
             yield event(None, 1, f"{task.name}: starting")
             report = yield from _in_process(task, loaded, cancel, lambda text: event(None, 1, text))
+            counts["running"] = 0
             yield finish(report)
     else:
         yield from _on_dask(todo, run, finish, event, workers, scheduler, settings, retries, cancel)
+        counts["running"] = 0
+    for task in todo:  # a slide that finished while a cancel dropped its task: its marker says so
+        if table.reports[task.slide].status == "pending" and (source or encoder):
+            earlier = read_marker(task)
+            if earlier is not None:
+                yield finish(dataclasses.replace(earlier, status="done"))
     run.reports = list(table.reports.values())
     table.write()
     labelled = [e for e in entries if e.label]
