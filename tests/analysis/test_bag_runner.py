@@ -149,3 +149,21 @@ def test_slide_score_names() -> None:
     assert slide_score_of(["normal", "a", "b"], p, None) == (pytest.approx(0.8), "P(not normal)")
     assert slide_score_of(["normal", "tumour"], p[:2], 1) == (0.5, "P(tumour)")
     assert slide_score_of(["x", "y", "z"], p, None)[1].startswith("P(y)")
+
+
+def test_overlapping_patches_make_a_finer_map_of_the_same_scores(synthetic_slide, tmp_path) -> None:
+    slide = open_slide(synthetic_slide.slide_path)
+    model = _model()
+    _, coarse = _drain(run_bag_analysis(slide, model, cache_dir=tmp_path / "cache"))
+    _, fine = _drain(
+        run_bag_analysis(slide, model, settings=RunSettings(stride=32), cache_dir=tmp_path / "cache")
+    )
+    assert fine.cell_um == pytest.approx(coarse.cell_um / 2)
+    assert fine.tiles_total > 3 * coarse.tiles_total
+    # a patch's raw attention depends on that patch alone: every other fine cell is a coarse cell
+    shared = fine.heatmap[::2, ::2][: coarse.heatmap.shape[0], : coarse.heatmap.shape[1]]
+    both = np.isfinite(shared) & np.isfinite(coarse.heatmap[: shared.shape[0], : shared.shape[1]])
+    assert both.sum() > 10
+    np.testing.assert_allclose(
+        shared[both], coarse.heatmap[: shared.shape[0], : shared.shape[1]][both], rtol=1e-4
+    )

@@ -2,7 +2,8 @@
 
 Every tissue patch goes through the model's feature encoder (named in its
 spec: ``config["encoder"]`` and ``config["encoder_weights"]``, at the spec's
-patch size and um/px), the features are cached per slide x encoder x grid
+patch size and um/px; ``RunSettings.stride`` below the patch size overlaps
+the patches, as CLAM's fine heatmaps do), the features are cached per slide x encoder x grid
 (:func:`napari_pathology.features.extract_features`: resumable, so a
 cancelled run loses nothing), and the bag goes through the network once.
 
@@ -40,7 +41,13 @@ import numpy as np
 from napari_pathology.analysis.engine import HeatmapBlock, ModelOutputError
 from napari_pathology.analysis.folders import check_owner
 from napari_pathology.analysis.result import AnalysisResult, ResultMismatchError, load_result, save_result
-from napari_pathology.analysis.settings import NoTissueError, RunSettings, run_key, weights_digest
+from napari_pathology.analysis.settings import (
+    NoTissueError,
+    RunSettings,
+    model_stride,
+    run_key,
+    weights_digest,
+)
 from napari_pathology.devices import resolve_device
 from napari_pathology.fileio import ensure_writable_dir
 from napari_pathology.progress import Progress
@@ -151,14 +158,11 @@ def run_bag_analysis(
     device = resolve_device(settings.device)
     encoder = bag_encoder(spec, device)
     min_tissue = settings.min_tissue_fraction if tissue is not None else 0.0
+    stride = model_stride(spec, settings)  # below the patch size: overlapping patches (CLAM's fine heatmaps)
     grid = feature_grid(
-        slide,
-        encoder,
-        tissue=tissue,
-        min_tissue_fraction=min_tissue,
-        patch_size=spec.input_size,
-        mpp=spec.mpp,
-    )
+        slide, encoder, tissue=tissue, min_tissue_fraction=min_tissue, patch_size=spec.input_size,
+        mpp=spec.mpp, stride=stride,
+    )  # fmt: skip
     if len(grid) == 0:
         raise NoTissueError(
             f"No tissue found in {slide.name}: no {spec.input_size}px patch at {spec.mpp} um/px has "
@@ -208,8 +212,8 @@ def run_bag_analysis(
         features = yield from _relay(
             extract_features(
                 slide, encoder, tissue=tissue, min_tissue_fraction=min_tissue, patch_size=spec.input_size,
-                mpp=spec.mpp, cache_dir=cache_dir, batch_size=settings.batch_size, workers=settings.workers,
-                stop=stop,
+                mpp=spec.mpp, stride=stride, cache_dir=cache_dir, batch_size=settings.batch_size,
+                workers=settings.workers, stop=stop,
             ),
             lambda batch: _block(batch, attention(batch.features)[branch], heatmap),
             FeatureBatch,
