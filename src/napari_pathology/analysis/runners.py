@@ -51,12 +51,19 @@ def _bag_runner(slide: Any, model: Any, **kwargs: Any) -> Generator[Any, None, A
     return run_bag_analysis(slide, model, **kwargs)
 
 
+def _slide_runner(slide: Any, model: Any, **kwargs: Any) -> Generator[Any, None, Any]:
+    from napari_pathology.analysis.wholeslide import run_slide_analysis
+
+    return run_slide_analysis(slide, model, **kwargs)
+
+
 #: Inference runner by input kind: ``runner(slide, model, *, tissue, settings, out_dir, cancel,
 #: reuse, on_saved)`` -> a generator of progress returning an AnalysisResult.
 RUNNERS: dict[str, Callable[..., Generator[Any, None, Any]]] = {
     "tile": _tile_runner,
     "nucleus": _nucleus_runner,
     "bag": _bag_runner,
+    "slide": _slide_runner,
 }
 
 

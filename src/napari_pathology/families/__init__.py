@@ -49,6 +49,7 @@ BUILTIN = (
     "napari_pathology.families.nucleus_purity",
     "napari_pathology.families.baseline",
     "napari_pathology.families.clam",
+    "napari_pathology.families.wholeslide",
 )
 ENTRY_POINT_GROUP = "napari_pathology.families"
 

@@ -17,6 +17,7 @@ No Qt, no napari.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Generator
 from pathlib import Path
 
 import torch
@@ -235,6 +236,45 @@ class WholeSlideNet(nn.Module):
             labels = torch.full((fmap.shape[0],), int(label), device=fmap.device)
         rows = weight[labels]  # (B, C)
         return torch.einsum("bchw,bc->bhw", fmap, rows) + bias[labels].reshape(-1, 1, 1)
+
+    # ------------------------------------------------------------------ the slide runner's protocol
+    @property
+    def output_stride(self) -> int:
+        """Input px per cell of the last feature map (and of the class activation maps): 32."""
+        from napari_pathology.families.wholeslide.tiling import geometry
+
+        return geometry(self.stages()).stride
+
+    def output_shape(self, height: int, width: int) -> tuple[int, int]:
+        """``(rows, cols)`` of the class activation maps of a ``height`` x ``width`` input."""
+        from napari_pathology.families.wholeslide.tiling import geometry
+
+        geom = geometry(self.stages())
+        return geom.size(0, int(height)), geom.size(1, int(width))
+
+    def inference_tile(self, height: int, width: int, budget: int) -> int:
+        """The largest tile side whose tiled prediction fits ``budget`` bytes (ValueError: none fits)."""
+        from napari_pathology.families.wholeslide.streaming import choose_inference_tile
+
+        return choose_inference_tile(self, int(height), int(width), int(budget))
+
+    def predict_tiles(
+        self,
+        image: torch.Tensor,
+        tile: int,
+        *,
+        device: torch.device | str | None = None,
+        autocast: torch.dtype | None = None,
+        prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> Generator[tuple[slice, slice, torch.Tensor], None, torch.Tensor]:
+        """Every class's activation map tile by tile: yields ``(rows, cols, maps (B, K, h, w))``.
+
+        Returns the logits ``(B, K)``; equal to :meth:`forward` and :meth:`cam`
+        of the whole image (see :func:`.streaming.stream_cam_tiles`).
+        """
+        from napari_pathology.families.wholeslide.streaming import stream_cam_tiles
+
+        return stream_cam_tiles(self, image, tile, device=device, autocast=autocast, prepare=prepare)
 
 
 def _check_config(num_classes: int, arch: str, width: int) -> None:

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,9 +43,12 @@ from torch import nn
 
 __all__ = [
     "StepResult",
+    "choose_inference_tile",
     "choose_tile",
+    "estimate_inference_bytes",
     "estimate_tile_bytes",
     "plain_step",
+    "stream_cam_tiles",
     "stream_features",
     "stream_predict",
     "stream_trunk",
@@ -324,6 +327,51 @@ def plain_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, loss_fn:
     return StepResult(loss.detach(), logits.detach(), 1, 1)
 
 
+CamTile = tuple[slice, slice, torch.Tensor]
+
+
+def stream_cam_tiles(
+    model: nn.Module,
+    x: torch.Tensor,
+    tile: TileSize,
+    *,
+    device: torch.device | str | None = None,
+    autocast: torch.dtype | None = None,
+    channels_last: bool = False,
+    prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Generator[CamTile, None, torch.Tensor]:
+    """Every class's activation map tile by tile: yields ``(rows, cols, maps)``, returns the logits.
+
+    ``maps`` ``(B, K, h, w)`` (on the CPU) fills ``rows, cols`` of the output
+    grid; the logits ``(B, K)`` come once every tile ran (global max pooling
+    of the running maximum of the features). Without gradients; memory holds
+    one tile's activations, never the whole feature map. ``prepare`` maps a
+    crop of ``x`` (already on ``device``) to the network's input, so ``x`` may
+    stay a uint8 image while each crop is normalised on its own.
+    Other parameters are those of :func:`stream_features`.
+    """
+    stages = list(model.stages())
+    device = torch.device(device) if device is not None else x.device
+    weight, bias = model.fc.weight, model.fc.bias
+    pooled = None
+    with torch.no_grad():
+        for t in _tiles(stages, x, tile):
+            with _context(device, autocast):
+                crop = _crop(x, t, device, False)
+                crop = prepare(crop) if prepare is not None else crop
+                if channels_last:
+                    crop = crop.contiguous(memory_format=torch.channels_last)
+                y = _run(stages, crop, False)[:, :, t.keep[0], t.keep[1]]
+            y = y.to(weight.dtype)
+            top = y.amax(dim=(2, 3))
+            pooled = top if pooled is None else torch.maximum(pooled, top)
+            maps = torch.einsum("bchw,kc->bkhw", y, weight) + bias.reshape(1, -1, 1, 1)
+            del y
+            yield t.out[0], t.out[1], maps.cpu()
+        assert pooled is not None  # plan_tiles returns at least one tile
+        return model.fc(pooled)
+
+
 def stream_predict(
     model: nn.Module,
     x: torch.Tensor,
@@ -337,27 +385,21 @@ def stream_predict(
 
     Only the running max of the features and the K class maps are kept (never
     the whole feature map), so memory stays bounded by the tile. The class
-    maps are ``model.cam`` of the stitched feature map, one per class.
+    maps are ``model.cam`` of the stitched feature map, one per class (on the CPU).
     """
-    stages = list(model.stages())
-    geom = geometry(stages)
-    device = torch.device(device) if device is not None else x.device
+    geom = geometry(list(model.stages()))
     size = (geom.size(0, int(x.shape[2])), geom.size(1, int(x.shape[3])))
-    weight, bias = model.fc.weight, model.fc.bias
-    pooled = cams = None
-    with torch.no_grad(), _context(device, autocast):
-        for t in _tiles(stages, x, tile):
-            y = _run(stages, _crop(x, t, device, channels_last), False)[:, :, t.keep[0], t.keep[1]]
-            y = y.to(weight.dtype)
-            if pooled is None:
-                pooled = y.amax(dim=(2, 3))
-                cams = y.new_empty((y.shape[0], weight.shape[0], *size))
-            else:
-                pooled = torch.maximum(pooled, y.amax(dim=(2, 3)))
-            maps = torch.einsum("bchw,kc->bkhw", y, weight)
-            cams[:, :, t.out[0], t.out[1]] = maps + bias.reshape(1, -1, 1, 1)
-        logits = model.fc(pooled)
-    return logits, cams
+    cams = None
+    steps = stream_cam_tiles(model, x, tile, device=device, autocast=autocast, channels_last=channels_last)
+    while True:
+        try:
+            rows, cols, maps = next(steps)
+        except StopIteration as done:
+            assert cams is not None
+            return done.value, cams
+        if cams is None:
+            cams = maps.new_empty((maps.shape[0], maps.shape[1], *size))
+        cams[:, :, rows, cols] = maps
 
 
 # --------------------------------------------------------------------------- memory
@@ -468,6 +510,79 @@ def choose_tile(
             "raise the memory budget, lower the input size (um/px) or use mixed precision"
         )
     return best[1]
+
+
+def estimate_inference_bytes(
+    stages: Sequence[nn.Module], crop: int, *, dtype: torch.dtype = torch.float32, batch: int = 1
+) -> int:
+    """Bytes a forward without gradients needs on a ``crop`` x ``crop`` RGB input (working memory).
+
+    Measured on the meta device: four times the largest output of any layer
+    (a residual block holds its input, two intermediates and its output at once).
+    """
+    largest = 0
+
+    def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+        nonlocal largest
+        if torch.is_tensor(output):
+            largest = max(largest, output.numel() * output.element_size())
+
+    from torch.func import functional_call
+
+    x = torch.empty((batch, 3, int(crop), int(crop)), device="meta", dtype=dtype)
+    with torch.no_grad():
+        for stage in stages:
+            handles = [m.register_forward_hook(hook) for m in stage.modules()]
+            try:
+                state = {
+                    n: torch.empty_like(v, device="meta", dtype=dtype) for n, v in stage.state_dict().items()
+                }
+                x = functional_call(stage, state, (x,))
+            finally:
+                for handle in handles:
+                    handle.remove()
+    return int(4 * largest)
+
+
+def choose_inference_tile(model: nn.Module, height: int, width: int, budget: int) -> int:
+    """The largest square tile (px, a multiple of the stride) whose prediction fits ``budget`` bytes.
+
+    Counts the parameters, the uint8 image, the class maps and one tile's
+    working memory (:func:`estimate_inference_bytes`, scaled by the crop's
+    area); larger tiles recompute less overlap.
+
+    Raises
+    ------
+    ValueError
+        The budget does not hold even the smallest tile; the message says how much is needed.
+    """
+    stages = list(model.stages())
+    geom = geometry(stages)
+    size = (geom.size(0, height), geom.size(1, width))
+    probe = 256
+    per_px = estimate_inference_bytes(stages, probe) / probe**2
+    fixed = sum(p.numel() * p.element_size() for p in model.parameters())
+    fixed += height * width * 3 + 2 * int(model.fc.weight.shape[0]) * size[0] * size[1] * 4
+    stride = geom.stride
+    longest = stride * math.ceil(max(height, width) / stride)
+    best = None
+    for tile in range(stride, longest + stride, stride):
+        rows, cols = _axis_plan(geom, 0, height, tile), _axis_plan(geom, 1, width, tile)
+        crop_h = max(r[0].stop - r[0].start for r in rows)
+        crop_w = max(c[0].stop - c[0].start for c in cols)
+        if fixed + per_px * crop_h * crop_w > budget:
+            break
+        best = tile
+    if best is None:
+        rows, cols = _axis_plan(geom, 0, height, stride), _axis_plan(geom, 1, width, stride)
+        least = fixed + per_px * max(r[0].stop - r[0].start for r in rows) * max(
+            c[0].stop - c[0].start for c in cols
+        )
+        raise ValueError(
+            f"a {height} x {width} px input needs at least {least / 2**30:.2f} GiB to predict, more than "
+            f"the {budget / 2**30:.2f} GiB budget"
+        )
+    return best
 
 
 def _out_channels(stages: Sequence[nn.Module]) -> int:

@@ -54,7 +54,7 @@ from napari_pathology.training.loop import (
     torch_threads,
 )
 
-__all__ = ["WholeSlideTraining", "read_slide_image", "train_from_family", "train_wholeslide"]
+__all__ = ["WholeSlideTraining", "read_slide_image", "table_classes", "train_from_family", "train_wholeslide"]
 
 
 @dataclass(frozen=True)
@@ -361,7 +361,7 @@ def _train(job: WholeSlideTraining, stop: threading.Event | None) -> Generator[T
         entries = read_slide_table(job.data, classes=job.classes)
     except ValueError as error:
         raise TrainingError(str(error)) from error
-    classes = _classes(entries, job.classes)
+    classes = table_classes(entries, job.classes)
     train, val = split_by_slide(entries, job.val_fraction, job.seed)
     if len(train) < job.accumulation:
         raise TrainingError(
@@ -422,7 +422,14 @@ def _train(job: WholeSlideTraining, stop: threading.Event | None) -> Generator[T
     return (yield from run)
 
 
-def _classes(entries: Sequence[SlideEntry], classes: Sequence[str] | None) -> tuple[str, ...]:
+def table_classes(entries: Sequence[SlideEntry], classes: Sequence[str] | None) -> tuple[str, ...]:
+    """The class names in logit order (``classes``, else the labels with ``normal`` first).
+
+    Raises
+    ------
+    TrainingError
+        An unlabelled slide, one class in the table, or labels outside ``classes``.
+    """
     labels = [e.label for e in entries]
     if any(label is None for label in labels):
         missing = next(e for e in entries if e.label is None)
