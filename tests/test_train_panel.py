@@ -442,3 +442,41 @@ def test_curve_plot_draws_names_and_reads_out_the_point_under_the_mouse(qtbot):
     assert plot.readout.toPlainText() == "step 20: 0.5"
     plot.set_points([])
     assert plot.readout.toPlainText() == "" and plot.empty_label.isVisible()
+
+
+def test_a_subtype_table_reaches_clam_with_its_three_classes(make_napari_viewer, qtbot, tmp_path):
+    """A table labelled normal / tumour_a / tumour_b is read with its labels; the job carries them."""
+    rows = ["slide,label"]
+    for k in range(3):
+        for label in ("tumour_b", "normal", "tumour_a"):
+            slide = tmp_path / f"{label}-{k}.tif"
+            slide.write_bytes(b"")  # the table is read and checked, no pixel is: the job is not started
+            rows.append(f"{slide.name},{label}")
+    table = tmp_path / "slides.csv"
+    table.write_text("\n".join(rows) + "\n")
+    viewer = make_napari_viewer()
+    panel = TrainPanel(viewer)
+    qtbot.addWidget(panel)
+    panel.select_family("clam")
+    panel.set_source("table")
+    panel.table_edit.setText(str(table))
+    panel.out_edit.setText(str(tmp_path / "models"))
+    panel.setting_widget("val_fraction").value = 0.0
+    family, settings = panel.job_settings()
+    assert family == "clam" and settings.classes == ("normal", "tumour_a", "tumour_b")
+    assert settings.data == table
+    panel.setting_widget("classes").value = "tumour_b, tumour_a, normal"  # the form's order is kept
+    assert panel.job_settings()[1].classes == ("tumour_b", "tumour_a", "normal")
+    panel.setting_widget("classes").value = "normal, tumour_a"  # a label outside the form's classes
+    with pytest.raises(Exception, match="unknown label 'tumour_b'"):
+        panel.job_settings()
+    panel.select_family("tumor-normal")  # its settings take classes too: the table's labels, in its order
+    panel.set_source("table")
+    panel.table_edit.setText(str(table))
+    panel.setting_widget("val_fraction").value = 0.0
+    assert panel.job_settings()[1].classes == ("tumour_b", "normal", "tumour_a")
+    panel.select_family("metastasis")  # no classes: tumour/normal labels only
+    panel.set_source("table")
+    panel.table_edit.setText(str(table))
+    with pytest.raises(Exception, match="labels must be tumour or normal"):
+        panel.job_settings()

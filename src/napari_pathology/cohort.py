@@ -60,6 +60,7 @@ __all__ = [
     "canonical_label",
     "read_annotations",
     "read_slide_table",
+    "table_labels",
     "write_slide_table",
     "write_synthetic_cohort",
 ]
@@ -287,6 +288,47 @@ def _label_from_truth(slide: Path) -> str | None:
         return None
 
 
+def _unchecked_entries(source: Path) -> list[SlideEntry]:
+    """The rows of a slide table (or the slides of a folder) as written, labels unchecked."""
+    from napari_pathology.slide import is_supported_path
+
+    if source.is_dir():
+        slides = sorted(p for p in source.iterdir() if p.is_file() and is_supported_path(p))
+        slides = [p for p in slides if not p.name.endswith((".tissue.png", ".tumour.png"))]
+        return [
+            SlideEntry(p, _label_from_truth(p), _find_annotations(p), source=f"{source}: {p.name}")
+            for p in slides
+        ]
+    if source.is_file():
+        return _read_csv(source)
+    raise CohortError(f"{source} is neither a slide table (CSV) nor a folder of slides")
+
+
+def table_labels(source: str | os.PathLike[str]) -> tuple[str, ...] | None:
+    """The labels a slide table holds, for reading it as a multi-class table.
+
+    Returns
+    -------
+    tuple of str or None
+        None when every label is a spelling of ``tumour`` or ``normal`` (read the
+        table without ``classes``); otherwise the distinct labels as written, in
+        the order of first appearance (``classes`` for :func:`read_slide_table`).
+
+    Raises
+    ------
+    CohortError
+        A table that cannot be read (as :func:`read_slide_table`).
+    """
+    labels: dict[str, None] = {}
+    for entry in _unchecked_entries(Path(source)):
+        text = str(entry.label or "").strip()
+        if text:
+            labels.setdefault(text)
+    if all(canonical_label(label) in (TUMOUR, NORMAL) for label in labels):
+        return None
+    return tuple(labels)
+
+
 def read_slide_table(
     source: str | os.PathLike[str], classes: Sequence[str] | None = None
 ) -> list[SlideEntry]:
@@ -315,20 +357,8 @@ def read_slide_table(
         label (with the closest known one), an implausible ``mpp``, unusable
         annotation polygons, or an empty table.
     """
-    from napari_pathology.slide import is_supported_path
-
     source = Path(source)
-    if source.is_dir():
-        slides = sorted(p for p in source.iterdir() if p.is_file() and is_supported_path(p))
-        slides = [p for p in slides if not p.name.endswith((".tissue.png", ".tumour.png"))]
-        entries = [
-            SlideEntry(p, _label_from_truth(p), _find_annotations(p), source=f"{source}: {p.name}")
-            for p in slides
-        ]
-    elif source.is_file():
-        entries = _read_csv(source)
-    else:
-        raise CohortError(f"{source} is neither a slide table (CSV) nor a folder of slides")
+    entries = _unchecked_entries(source)
     if not entries:
         raise CohortError(f"{source} lists no slides")
     _refuse_duplicates(source, entries)

@@ -290,17 +290,28 @@ def assemble_settings(
     the panel adds the starting model, the device and one CPU thread
     (:data:`PANEL_THREADS`). The table is read and checked (the family's
     needs, the validation split) first; what the table implies (e.g. the
-    classes) wins over the form.
+    classes) wins over the form. A family whose settings take ``classes``
+    reads the table with the classes of the form, else with the labels the
+    table holds (a subtype table: ``normal``, ``tumour_a``, ``tumour_b``),
+    and decides in ``check_table`` which classes it trains; the others read
+    tumour/normal tables only.
     """
-    from napari_pathology.cohort import CohortError, read_slide_table
+    from napari_pathology.cohort import CohortError, read_slide_table, table_labels
     from napari_pathology.training.common import split_by_slide
 
+    defaults = family.defaults()
     try:
-        entries = read_slide_table(table)
+        classes = values.get("classes") if "classes" in defaults else None
+        if "classes" in defaults and not classes:
+            classes = table_labels(table)
+        entries = read_slide_table(table, classes=classes)
     except CohortError as error:
         raise TrainingError(str(error)) from error
     implied = family.check_table(entries)  # e.g. annotations or classes the family needs
-    defaults = family.defaults()
+    if classes and not implied.get("classes"):
+        implied["classes"] = tuple(classes)  # the family is silent: the form's classes, or the table's
+    elif values.get("classes") and set(implied.get("classes") or ()) == set(values["classes"]):
+        implied["classes"] = tuple(values["classes"])  # the same classes: in the form's order
     seed = values.get("seed", defaults.get("seed", 0))
     split_by_slide(entries, values.get("val_fraction") or 0.0, seed)  # too few slides for the split?
     chosen = {

@@ -46,11 +46,10 @@ class ClamFamily(Family):
         return ClamTraining
 
     def check_table(self, entries: list[Any]) -> dict[str, Any]:
-        """Refuse a slide table CLAM cannot learn from (unlabelled slides, one class)."""
+        """Refuse a slide table CLAM cannot learn from (unlabelled slides, one class); its classes."""
         from napari_pathology.families.clam.train import slide_classes
 
-        slide_classes(entries)
-        return {}
+        return {"classes": slide_classes(entries)}
 
     def train(
         self, settings: Any, data: Any, out: str | os.PathLike[str], stop: threading.Event | None = None
