@@ -129,7 +129,9 @@ def _tissue_box(tissue: Any, mpp: float, shape: tuple[int, int], stride: int) ->
     c0 = int(found_c[0] * scale) // stride * stride
     r1 = min(rows, math.ceil((found_r[-1] + 1) * scale))
     c1 = min(cols, math.ceil((found_c[-1] + 1) * scale))
-    return r0, max(r1, r0 + 1), c0, max(c1, c0 + 1)
+    if r0 >= r1 or c0 >= c1:
+        raise NoTissueError("the tissue mask's tissue lies outside the slide: no tissue to run the model on")
+    return r0, r1, c0, c1
 
 
 def _peaks(heatmap: np.ndarray, count: int) -> np.ndarray:
