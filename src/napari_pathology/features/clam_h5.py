@@ -24,7 +24,7 @@ import numpy as np
 
 from napari_pathology.fileio import atomic_path, require_regular_file
 
-__all__ = ["ClamFeatures", "read_clam_h5", "write_clam_h5"]
+__all__ = ["ClamFeatures", "check_coords", "read_clam_h5", "write_clam_h5"]
 
 
 @dataclass
@@ -137,14 +137,61 @@ def _decoded(value: Any) -> Any:
     return value
 
 
-def read_clam_h5(path: str | os.PathLike[str]) -> ClamFeatures:
-    """Read a CLAM-layout feature file (CLAM's own or one written by :func:`write_clam_h5`).
+def check_coords(
+    coords: np.ndarray, slide_size: tuple[int, int] | None = None, where: str = "coords"
+) -> None:
+    """Refuse patch corners that cannot belong to the slide: negative, or (with its size) outside it.
+
+    Parameters
+    ----------
+    coords : ndarray
+        ``(N, 2)`` level-0 ``(x, y)`` top-left corners.
+    slide_size : (int, int), optional
+        The slide's level-0 ``(width, height)`` in px; None checks the sign only.
+    where : str
+        What the message names (the feature file).
 
     Raises
     ------
     ValueError
-        Not an HDF5 file, no ``features`` dataset, or shapes that do not fit
-        (one line naming the file).
+        One line naming ``where``, the first bad corner and its row: features
+        for another slide, or coordinates of another pyramid level, are the
+        usual mix-ups.
+    """
+    coords = np.asarray(coords)
+    if coords.size == 0:
+        return
+    bad = (coords < 0).any(axis=1)
+    if slide_size is not None:
+        width, height = (int(v) for v in slide_size)
+        bad |= (coords[:, 0] >= width) | (coords[:, 1] >= height)
+    if bad.any():
+        row = int(np.argmax(bad))
+        x, y = (int(v) for v in coords[row])
+        inside = f" of {slide_size[0]} x {slide_size[1]} px" if slide_size is not None else ""
+        raise ValueError(
+            f"{where}: patch {row} at ({x}, {y}) lies outside the slide{inside} ({int(bad.sum())} of "
+            f"{len(coords)} patches do); features of another slide, or coords of another level?"
+        )
+
+
+def read_clam_h5(path: str | os.PathLike[str], slide_size: tuple[int, int] | None = None) -> ClamFeatures:
+    """Read a CLAM-layout feature file (CLAM's own or one written by :func:`write_clam_h5`).
+
+    Parameters
+    ----------
+    path : path-like
+        The ``.h5`` file.
+    slide_size : (int, int), optional
+        The slide's level-0 ``(width, height)`` in px, when known: patch
+        corners outside it are refused (see :func:`check_coords`).
+
+    Raises
+    ------
+    ValueError
+        Not an HDF5 file, no ``features`` dataset, shapes that do not fit,
+        as many coords as feature rows, or coords outside the slide (one line
+        naming the file).
     """
     import h5py
 
@@ -163,10 +210,16 @@ def read_clam_h5(path: str | os.PathLike[str]) -> ClamFeatures:
             raise ValueError(f"{path} has no 'coords' dataset")
         coords_set = h5["coords"]
         coords = np.asarray(coords_set[()])
-        if coords.shape != (len(features), 2):
+        if coords.ndim != 2 or coords.shape[1:] != (2,):
+            raise ValueError(f"{path}: 'coords' must be (N, 2) level-0 (x, y), got shape {coords.shape}")
+        if len(coords) != len(features):
             raise ValueError(
-                f"{path}: 'coords' has shape {coords.shape}, but there are {len(features)} feature rows"
+                f"{path}: {len(coords)} coords for {len(features)} feature rows (one corner per patch)"
             )
+        if coords.size and not np.issubdtype(coords.dtype, np.integer):
+            if not np.isfinite(coords).all() or not np.array_equal(coords, np.round(coords)):
+                raise ValueError(f"{path}: 'coords' must be whole level-0 pixel positions")
+        check_coords(coords, slide_size, str(path))
         size = coords_set.attrs.get("patch_size")
         level = coords_set.attrs.get("patch_level")
         attrs = {k: _decoded(v) for k, v in h5.attrs.items()}

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from napari_pathology.cohort import SlideEntry, read_slide_table
-from napari_pathology.families.clam.bags import BagCache, bag_path, read_bag
+from napari_pathology.families.clam.bags import BagCache, bag_path, read_bag, slide_dimensions
 from napari_pathology.families.clam.extraction import FeatureSource, prepare_bags
 from napari_pathology.families.clam.interop import import_clam_checkpoint
 from napari_pathology.families.clam.losses import INSTANCE_LOSSES, clam_loss
@@ -505,7 +505,7 @@ def _train(job: ClamTraining, stop: threading.Event | None) -> Generator[TrainEv
                 "log", 0, 0, message=f"reading features {k + 1}/{len(entries)} from {features_dir}"
             )
         path = bag_path(features_dir, entry.path)
-        bag = read_bag(path)
+        bag = read_bag(path, slide_size=slide_dimensions(entry.path))  # coords of this slide?
         if cache.embed_dim is not None and bag.shape[1] != cache.embed_dim:
             first = bag_path(features_dir, entries[0].path).name
             raise TrainingError(
