@@ -134,6 +134,16 @@ def model_stride(spec: Any, settings: RunSettings | None) -> int:
     return int(spec.default_stride)
 
 
+def _whole_slide_input(spec: Any) -> bool:
+    """Whether the spec's family reads the whole slide as one input (input kind ``slide``)."""
+    from napari_pathology.families import family_of
+
+    try:
+        return family_of(spec).input_kind == "slide"
+    except KeyError:  # a model of no registered family
+        return False
+
+
 def check_run(slide: Any, spec: Any, settings: RunSettings | None = None) -> None:
     """Say why a run cannot work, in the order a user should fix it, before any work.
 
@@ -170,6 +180,8 @@ def check_run(slide: Any, spec: Any, settings: RunSettings | None = None) -> Non
             f"{spec.name} needs {spec.mpp:g} um/px but {slide.name} has at best {finest:.4g} um/px "
             "(scanned at a lower magnification); use a model for a coarser um/px, or check the slide's um/px"
         )
+    if _whole_slide_input(spec):  # one network over the whole slide: no tile or step has to fit in it
+        return
     tile_um = spec.input_size * spec.mpp
     if max(width_um, height_um) < tile_um / 2:
         raise ValueError(
