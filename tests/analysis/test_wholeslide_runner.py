@@ -13,6 +13,7 @@ import torch
 from napari_pathology.analysis import load_result
 from napari_pathology.analysis.engine import HeatmapBlock
 from napari_pathology.analysis.runners import run
+from napari_pathology.analysis.settings import NoTissueError
 from napari_pathology.analysis.wholeslide import TOP_K, SlideMemoryError, run_slide_analysis
 from napari_pathology.families.wholeslide.model import WholeSlideNet, wholeslide_spec
 from napari_pathology.models.registry import PathologyModel
@@ -141,6 +142,11 @@ def test_bad_input_gets_one_line(small_slide: Path, tmp_path: Path, monkeypatch)
     monkeypatch.setenv("NAPARI_PATHOLOGY_SLIDE_MEMORY_GB", "lots")
     with pytest.raises(ValueError, match="NAPARI_PATHOLOGY_SLIDE_MEMORY_GB must be a positive"):
         _drain(run_slide_analysis(slide, model))
+    monkeypatch.delenv("NAPARI_PATHOLOGY_SLIDE_MEMORY_GB")
+    outside = SimpleNamespace(mask=np.ones((4, 4), bool), mpp=2000.0)  # 8 mm of mask: tissue beyond 1 mm
+    outside.mask[:2] = False
+    with pytest.raises(NoTissueError, match="outside the slide"):
+        _drain(run_slide_analysis(slide, model, tissue=outside, memory_gb=2.0))
     path = tmp_path / "plain.png"
     Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(path)
     with pytest.raises(SlideOpenError, match="um/px"):

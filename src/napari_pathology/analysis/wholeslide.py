@@ -165,8 +165,10 @@ def run_slide_analysis(
 ) -> Generator[Progress, None, AnalysisResult]:
     """Run a whole-slide model over ``slide``: yields progress, returns the result (see the module).
 
-    Parameters are those of :func:`napari_pathology.analysis.run_analysis`;
-    ``memory_gb`` is the memory budget (default: :func:`memory_budget`) and
+    Parameters are those of :func:`napari_pathology.analysis.run_analysis`
+    (of ``settings`` only ``device`` and ``amp`` apply: one network sees the
+    whole slide, so there is no stride, batch, test-time augmentation or
+    tissue fraction); ``memory_gb`` is the memory budget (default: :func:`memory_budget`) and
     ``tile`` a tile side in px (a multiple of the output stride; default: the
     largest the budget holds). A cancelled run returns a partial result
     holding the maps of the tiles done (no scores).
@@ -240,7 +242,13 @@ def run_slide_analysis(
     )  # fmt: skip
     started = time.perf_counter()
     yield Progress(0, 1, f"reading {slide.name} at {mpp:g} um/px ({width} x {height} px)", grid)
-    image = yield from read_at_mpp(slide, mpp)
+    try:
+        image = yield from read_at_mpp(slide, mpp)
+    except ValueError as error:  # larger than any image read whole
+        raise SlideMemoryError(
+            f"{slide.name} at {mpp:g} um/px cannot be read whole ({error}); use a model trained at a "
+            "larger um/px"
+        ) from None
     x = torch.from_numpy(image[r0:r1, c0:c1]).permute(2, 0, 1).unsqueeze(0)  # uint8 view, no copy
     del image
 

@@ -66,10 +66,16 @@ def test_train_then_run_from_the_command_line(tiny_cohort: Path, tmp_path: Path,
     assert result.slide_score == pytest.approx(result.scores["tumour"])
 
 
-def test_the_train_panel_offers_it(make_napari_viewer) -> None:
+def test_the_train_and_analyze_panels_offer_it(make_napari_viewer) -> None:
+    from napari_pathology._widgets.analyze_panel import AnalyzePanel
     from napari_pathology._widgets.train_panel import TrainPanel
 
-    train = TrainPanel(make_napari_viewer())
+    viewer = make_napari_viewer()
+    analyze = AnalyzePanel(viewer)
+    assert "wholeslide-resnet50" in [
+        analyze.model_combo.itemData(i) for i in range(analyze.model_combo.count())
+    ]
+    train = TrainPanel(viewer)
     families = [train.family_combo.itemData(i) for i in range(train.family_combo.count())]
     assert "wholeslide" in families
     train.select_family("wholeslide")
