@@ -480,3 +480,22 @@ def test_a_subtype_table_reaches_clam_with_its_three_classes(make_napari_viewer,
     panel.table_edit.setText(str(table))
     with pytest.raises(Exception, match="labels must be tumour or normal"):
         panel.job_settings()
+
+
+def test_table_labels_fold_spellings_and_leave_tumour_normal_tables_alone(tmp_path):
+    from napari_pathology.cohort import table_labels
+
+    def table(labels: list[str]):
+        rows = ["slide,label"]
+        for k, label in enumerate(labels):
+            (tmp_path / f"s{k}.tif").write_bytes(b"")
+            rows.append(f"s{k}.tif,{label}")
+        (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
+        return tmp_path / "t.csv"
+
+    assert table_labels(table(["Tumor", "normal", "tumour", ""])) is None
+    labels = table_labels(table(["Normal", "tumour_a", "normal", "tumor", "TUMOUR_A"]))
+    assert labels == ("Normal", "tumour_a", "tumor")
+    assert [e.label for e in read_slide_table(tmp_path / "t.csv", classes=labels)][:4] == [
+        "Normal", "tumour_a", "Normal", "tumor",
+    ]  # fmt: skip

@@ -311,22 +311,23 @@ def table_labels(source: str | os.PathLike[str]) -> tuple[str, ...] | None:
     -------
     tuple of str or None
         None when every label is a spelling of ``tumour`` or ``normal`` (read the
-        table without ``classes``); otherwise the distinct labels as written, in
-        the order of first appearance (``classes`` for :func:`read_slide_table`).
+        table without ``classes``); otherwise the distinct labels (case and
+        tumour/normal synonyms folded) as first written, in the order of first
+        appearance (``classes`` for :func:`read_slide_table`).
 
     Raises
     ------
     CohortError
         A table that cannot be read (as :func:`read_slide_table`).
     """
-    labels: dict[str, None] = {}
+    labels: dict[str, str] = {}  # one spelling per label, compared as read_slide_table compares them
     for entry in _unchecked_entries(Path(source)):
         text = str(entry.label or "").strip()
         if text:
-            labels.setdefault(text)
-    if all(canonical_label(label) in (TUMOUR, NORMAL) for label in labels):
+            labels.setdefault(canonical_label(text) or text.lower(), text)
+    if all(key in (TUMOUR, NORMAL) for key in labels):
         return None
-    return tuple(labels)
+    return tuple(labels.values())
 
 
 def read_slide_table(
