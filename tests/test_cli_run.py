@@ -47,7 +47,7 @@ SCRIPT = textwrap.dedent(
 
     def install(delay, save_every):
         engine.PARTIAL_SAVE_SECONDS = save_every
-        models.resolve_model = lambda name: PathologyModel(Dark(delay), SPEC)
+        models.resolve_model = lambda name, **_: PathologyModel(Dark(delay), SPEC)
 
     if __name__ == "__main__":
         install(float(sys.argv[1]), float(sys.argv[2]))
@@ -123,7 +123,7 @@ def test_sigterm_and_sigkill_mid_run_keep_the_finished_tiles_and_a_rerun_resumes
     seen = []
     import napari_pathology.models as models
 
-    def fast(name):
+    def fast(name, **_):
         model = module.PathologyModel(module.Dark(0.0), module.SPEC)
         seen.append(model)
         return model

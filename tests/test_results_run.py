@@ -16,6 +16,7 @@ from napari_pathology.analysis import (
     load_result,
     run_analysis,
 )
+from napari_pathology.analysis.engine import first_batches
 from napari_pathology.models import ModelSpec, PathologyModel
 from napari_pathology.progress import run_to_completion
 from napari_pathology.slide import InMemoryBackend, Slide
@@ -57,6 +58,8 @@ def slide() -> Slide:
 
 
 SETTINGS = RunSettings(batch_size=16, workers=0)
+#: Tiles done after each block of a 256-tile run at batch size 16 (the engine's ramp 4, 8, then 16s).
+BLOCKS = [int(b) for b in np.cumsum([*first_batches(256, 16), *[16] * 16]) if b <= 256]
 
 
 def test_nan_outputs_are_an_error_naming_the_model_and_nothing_is_saved(slide, tmp_path) -> None:
@@ -69,7 +72,7 @@ def test_nan_outputs_are_an_error_naming_the_model_and_nothing_is_saved(slide, t
     with pytest.raises(ModelOutputError):
         run_to_completion(run_analysis(slide, model(nan_after=64), settings=settings, out_dir=out))
     kept = load_result(out)
-    assert kept.partial and kept.tiles_done == 64
+    assert kept.partial and kept.tiles_done == max(b for b in BLOCKS if b <= 64)  # the blocks before NaN
     with pytest.raises(ModelOutputError):  # the rerun resumes the good tiles, then says the same
         run_to_completion(run_analysis(slide, model(nan_after=0), settings=settings, out_dir=out))
 
@@ -83,17 +86,17 @@ def test_partial_results_are_saved_as_blocks_finish(slide, tmp_path) -> None:
     for _ in range(3):
         next(job)
         seen.append(load_result(out).tiles_done)  # on disk while the run goes on, no cancel, no close
-    assert seen == [16, 32, 48]
+    assert seen == BLOCKS[:3]
     del job  # the process "dies" here: no close, no finally that saves
     resumed_model = model()
     events = []
     result = run_to_completion(
         run_analysis(slide, resumed_model, settings=settings, out_dir=out), events.append
     )
-    assert not result.partial and resumed_model.net.tiles_seen == 256 - 48
+    assert not result.partial and resumed_model.net.tiles_seen == 256 - BLOCKS[2]
     # a resumed run shows the kept cells at once, right after the grid
-    assert events[0].done == 48 and isinstance(events[1].payload, HeatmapBlock)
-    assert len(events[1].payload.cells) == 48
+    assert events[0].done == BLOCKS[2] and isinstance(events[1].payload, HeatmapBlock)
+    assert len(events[1].payload.cells) == BLOCKS[2]
 
 
 def test_the_default_interval_saves_nothing_mid_run_for_a_short_run(slide, tmp_path) -> None:
@@ -109,12 +112,12 @@ def test_the_default_interval_saves_nothing_mid_run_for_a_short_run(slide, tmp_p
 def test_ctrl_c_inside_the_model_still_saves_the_finished_tiles(slide, tmp_path) -> None:
     out = tmp_path / "res"
     with pytest.raises(KeyboardInterrupt):
-        run_to_completion(run_analysis(slide, model(stop_after=48), settings=SETTINGS, out_dir=out))
+        run_to_completion(run_analysis(slide, model(stop_after=BLOCKS[3]), settings=SETTINGS, out_dir=out))
     kept = load_result(out)
-    assert kept.partial and kept.tiles_done == 48 and kept.provenance["cancelled"]
+    assert kept.partial and kept.tiles_done == BLOCKS[3] and kept.provenance["cancelled"]
     resumed = model()
     run_to_completion(run_analysis(slide, resumed, settings=SETTINGS, out_dir=out))
-    assert resumed.net.tiles_seen == 256 - 48
+    assert resumed.net.tiles_seen == 256 - BLOCKS[3]
 
 
 def test_an_interrupt_before_any_tile_saves_nothing(slide, tmp_path) -> None:
