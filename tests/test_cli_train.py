@@ -120,3 +120,24 @@ def test_an_unwritable_output_folder_is_refused_before_work(tmp_path: Path, caps
     blocker.write_text("not a folder")
     assert main(train_args(blocker / "m.pt")) == 2
     assert "cannot write to" in one_error_line(capsys)
+
+
+def test_a_subtype_table_trains_clam_with_its_classes_normal_first(tmp_path: Path, monkeypatch) -> None:
+    """Labels other than tumour/normal are read as the family's classes (as the Train panel does)."""
+    from napari_pathology.families import get_family
+
+    for name in ("a.tif", "b.tif", "c.tif", "d.tif"):
+        (tmp_path / name).write_bytes(b"")  # the table is read, not the slides
+    table = tmp_path / "slides.csv"
+    table.write_text("slide,label\na.tif,tumour_b\nb.tif,normal\nc.tif,tumour_a\nd.tif,normal\n")
+    family = get_family("clam")
+    seen = {}
+
+    def capture(settings, data, out, stop=None):
+        seen["classes"] = settings.classes
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(type(family), "train", lambda self, *a, **k: capture(*a, **k))
+    status = main(["train", "clam", "--data", str(table), "--out", str(tmp_path / "m.pt")])
+    assert status == 130
+    assert seen["classes"] == ("normal", "tumour_a", "tumour_b")

@@ -76,10 +76,23 @@ def _train_job(args: argparse.Namespace) -> Any:
         if field is None:
             raise CommandError(f"{flag} is not a setting of {family.name} (see train {family.name} --help)")
         values[field.name] = value
+    if "classes" in offered and "classes" not in values and "slide_table" in family.data_sources:
+        values.update(_table_classes(family, args.data))
     settings = family.make_settings(args.data, args.out, **values)
     check_output(args.out, resume=bool(values.get("resume")), overwrite=bool(values.get("overwrite")))
     data = family.read_data(args.data)
     return run_training(family.train(settings, data, args.out), f"train {family.name}", args.quiet)
+
+
+def _table_classes(family: Any, data: Path) -> dict[str, Any]:
+    """``{"classes": ...}`` for a slide table whose labels are not only tumour/normal (as the Train panel)."""
+    from napari_pathology.cohort import read_slide_table, table_labels
+
+    labels = table_labels(data)
+    if not labels:
+        return {}
+    implied = family.check_table(read_slide_table(data, classes=labels))
+    return {"classes": tuple(implied.get("classes") or labels)}
 
 
 #: Option ranges of training settings, by flag (every other setting is checked by its dataclass).
