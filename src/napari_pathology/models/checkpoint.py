@@ -45,6 +45,7 @@ __all__ = [
     "load_untrusted",
     "read_checkpoint",
     "refused_as_code",
+    "require_torch_file",
     "save_checkpoint",
     "save_torch_file",
     "tensors_digest",
@@ -247,10 +248,13 @@ class ForeignCheckpointError(ModelError):
     """A readable PyTorch file that is not a napari-pathology checkpoint (another tool's, bare weights)."""
 
 
-def read_checkpoint(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any], ModelSpec]:
-    """Load and check the container; return the path, the raw dict and the validated spec."""
-    path = Path(path).expanduser()
-    where = f"Cannot load model checkpoint {path.name}"
+def require_torch_file(path: Path, where: str, expected: str = "expected a file from torch.save") -> None:
+    """Refuse, in one line starting with ``where``, a path that is not a file ``torch.save`` wrote.
+
+    Missing files, folders, FIFOs and devices (never opened: a read would
+    block), and files whose first bytes are neither a zip (``torch.save``) nor
+    a pickle (what was found is named: empty, JSON, text, other data).
+    """
     if not path.exists():
         raise ModelError(f"{where}: no such file ({path})")
     if path.is_dir():
@@ -271,7 +275,14 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any],
             kind = "a JSON file"
         else:
             kind = "a text file" if magic.isascii() else "unrecognised data"
-        raise ModelError(f"{where}: not a PyTorch checkpoint file ({kind}; expected a file from torch.save)")
+        raise ModelError(f"{where}: not a PyTorch checkpoint file ({kind}); {expected}")
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any], ModelSpec]:
+    """Load and check the container; return the path, the raw dict and the validated spec."""
+    path = Path(path).expanduser()
+    where = f"Cannot load model checkpoint {path.name}"
+    require_torch_file(path, where)
     data = load_untrusted(path, where)
     if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
         if isinstance(data, dict) and data and all(isinstance(v, torch.Tensor) for v in data.values()):

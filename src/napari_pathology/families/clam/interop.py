@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from napari_pathology.families.clam.model import FAMILY, SIZES, ClamNet, build_clam, clam_spec
+from napari_pathology.models.checkpoint import require_torch_file
 from napari_pathology.models.registry import (
     ModelError,
     PathologyModel,
@@ -71,18 +72,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """The bare state dict in ``path``, read with ``weights_only=True``; ModelError in one line otherwise."""
     path = Path(path).expanduser()
     where = f"Cannot import CLAM checkpoint {path.name}"
-    if not path.exists():
-        raise ModelError(f"{where}: no such file ({path})")
-    if path.is_dir():
-        raise ModelError(f"{where}: it is a folder, not a checkpoint file ({path})")
-    try:
-        with open(path, "rb") as fh:
-            magic = fh.read(4)
-    except OSError as error:
-        raise ModelError(f"{where}: {error}") from None
-    if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):  # torch.save's zip, or a pickle
-        kind = "an empty file" if not magic else "a text file" if magic.isascii() else "unrecognised data"
-        raise ModelError(f"{where}: not a PyTorch checkpoint file ({kind}); {EXPECTED}")
+    require_torch_file(path, where, EXPECTED)
     data = load_untrusted(path, where)
     if isinstance(data, torch.Tensor):
         raise ModelError(f"{where}: it holds one tensor {tuple(data.shape)}, not a state dict; {EXPECTED}")
