@@ -87,11 +87,19 @@ def run(
     cancel: threading.Event | None = None,
     reuse: bool = True,
     on_saved: Callable[[Any], None] | None = None,
+    features: str | os.PathLike[str] | None = None,
 ) -> Generator[Any, None, Any]:
     """Run ``model`` over ``slide`` the way its family runs: yields progress, returns an AnalysisResult.
 
     Parameters are those of :func:`napari_pathology.analysis.run_analysis`;
     a family that has no use for one (``reuse`` for nuclei) ignores it.
+    ``features`` is a CLAM-layout h5 file of the slide's patch features, for
+    attention-MIL (``bag``) models: used instead of extracting them.
+
+    Raises
+    ------
+    ValueError
+        When ``features`` is given for a model that does not take a bag.
     """
     from napari_pathology.families import family_of
 
@@ -99,8 +107,17 @@ def run(
               "on_saved": on_saved, "cancel": cancel}  # fmt: skip
     try:
         family = family_of(model.spec)
+        kind = family.input_kind
     except KeyError:  # a model built in code (a notebook, a test) of no registered family: by its output
+        family = None
         output, aggregator = getattr(model.spec, "output", None), getattr(model.spec, "aggregator", None)
         kind = "nucleus" if output == "nuclei" else "bag" if aggregator == "attention" else "tile"
+    if features is not None:
+        if kind != "bag":
+            raise ValueError(
+                f"a feature file applies to attention-MIL (bag) models; {model.spec.name} takes {kind} input"
+            )
+        kwargs["features_file"] = features
+    if family is None:
         return runner_for(kind)(slide, model, **kwargs)
     return family.run(slide, model, **kwargs)

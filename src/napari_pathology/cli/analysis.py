@@ -105,11 +105,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         model = resolve_model(args.model, classes=args.classes)
         check_run(slide, model.spec, settings)  # um/px, model um/px, stride: before "no tissue"
         out = result_folder(args.out, slide, model.spec.name)
-        tissue = _load_tissue_for_run(args, slide)
+        tissue = None if args.features is not None else _load_tissue_for_run(args, slide)
         saved: list[Any] = []  # results of this run the engine says are on disk
         job = run(
             slide, model, tissue=tissue, settings=settings, out_dir=out, reuse=not args.recompute,
-            on_saved=saved.append,
+            on_saved=saved.append, features=args.features,
         )  # fmt: skip
         try:
             result = run_with_progress(job, f"{model.spec.name} on {slide.name}", args.quiet)
@@ -169,6 +169,8 @@ def add_parsers(sub: Any) -> None:
     run.add_argument("--model", required=True, help="registered model name or checkpoint path")
     run.add_argument("--out", type=Path, required=True, help="results go to OUT/<slide>/<model>/")
     run.add_argument("--classes", default=None, help=CLASSES_HELP)
+    run.add_argument("--features", type=Path, default=None,
+                     help="bag models: the slide's CLAM-layout .h5 features, as they are")  # fmt: skip
     run.add_argument("--device", type=device_option, default="cpu", help="cpu, cuda:N or auto (default cpu)")
     run.add_argument("--batch-size", type=BATCH_SIZE, default=32)
     run.add_argument("--stride", type=STRIDE, default=None, help="px at the model's um/px")

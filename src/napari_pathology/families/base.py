@@ -301,18 +301,20 @@ class Family:
         reuse: bool = True,
         on_saved: Callable[[Any], None] | None = None,
         cancel: threading.Event | None = None,
+        **options: Any,
     ) -> Generator[Any, None, Any]:
         """Run ``model`` over ``slide``: yields progress, returns a result (``summary()``, ``partial``).
 
         The default is the runner of the family's input kind
-        (:func:`napari_pathology.analysis.runner_for`).
+        (:func:`napari_pathology.analysis.runner_for`); ``options`` are that
+        runner's own (e.g. ``features_file`` for the bag runner).
         """
         from napari_pathology.analysis.runners import runner_for
 
         runner = runner_for(self.input_kind)
         return runner(
             slide, model, tissue=tissue, settings=settings, out_dir=out_dir, reuse=reuse,
-            on_saved=on_saved, cancel=cancel,
+            on_saved=on_saved, cancel=cancel, **options,
         )  # fmt: skip
 
     def __repr__(self) -> str:

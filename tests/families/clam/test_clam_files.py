@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -82,3 +83,54 @@ def test_run_a_clam_checkpoint_on_a_slide_from_the_command_line(tmp_path) -> Non
     assert result["heatmap_kind"] == "attention" and not result["partial"]
     assert set(result["scores"]) == {"normal", "tumour"}
     assert any("UNTRAINED" in note for note in result["provenance"]["notes"])
+
+
+def test_run_on_clams_own_feature_file_gives_clams_numbers_and_attention_csv(tmp_path) -> None:
+    """A CLAM checkpoint on a CLAM feature file: the probabilities and raw attention of CLAM's forward."""
+    import csv
+
+    from napari_pathology.features import write_clam_h5
+    from napari_pathology.slide.synthetic import write_synthetic_slide
+
+    truth = write_synthetic_slide(tmp_path / "tiny.tif", 1024, 4)
+    path, net = _clam_file(tmp_path)
+    xs, ys = np.meshgrid(np.arange(0, 1024, 256), np.arange(0, 768, 256))
+    coords = np.column_stack([xs.ravel(), ys.ravel()]).astype(np.int64)
+    torch.manual_seed(5)
+    features = torch.randn(len(coords), 1024)
+    h5 = write_clam_h5(tmp_path / "tiny.h5", features.numpy(), coords, 256, 0)
+    done = _cli("run", truth.slide_path, "--model", path, "--classes", "normal,tumour", "--features", h5,
+                "--out", tmp_path / "results", "--quiet")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    [folder] = [p.parent for p in (tmp_path / "results").rglob("result.json")]
+    result = json.loads((folder / "result.json").read_text())
+    with torch.inference_mode():
+        reference = net.run(features)
+    assert result["scores"]["tumour"] == pytest.approx(float(reference.probabilities[0, 1]), abs=1e-5)
+    with open(folder / "attention.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(coords)
+    assert [(int(r["x"]), int(r["y"])) for r in rows] == [tuple(c) for c in coords.tolist()]
+    np.testing.assert_allclose(
+        [float(r["attention"]) for r in rows], reference.attention[0].numpy(), atol=1e-5
+    )
+    ranks = np.argsort(np.argsort(reference.attention[0].numpy()))
+    np.testing.assert_allclose([float(r["percentile"]) for r in rows], (ranks + 1) / len(coords), atol=1e-6)
+    tile_model = _cli("run", truth.slide_path, "--model", "metastasis", "--features", h5, "--out",
+                      tmp_path / "x", "--quiet")  # fmt: skip
+    assert tile_model.returncode == 2 and "bag" in tile_model.stderr
+
+
+def test_a_feature_file_of_another_slide_is_refused(tmp_path) -> None:
+    from napari_pathology.features import write_clam_h5
+    from napari_pathology.slide.synthetic import write_synthetic_slide
+
+    truth = write_synthetic_slide(tmp_path / "tiny.tif", 1024, 4)
+    path, _net = _clam_file(tmp_path)
+    h5 = write_clam_h5(
+        tmp_path / "other.h5", np.zeros((2, 1024), np.float32), np.array([[0, 0], [4096, 0]]), 256, 0
+    )
+    done = _cli(
+        "run", truth.slide_path, "--model", path, "--features", h5, "--out", tmp_path / "r", "--quiet"
+    )
+    assert done.returncode == 2 and "outside the slide" in done.stderr
