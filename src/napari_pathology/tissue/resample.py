@@ -54,8 +54,16 @@ def _axis_weights(out_start: int, out_stop: int, k: float, in_start: int, in_sto
     )
 
 
-def read_at_mpp(slide: Slide, mpp: float, block: int = READ_BLOCK) -> Generator[Progress, None, np.ndarray]:
-    """Read the whole slide as RGB at exactly ``mpp`` micrometres per pixel.
+def read_at_mpp(
+    slide: Slide,
+    mpp: float,
+    block: int = READ_BLOCK,
+    *,
+    box: tuple[int, int, int, int] | None = None,
+    out: np.ndarray | None = None,
+    max_pixels: int | None = MAX_MASK_PIXELS,
+) -> Generator[Progress, None, np.ndarray]:
+    """Read the whole slide (or a ``box`` of it) as RGB at exactly ``mpp`` micrometres per pixel.
 
     The best pyramid level (the coarsest one not coarser than needed,
     :func:`~napari_pathology.tiles.levels.level_for_mpp`; level 0, enlarged,
@@ -73,6 +81,14 @@ def read_at_mpp(slide: Slide, mpp: float, block: int = READ_BLOCK) -> Generator[
         Target micrometres per pixel.
     block : int
         Side of the level region read at once.
+    box : (r0, r1, c0, c1), optional
+        Only these output rows and columns (px at ``mpp``; the same pixels as
+        the whole slide's read would hold there).
+    out : ndarray, optional
+        ``(r1 - r0, c1 - c0, 3)`` uint8 array to fill (e.g. a memory-mapped
+        file, so a slide larger than memory is never held whole); returned.
+    max_pixels : int, optional
+        Refuse a result of more pixels than this (None: no limit).
 
     Yields
     ------
@@ -83,22 +99,27 @@ def read_at_mpp(slide: Slide, mpp: float, block: int = READ_BLOCK) -> Generator[
     -------
     ndarray
         ``(rows, cols, 3)`` uint8 with ``rows, cols`` from the slide's
-        physical size divided by ``mpp`` (rounded up).
+        physical size divided by ``mpp`` (rounded up), or the ``box``'s.
 
     Raises
     ------
     SlideOpenError
         When the slide has no um/px (the message says how to set it).
     ValueError
-        When the result would be unreasonably large.
+        When the result would be larger than ``max_pixels``, or a ``box`` or
+        ``out`` that does not fit the slide.
 
     """
     mpp_x, mpp_y = slide.require_mpp()
     mpp = float(mpp)
     rows, cols = _mask_shape(slide.dimensions, (mpp_x, mpp_y), mpp)
-    if rows * cols > MAX_MASK_PIXELS:
+    r_lo, r_hi, c_lo, c_hi = (0, rows, 0, cols) if box is None else (int(v) for v in box)
+    if not (0 <= r_lo < r_hi <= rows and 0 <= c_lo < c_hi <= cols):
+        raise ValueError(f"box {box} is not inside the {cols}x{rows} px of {slide.name} at {mpp:g} um/px")
+    if max_pixels is not None and (r_hi - r_lo) * (c_hi - c_lo) > max_pixels:
         raise ValueError(
-            f"a {cols}x{rows} mask of {slide.name} at {mpp:g} um/px is too large; use a larger mask um/px"
+            f"a {c_hi - c_lo}x{r_hi - r_lo} image of {slide.name} at {mpp:g} um/px is too large; "
+            "use a larger um/px"
         )
     level = level_for_mpp(slide, mpp, mpp=(mpp_x, mpp_y), tolerance=LEVEL_TOLERANCE, enlarge=True)
     factor = float(slide.level_downsamples[level])
@@ -107,28 +128,33 @@ def read_at_mpp(slide: Slide, mpp: float, block: int = READ_BLOCK) -> Generator[
     ky = mpp / (mpp_y * factor)
     out_bx = max(1, min(cols, int(block // max(kx, 1e-9))))
     out_by = max(1, min(rows, int(block // max(ky, 1e-9))))
-    row_starts = list(range(0, rows, out_by))
-    col_starts = list(range(0, cols, out_bx))
+    row_starts = list(range(r_lo, r_hi, out_by))
+    col_starts = list(range(c_lo, c_hi, out_bx))
     total = len(row_starts) * len(col_starts)
-    out = np.full((rows, cols, 3), 255, np.uint8)
+    if out is None:
+        out = np.full((r_hi - r_lo, c_hi - c_lo, 3), 255, np.uint8)
+    elif out.shape != (r_hi - r_lo, c_hi - c_lo, 3) or out.dtype != np.uint8:
+        raise ValueError(f"out must be ({r_hi - r_lo}, {c_hi - c_lo}, 3) uint8, got {out.shape} {out.dtype}")
+    else:
+        out[:] = 255
     done = 0
     yield Progress(0, total, f"reading {slide.name} at {mpp:g} um/px (level {level})")
     # the level is the target grid: its pixels are the output (what the weights below would give)
     same_grid = abs(kx - 1.0) < 1e-9 and abs(ky - 1.0) < 1e-9
     for r0 in row_starts:
-        r1 = min(rows, r0 + out_by)
+        r1 = min(r_hi, r0 + out_by)
         y_start = min(max(0, math.floor(r0 * ky)), max(level_h - 1, 0))
         y_stop = min(level_h, max(y_start + 1, math.ceil(r1 * ky)))
         wy = None if same_grid else _axis_weights(r0, r1, ky, y_start, y_stop)
         for c0 in col_starts:
-            c1 = min(cols, c0 + out_bx)
+            c1 = min(c_hi, c0 + out_bx)
             x_start = min(max(0, math.floor(c0 * kx)), max(level_w - 1, 0))
             x_stop = min(level_w, max(x_start + 1, math.ceil(c1 * kx)))
             region = slide.read_region(level, x_start, y_start, x_stop - x_start, y_stop - y_start)
             done += 1
             if same_grid:
                 h, w = min(r1 - r0, y_stop - r0, region.shape[0]), min(c1 - c0, x_stop - c0, region.shape[1])
-                out[r0 : r0 + h, c0 : c0 + w] = region[:h, :w]
+                out[r0 - r_lo : r0 - r_lo + h, c0 - c_lo : c0 - c_lo + w] = region[:h, :w]
                 yield Progress(done, total, f"read block {done}/{total} of {slide.name}")
                 continue
             wx = _axis_weights(c0, c1, kx, x_start, x_stop)
@@ -140,6 +166,6 @@ def read_at_mpp(slide: Slide, mpp: float, block: int = READ_BLOCK) -> Generator[
             covered_y = np.asarray(wy.sum(axis=1)).ravel() > 0
             covered_x = np.asarray(wx.sum(axis=1)).ravel() > 0
             res = np.where(covered_y[:, None, None] & covered_x[None, :, None], res, 255.0)
-            out[r0:r1, c0:c1] = np.clip(np.rint(res), 0, 255).astype(np.uint8)
+            out[r0 - r_lo : r1 - r_lo, c0 - c_lo : c1 - c_lo] = np.clip(np.rint(res), 0, 255).astype(np.uint8)
             yield Progress(done, total, f"read block {done}/{total} of {slide.name}")
     return out
