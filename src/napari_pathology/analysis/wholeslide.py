@@ -1,12 +1,22 @@
 """The ``slide`` runner: one network over the whole slide at low magnification, with its activation maps.
 
-For whole-slide CNNs (Chen et al. 2021's and its kind): the slide's tissue
-is read at the spec's um/px (:func:`napari_pathology.tissue.read_at_mpp`,
-an exact area average from the best pyramid level), cropped to the tissue
-mask's bounding box when a mask is given, and run tile by tile (exact: the
-tiles' outputs stitch into the full-image ones), so memory is bounded by the
-tile and the slide at that um/px, never by the network's activations over
-the whole slide. Each finished tile's cells are yielded as a
+For whole-slide CNNs (Chen et al. 2021's and its kind): only the tissue
+mask's bounding box (the whole slide without a mask) is read at the spec's
+um/px, region by region (:func:`napari_pathology.tissue.read_at_mpp` with a
+``box``: an exact area average from the best pyramid level), and run tile by
+tile (exact: the tiles' outputs stitch into the full-image ones), so memory
+is bounded by the uint8 box plus one tile's activations, never by the
+slide's full size or the network's activations over it; the box and the
+class maps are checked against the memory budget before anything is read.
+
+A model trained on a fixed input size (``spec.config["fixed_size"]``, side
+``spec.input_size`` px) saw each slide's tissue padded with white to that
+square, centred: the box is padded the same way (the pad before it a
+multiple of the output stride, so CAM cells stay on the slide's cell grid),
+the logits come from the whole padded input, and only the CAM cells over
+the slide are kept. An axis longer than ``input_size`` is run whole (the
+network is fully convolutional; no tissue is dropped) and a provenance
+note says so. Each finished tile's cells are yielded as a
 :class:`~napari_pathology.analysis.engine.HeatmapBlock` of kind
 ``activation`` (the positive, or first non-normal, class's map while the
 run goes on). The result holds:
@@ -150,6 +160,49 @@ def _peaks(heatmap: np.ndarray, count: int) -> np.ndarray:
     return np.asarray(found, np.int64)
 
 
+def _fixed_padding(
+    spec: Any, height: int, width: int, stride: int
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``((pad_top, pad_left), (rows, cols))``: where the box sits in the model's input, and its size.
+
+    A model trained on a fixed size (``spec.config["fixed_size"]``) saw the
+    tissue padded with white to ``spec.input_size`` px, centred: an axis
+    shorter than that is padded so, the pad before the box rounded to the
+    nearest multiple of ``stride`` (CAM cells stay on the slide's grid); a
+    longer axis, or any axis of another model, is the box as it is.
+    """
+    size = int(spec.input_size)
+    if not (spec.config or {}).get("fixed_size"):
+        return (0, 0), (height, width)
+    pads, sides = [], []
+    for n in (height, width):
+        if n >= size:
+            pads.append(0)
+            sides.append(n)
+            continue
+        pad = math.floor((size - n) / 2 / stride + 0.5) * stride  # the nearest (halves: up)
+        pads.append(min(pad, (size - n) // stride * stride))
+        sides.append(size)
+    return (pads[0], pads[1]), (sides[0], sides[1])
+
+
+def _check_budget(
+    slide: Any, mpp: float, box: tuple[int, int], padded: tuple[int, int], maps: int, budget: int
+) -> None:
+    """SlideMemoryError (one line) when the uint8 input plus ``maps`` bytes of maps exceed ``budget``."""
+    need = padded[0] * padded[1] * 3 + maps
+    if need <= budget:
+        return
+    size = f"{box[1]} x {box[0]} px of tissue"
+    if padded != box:
+        size += f", padded to the model's {padded[1]} x {padded[0]} px input"
+    raise SlideMemoryError(
+        f"{slide.name} at {mpp:g} um/px ({size}) needs {need / 2**30:.2f} GiB for the image and its class "
+        f"maps, more than the {budget / 2**30:.2f} GiB memory budget; raise the budget (memory_gb or "
+        f"${MEMORY_ENV}), draw a smaller tissue mask, or use a model trained at a larger um/px"
+    )
+
+
 def run_slide_analysis(
     slide: Any,
     model: Any,
@@ -178,8 +231,10 @@ def run_slide_analysis(
     SlideOpenError
         A slide without um/px (the message says how to set it).
     SlideMemoryError
-        The slide at the model's um/px does not fit the budget, or the GPU ran
-        out of memory even with the smallest tile (one line saying what to change).
+        The tissue box at the model's um/px (padded to the model's fixed
+        input size, if it has one) and its class maps do not fit the budget,
+        or the GPU ran out of memory even with the smallest tile (one line
+        saying what to change).
     NoTissueError
         An empty tissue mask.
     ModelOutputError
@@ -208,10 +263,17 @@ def run_slide_analysis(
     shape = _mask_shape(slide.dimensions, slide_mpp, mpp)
     r0, r1, c0, c1 = _tissue_box(tissue, mpp, shape, stride)
     height, width = r1 - r0, c1 - c0
+    (pad_top, pad_left), padded = _fixed_padding(spec, height, width, stride)
+    classes = list(spec.classes)
+    grid_shape = net.output_shape(*shape)
+    maps_bytes = (
+        (2 * len(classes) + 1) * grid_shape[0] * grid_shape[1] * 4
+    )  # the maps and the result's copies
     budget = memory_budget(device, memory_gb)
+    _check_budget(slide, mpp, (height, width), padded, maps_bytes, budget)
     if tile is None:
         try:
-            tile = int(net.inference_tile(height, width, budget - shape[0] * shape[1] * 3))
+            tile = int(net.inference_tile(*padded, budget - maps_bytes))
         except ValueError as error:
             raise SlideMemoryError(
                 f"{slide.name} at {mpp:g} um/px ({width} x {height} px of tissue) does not fit the memory "
@@ -220,9 +282,10 @@ def run_slide_analysis(
             ) from None
     digest = weights_digest(model)
     key = run_key(slide, spec_dict, digest, settings, tissue)
-    grid_shape = net.output_shape(*shape)
-    out_rows, out_cols = net.output_shape(height, width)
-    offset = (r0 // stride, c0 // stride)
+    out_rows, out_cols = net.output_shape(height, width)  # the cells over the slide
+    in_rows, in_cols = net.output_shape(*padded)  # the cells of the model's input
+    skip = (pad_top // stride, pad_left // stride)  # input cells before the slide's
+    offset = (r0 // stride, c0 // stride)  # slide cell of the box's first cell
     if target is not None and reuse and (target / "result.json").exists():
         try:
             previous = load_result(target)
@@ -242,46 +305,61 @@ def run_slide_analysis(
     )  # fmt: skip
     started = time.perf_counter()
     yield Progress(0, 1, f"reading {slide.name} at {mpp:g} um/px ({width} x {height} px)", grid)
-    try:
-        image = yield from read_at_mpp(slide, mpp)
-    except ValueError as error:  # larger than any image read whole
-        raise SlideMemoryError(
-            f"{slide.name} at {mpp:g} um/px cannot be read whole ({error}); use a model trained at a "
-            "larger um/px"
-        ) from None
-    x = torch.from_numpy(image[r0:r1, c0:c1]).permute(2, 0, 1).unsqueeze(0)  # uint8 view, no copy
-    del image
+    canvas = np.full((*padded, 3), 255, np.uint8)  # white around the box when the model pads
+    yield from read_at_mpp(
+        slide, mpp, box=(r0, r1, c0, c1), max_pixels=None,
+        out=canvas[pad_top : pad_top + height, pad_left : pad_left + width],
+    )  # fmt: skip
+    x = torch.from_numpy(canvas).permute(2, 0, 1).unsqueeze(0)  # uint8 view, no copy
 
     def prepare(crop: torch.Tensor) -> torch.Tensor:
         return normalize_unit(crop.float().div_(255.0), spec.normalization)
 
-    classes = list(spec.classes)
+    def provenance() -> dict[str, Any]:
+        notes = []
+        if (spec.config or {}).get("fixed_size") and (height > spec.input_size or width > spec.input_size):
+            notes.append(
+                f"the tissue box ({width} x {height} px) is larger than the model's fixed "
+                f"{spec.input_size} px input: run whole (fully convolutional), no tissue dropped"
+            )
+        info = _provenance(settings, device, digest, tile, (height, width), started)
+        info.update(crop_px=[r0, r1, c0, c1], padded_to=list(padded), pad_px=[pad_top, pad_left], notes=notes)
+        return info
+
     cams = np.full((len(classes), *grid_shape), np.nan, np.float32)
     shown = _display_class(spec)
     autocast = torch.bfloat16 if settings.amp and device.type == "cuda" else None
     stop = cancel or threading.Event()
     tiles_total = tiles_done = 0
     while True:  # once, or again with a smaller tile after the GPU ran out of memory
-        rows_n, cols_n = (math.ceil(out_rows * stride / tile), math.ceil(out_cols * stride / tile))
+        rows_n, cols_n = (math.ceil(in_rows * stride / tile), math.ceil(in_cols * stride / tile))
         tiles_total, tiles_done = rows_n * cols_n, 0
         steps = net.predict_tiles(x, tile, device=device, autocast=autocast, prepare=prepare)
         try:
             while True:
                 if stop.is_set():
                     result = _result(slide, spec_dict, cams, shown, grid, key, (tiles_done, tiles_total))
-                    result.provenance = _provenance(settings, device, digest, tile, (height, width), started)
-                    result.provenance.update(cancelled=True, notes=["cancelled"])
+                    result.provenance = provenance()
+                    result.provenance.update(cancelled=True)
+                    result.provenance["notes"].append("cancelled")
                     return _finish(result, target, on_saved)
                 try:
                     rows, cols, maps = next(steps)
                 except StopIteration as done:
                     logits = done.value
                     break
-                block = maps[0].float().numpy()
-                rs = slice(rows.start + offset[0], rows.stop + offset[0])
-                cs = slice(cols.start + offset[1], cols.stop + offset[1])
-                cams[:, rs, cs] = block
                 tiles_done += 1
+                # the tile's cells over the slide (none over the padding reach the result)
+                kr = range(max(rows.start, skip[0]), min(rows.stop, skip[0] + out_rows))
+                kc = range(max(cols.start, skip[1]), min(cols.stop, skip[1] + out_cols))
+                if not (kr and kc):
+                    yield Progress(tiles_done, tiles_total, f"tile {tiles_done}/{tiles_total} (padding)")
+                    continue
+                block = maps[0, :, kr.start - rows.start : kr.stop - rows.start,
+                             kc.start - cols.start : kc.stop - cols.start].float().numpy()  # fmt: skip
+                rs = slice(kr.start - skip[0] + offset[0], kr.stop - skip[0] + offset[0])
+                cs = slice(kc.start - skip[1] + offset[1], kc.stop - skip[1] + offset[1])
+                cams[:, rs, cs] = block
                 cell_r, cell_c = np.meshgrid(
                     np.arange(rs.start, rs.stop), np.arange(cs.start, cs.stop), indexing="ij"
                 )
@@ -313,8 +391,8 @@ def run_slide_analysis(
     result.slide_score, result.score_name = slide_score_of(classes, probabilities, _positive_index(spec))
     result.scores = {name: float(p) for name, p in zip(classes, probabilities, strict=True)}
     result.partial = False
-    result.provenance = _provenance(settings, device, digest, tile, (height, width), started)
-    result.provenance.update(predicted_class=classes[predicted], cancelled=False, crop_px=[r0, r1, c0, c1])
+    result.provenance = provenance()
+    result.provenance.update(predicted_class=classes[predicted], cancelled=False)
     yield Progress(tiles_total, tiles_total, f"activation map of class {classes[predicted]}", HeatmapBlock(
         grid.cells, result.heatmap[grid.cells[:, 0], grid.cells[:, 1]], kind="activation"
     ))  # fmt: skip
