@@ -34,11 +34,35 @@ def small_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_synthetic_slide(out, size=2048, seed=7).slide_path
 
 
-def _model(classes=("normal", "tumour")) -> PathologyModel:
+def _model(
+    classes=("normal", "tumour"), *, width: int = 4, input_size: int = 256, fixed: bool = False, mpp=MPP
+) -> PathologyModel:
     spec = wholeslide_spec(
-        "test-wholeslide", classes=classes, arch="resnet18", width=4, input_size=256, mpp=MPP
+        "test-wholeslide", classes=classes, arch="resnet18", width=width, input_size=input_size, mpp=mpp
     )
-    return PathologyModel(WholeSlideNet(len(classes), "resnet18", 4).eval(), spec)
+    if fixed:  # trained on the tissue padded with white to input_size (what the trainer records)
+        spec = spec.replace(config={**spec.config, "fixed_size": True})
+    with torch.random.fork_rng(devices=[]):  # the same weights every time (the head too)
+        torch.manual_seed(0)
+        net = WholeSlideNet(len(classes), "resnet18", width)
+    return PathologyModel(net.eval(), spec)
+
+
+#: A tissue mask at 32 um/px over the 1,024 um slide: tissue at 160:240 x 144:200 px at 4 um/px, whose
+#: box (its start snapped to the 32 px stride) is rows 160:240, columns 128:200: cells 5:8 x 4:7.
+def _tissue() -> SimpleNamespace:
+    mask = np.zeros((32, 32), bool)
+    mask[20:30, 18:25] = True
+    return SimpleNamespace(mask=mask, mpp=32.0)
+
+
+def _net_on(model: PathologyModel, image: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+    """Logits and every class's CAM of the network on a whole uint8 image (no tiles)."""
+    x = normalize_unit(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255.0, "imagenet")
+    with torch.no_grad():
+        fmap = model.net.features(x)
+        cams = torch.stack([model.net.cam(fmap, k)[0] for k in range(len(model.spec.classes))])
+        return model.net.head(fmap), cams.numpy()
 
 
 def _drain(gen):
@@ -93,13 +117,27 @@ def test_activation_result_equals_the_whole_image_cam(small_slide: Path, tmp_pat
 
 def test_family_dispatch_and_tissue_crop(small_slide: Path) -> None:
     slide, model = open_slide(small_slide), _model()
-    mask = np.zeros((32, 32), bool)  # 32 um/px over the 1,024 um slide: tissue lower right
-    mask[20:30, 18:25] = True  # 160:240 x 144:200 px at 4 um/px: cells 5:8 x 4:7
-    events, result = _drain(run(slide, model, tissue=SimpleNamespace(mask=mask, mpp=32.0)))
+    events, result = _drain(run(slide, model, tissue=_tissue()))
     done = np.isfinite(result.heatmap)
     assert result.heatmap.shape == (8, 8) and done.sum() == 9 and done[5:8, 4:7].all()
     grid = events[0].payload
     assert np.isfinite(result.heatmap[grid.cells[:, 0], grid.cells[:, 1]]).all()
+    # only the box was run: its maps are the network's on the box read alone
+    box = run_to_completion(read_at_mpp(slide, MPP))[160:240, 128:200]
+    logits, cams = _net_on(model, box)
+    np.testing.assert_allclose(result.class_heatmaps[:, 5:8, 4:7], cams, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(result.scores["tumour"], torch.softmax(logits, 1)[0, 1].item(), rtol=1e-5)
+    assert result.provenance["crop_px"] == [160, 240, 128, 200] and result.provenance["input_px"] == [80, 72]
+    assert result.provenance["padded_to"] == [80, 72] and result.provenance["pad_px"] == [0, 0]
+
+
+def test_box_read_equals_the_crop_of_the_whole_read(small_slide: Path) -> None:
+    slide = open_slide(small_slide)
+    for mpp, box in ((MPP, (160, 240, 128, 200)), (3.3, (17, 201, 33, 250)), (0.5, (100, 1900, 5, 2048))):
+        whole = run_to_completion(read_at_mpp(slide, mpp, max_pixels=None))
+        part = run_to_completion(read_at_mpp(slide, mpp, box=box, max_pixels=None))
+        r0, r1, c0, c1 = box
+        np.testing.assert_array_equal(part, whole[r0:r1, c0:c1])
 
 
 def test_cancel_returns_a_saved_partial_result(small_slide: Path, tmp_path: Path) -> None:
@@ -178,3 +216,103 @@ def test_out_of_memory_retries_with_a_smaller_tile(small_slide: Path, monkeypatc
     )
     with pytest.raises(SlideMemoryError, match=r"out of memory .* even with a 64 px tile"):
         _drain(run_slide_analysis(slide, model, tile=256, memory_gb=2.0))
+
+
+def test_no_size_limit_only_the_memory_budget(small_slide: Path, monkeypatch) -> None:
+    import napari_pathology.tissue as tissue_pkg
+    from napari_pathology.tissue import resample
+
+    slide, model = open_slide(small_slide), _model(width=2)
+    expected = _net_on(model, run_to_completion(read_at_mpp(slide, MPP)))[1]
+    # the reader's pixel limit, made lower than this slide at 4 um/px (256 x 256 = 65,536 px): it refuses ...
+    monkeypatch.setitem(resample.read_at_mpp.__kwdefaults__, "max_pixels", 50_000)
+    monkeypatch.setattr(resample, "MAX_MASK_PIXELS", 50_000)
+    with pytest.raises(ValueError, match="too large"):
+        run_to_completion(read_at_mpp(slide, MPP))
+    # ... but the runner reads the box with no limit: the slide is not refused for its size
+    _events, result = _drain(run_slide_analysis(slide, model, memory_gb=1.0))
+    assert not result.partial and result.provenance["crop_px"] == [0, 256, 0, 256]
+    np.testing.assert_allclose(result.class_heatmaps, expected, rtol=1e-4, atol=1e-5)
+    monkeypatch.undo()
+
+    # at full scale: 0.07 um/px makes the 1,024 um slide 14,629 x 14,629 px (214 Mpx, over the reader's
+    # 200 Mpx default); the box is read with max_pixels=None once the budget holds it (the read is stubbed
+    # and the run cancelled before its first tile, so no network runs over 214 Mpx here)
+    assert 14_629**2 > resample.MAX_MASK_PIXELS
+    big = _model(width=1, mpp=0.07)
+    with pytest.raises(SlideMemoryError) as refused:
+        _drain(run_slide_analysis(slide, big, memory_gb=0.5, tile=1024))
+    message = str(refused.value)
+    assert "\n" not in message and "0.07 um/px (14629 x 14629 px of tissue) needs 0.60 GiB" in message
+    assert "more than the 0.50 GiB memory budget; raise the budget (memory_gb or" in message
+    assert "draw a smaller tissue mask, or use a model trained at a larger um/px" in message
+    calls = []
+
+    def stub(slide, mpp, block=2048, **kw):
+        calls.append((mpp, kw["box"], kw["max_pixels"], kw["out"].shape))
+        return kw["out"]
+        yield
+
+    monkeypatch.setattr(tissue_pkg, "read_at_mpp", stub)
+    stop = threading.Event()
+    stop.set()
+    _events, result = _drain(run_slide_analysis(slide, big, memory_gb=1.0, tile=1024, cancel=stop))
+    assert calls == [(0.07, (0, 14_629, 0, 14_629), None, (14_629, 14_629, 3))]
+    assert result.partial and result.heatmap.shape == (458, 458)
+
+
+def test_fixed_size_pads_the_box_with_white_on_the_cell_grid(small_slide: Path) -> None:
+    slide = open_slide(small_slide)
+    model, plain = _model(fixed=True), _model()
+    events, result = _drain(run_slide_analysis(slide, model, tissue=_tissue(), tile=64, memory_gb=2.0))
+    # the 80 x 72 px box centred in 256 px of white: pads of 88 and 92 px, each to the nearest multiple of 32
+    assert result.provenance["padded_to"] == [256, 256] and result.provenance["pad_px"] == [96, 96]
+    assert result.provenance["input_px"] == [80, 72] and result.provenance["notes"] == []
+    canvas = np.full((256, 256, 3), 255, np.uint8)
+    canvas[96:176, 96:168] = run_to_completion(read_at_mpp(slide, MPP))[160:240, 128:200]
+    logits, cams = _net_on(model, canvas)  # (8, 8) maps of the padded input
+    probabilities = torch.softmax(logits, 1)[0].numpy()
+    assert [result.scores["normal"], result.scores["tumour"]] == pytest.approx(probabilities, rel=1e-5)
+    # the box's cells (5:8 x 4:7 of the slide) are the padded input's cells 3:6 x 3:6; nothing else is kept
+    np.testing.assert_allclose(result.class_heatmaps[:, 5:8, 4:7], cams[:, 3:6, 3:6], rtol=1e-4, atol=1e-5)
+    done = np.isfinite(result.class_heatmaps)
+    assert done.sum() == 2 * 9 and done[:, 5:8, 4:7].all()
+    blocks = [e.payload for e in events if isinstance(e.payload, HeatmapBlock)]
+    cells = np.concatenate([b.cells for b in blocks])
+    assert len(blocks) == 4 + 1 and set(map(tuple, cells)) == {
+        (r, c) for r in range(5, 8) for c in range(4, 7)
+    }
+    assert result.tiles_done == result.tiles_total == 16  # every tile of the padded input ran
+    # the grid is the unpadded run's: the same cells at the same centres in um
+    _events, unpadded = _drain(run_slide_analysis(slide, plain, tissue=_tissue(), tile=64, memory_gb=2.0))
+    assert result.cell_um == unpadded.cell_um and result.first_centre_um == unpadded.first_centre_um
+    np.testing.assert_array_equal(done, np.isfinite(unpadded.class_heatmaps))
+    assert events[0].payload.cells.tolist() == [[r, c] for r in range(5, 8) for c in range(4, 7)]
+    assert not np.allclose(result.class_heatmaps[:, 5:8, 4:7], unpadded.class_heatmaps[:, 5:8, 4:7])
+    x_um, y_um = result.detections[:, 0], result.detections[:, 1]  # CAM maxima: over the box only
+    assert ((x_um > 128 * MPP) & (x_um < 224 * MPP) & (y_um > 160 * MPP) & (y_um < 256 * MPP)).all()
+
+
+def test_fixed_size_smaller_than_the_box_runs_it_whole(small_slide: Path) -> None:
+    slide, tissue = open_slide(small_slide), _tissue()
+    _events, plain = _drain(run_slide_analysis(slide, _model(), tissue=tissue, tile=64, memory_gb=2.0))
+    _events, whole = _drain(
+        run_slide_analysis(slide, _model(input_size=64, fixed=True), tissue=tissue, tile=64, memory_gb=2.0)
+    )
+    np.testing.assert_allclose(whole.class_heatmaps, plain.class_heatmaps, rtol=1e-5, atol=1e-6)
+    assert whole.scores == pytest.approx(plain.scores, rel=1e-6)
+    assert whole.provenance["padded_to"] == [80, 72] and whole.provenance["pad_px"] == [0, 0]
+    (note,) = whole.provenance["notes"]
+    assert "72 x 80 px) is larger than the model's fixed 64 px input: run whole" in note
+    # one axis longer (80 rows), one shorter (72 columns padded to 76: 2 px a side, snapped to 0 before)
+    _events, mixed = _drain(
+        run_slide_analysis(slide, _model(input_size=76, fixed=True), tissue=tissue, tile=64, memory_gb=2.0)
+    )
+    assert mixed.provenance["padded_to"] == [80, 76] and mixed.provenance["pad_px"] == [0, 0]
+    assert len(mixed.provenance["notes"]) == 1
+    canvas = np.full((80, 76, 3), 255, np.uint8)
+    canvas[:, :72] = run_to_completion(read_at_mpp(slide, MPP))[160:240, 128:200]
+    logits, cams = _net_on(mixed_model := _model(input_size=76, fixed=True), canvas)
+    assert mixed_model.spec.config["fixed_size"] is True
+    np.testing.assert_allclose(mixed.class_heatmaps[:, 5:8, 4:7], cams, rtol=1e-4, atol=1e-5)
+    assert mixed.scores["tumour"] == pytest.approx(torch.softmax(logits, 1)[0, 1].item(), rel=1e-5)
