@@ -266,9 +266,8 @@ def run_slide_analysis(
     (pad_top, pad_left), padded = _fixed_padding(spec, height, width, stride)
     classes = list(spec.classes)
     grid_shape = net.output_shape(*shape)
-    maps_bytes = (
-        (2 * len(classes) + 1) * grid_shape[0] * grid_shape[1] * 4
-    )  # the maps and the result's copies
+    # the class maps over the slide's cell grid and the result's copies of them (float32)
+    maps_bytes = (2 * len(classes) + 1) * grid_shape[0] * grid_shape[1] * 4
     budget = memory_budget(device, memory_gb)
     _check_budget(slide, mpp, (height, width), padded, maps_bytes, budget)
     if tile is None:
