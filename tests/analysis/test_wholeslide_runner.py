@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,7 +20,7 @@ from napari_pathology.progress import run_to_completion
 from napari_pathology.slide import open_slide
 from napari_pathology.tiles import TileGrid
 from napari_pathology.tiles.tensors import normalize_unit
-from napari_pathology.tissue import read_at_mpp
+from napari_pathology.tissue import TissueMask, read_at_mpp
 
 MPP = 4.0  # a 2048 px slide at 0.5 um/px: 256 x 256 px, an 8 x 8 activation map
 
@@ -50,10 +49,10 @@ def _model(
 
 #: A tissue mask at 32 um/px over the 1,024 um slide: tissue at 160:240 x 144:200 px at 4 um/px, whose
 #: box (its start snapped to the 32 px stride) is rows 160:240, columns 128:200: cells 5:8 x 4:7.
-def _tissue() -> SimpleNamespace:
+def _tissue() -> TissueMask:
     mask = np.zeros((32, 32), bool)
     mask[20:30, 18:25] = True
-    return SimpleNamespace(mask=mask, mpp=32.0)
+    return TissueMask(mask, 32.0, (2048, 2048), (0.5, 0.5))
 
 
 def _net_on(model: PathologyModel, image: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
@@ -181,7 +180,7 @@ def test_bad_input_gets_one_line(small_slide: Path, tmp_path: Path, monkeypatch)
     with pytest.raises(ValueError, match="NAPARI_PATHOLOGY_SLIDE_MEMORY_GB must be a positive"):
         _drain(run_slide_analysis(slide, model))
     monkeypatch.delenv("NAPARI_PATHOLOGY_SLIDE_MEMORY_GB")
-    outside = SimpleNamespace(mask=np.ones((4, 4), bool), mpp=2000.0)  # 8 mm of mask: tissue beyond 1 mm
+    outside = TissueMask(np.ones((4, 4), bool), 2000.0, (2048, 2048), (0.5, 0.5))  # tissue beyond 1 mm
     outside.mask[:2] = False
     with pytest.raises(NoTissueError, match="outside the slide"):
         _drain(run_slide_analysis(slide, model, tissue=outside, memory_gb=2.0))

@@ -110,3 +110,49 @@ def test_a_bad_metric_mode_or_resume_is_refused_in_one_line(tmp_path: Path) -> N
     resumed = run(tiny_fit(out, steps=2, validate=_validation([0.5]), best_metric="val_loss",
                            best_mode="min", resume=state))  # fmt: skip
     assert resumed.metrics["step"] == 2 and checkpoint_paths(out)[0].is_file()
+
+
+def test_micro_batches_accumulate_into_one_step(tmp_path: Path) -> None:
+    sizes = []
+
+    def forward(model, x):
+        sizes.append(len(x))
+        return model(x)
+
+    torch.manual_seed(0)
+    model = create_model("nuclear-density").train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    settings = LoopSettings(
+        2, tmp_path / "m.pt", eval_every=1, log_every=1, precise_bn_batches=0, micro_batch=1
+    )
+    result = run(fit(model, batches(), optimizer, settings, forward=forward))
+    assert result.step == 2 and sizes == [1, 1, 1, 1]  # two items per batch, one per forward
+    with pytest.raises(TrainingError, match="micro_batch"):
+        LoopSettings(2, tmp_path / "m.pt", micro_batch=0)
+
+
+def test_shrink_is_asked_after_out_of_memory_with_one_item(tmp_path: Path) -> None:
+    state = {"big": True, "asked": 0}
+
+    def forward(model, x):
+        if state["big"]:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+        return model(x)
+
+    def shrink():
+        state["asked"] += 1
+        state["big"] = False
+        return "retrying with smaller tiles"
+
+    events = []
+    job = tiny_fit(tmp_path / "m.pt", steps=2, forward=forward, shrink=shrink)
+    try:
+        while True:
+            events.append(next(job))
+    except StopIteration as stop:
+        result = stop.value
+    assert result.step == 2 and state["asked"] == 1
+    assert any("retrying with smaller tiles" in e.message for e in events if e.kind == "log")
+    state["big"] = True  # shrink can do no more: the job ends with a clear error, the checkpoints stay
+    with pytest.raises(TrainingError, match="out of memory"):
+        run(tiny_fit(tmp_path / "n.pt", steps=2, forward=forward, shrink=lambda: None))

@@ -127,21 +127,14 @@ def _display_class(spec: Any) -> int:
 
 def _tissue_box(tissue: Any, mpp: float, shape: tuple[int, int], stride: int) -> tuple[int, int, int, int]:
     """``(r0, r1, c0, c1)`` input px at ``mpp`` holding the mask's tissue, starts snapped to the stride."""
-    rows, cols = shape
     if tissue is None:
-        return 0, rows, 0, cols
-    mask = np.asarray(tissue.mask, bool)
-    found_r, found_c = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
-    if len(found_r) == 0:
+        return 0, shape[0], 0, shape[1]
+    if tissue.is_empty:
         raise NoTissueError("the tissue mask is empty: no tissue to run the model on")
-    scale = float(tissue.mpp) / mpp
-    r0 = int(found_r[0] * scale) // stride * stride
-    c0 = int(found_c[0] * scale) // stride * stride
-    r1 = min(rows, math.ceil((found_r[-1] + 1) * scale))
-    c1 = min(cols, math.ceil((found_c[-1] + 1) * scale))
-    if r0 >= r1 or c0 >= c1:
+    box = tissue.bounding_box(mpp, shape, snap=stride)
+    if box is None:
         raise NoTissueError("the tissue mask's tissue lies outside the slide: no tissue to run the model on")
-    return r0, r1, c0, c1
+    return box
 
 
 def _peaks(heatmap: np.ndarray, count: int) -> np.ndarray:

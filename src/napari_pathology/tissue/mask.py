@@ -174,6 +174,26 @@ class TissueMask:
         """True when no pixel is tissue."""
         return not bool(self.mask.any())
 
+    def bounding_box(
+        self, mpp: float, shape: tuple[int, int], snap: int = 1
+    ) -> tuple[int, int, int, int] | None:
+        """``(r0, r1, c0, c1)``: the tissue's bounding box in px of an image of the slide at ``mpp``.
+
+        ``shape`` is that image's ``(rows, cols)``; the starts are snapped down
+        to multiples of ``snap`` (e.g. a network's stride, so its output cells
+        stay on the slide's grid). None when the mask has no tissue inside the image.
+        """
+        found = np.asarray(self.mask, bool)
+        rows_any, cols_any = np.nonzero(found.any(1))[0], np.nonzero(found.any(0))[0]
+        if len(rows_any) == 0:
+            return None
+        scale = self.mpp / float(mpp)
+        r0 = int(rows_any[0] * scale) // snap * snap
+        c0 = int(cols_any[0] * scale) // snap * snap
+        r1 = min(shape[0], math.ceil((rows_any[-1] + 1) * scale))
+        c1 = min(shape[1], math.ceil((cols_any[-1] + 1) * scale))
+        return (r0, r1, c0, c1) if r0 < r1 and c0 < c1 else None
+
     @property
     def area_mm2(self) -> float:
         """Tissue area in square millimetres (inside the slide's bounds)."""

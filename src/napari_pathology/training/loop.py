@@ -111,6 +111,10 @@ class LoopSettings:
         plain average over this many training batches ("precise BN"): the
         running averages of a fast-moving network are too noisy to evaluate
         with. 0 keeps the running averages.
+    micro_batch : int, optional
+        Items per forward and backward (gradients accumulated over the
+        batch, the same optimiser step); none: the whole batch at once,
+        split only when out of memory.
     """
 
     steps: int
@@ -120,11 +124,13 @@ class LoopSettings:
     amp: bool = True
     log_every: int = 5
     precise_bn_batches: int = 16
+    micro_batch: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
         for name in ("steps", "eval_every", "log_every"):
             check_count(self, name)
+        check_count(self, "micro_batch", optional=True)
         check_count(self, "precise_bn_batches", 0)
         check_flag(self, "amp")
 
@@ -162,6 +168,7 @@ def fit(
     loss: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
     best_metric: str = "score",
     best_mode: str = "max",
+    shrink: Callable[[], str | None] | None = None,
 ) -> Generator[TrainEvent, None, TrainResult]:
     """Train ``model`` on ``batches`` (cross-entropy unless ``loss``); yields events, returns the result.
 
@@ -207,6 +214,11 @@ def fit(
         ``best_metric``); ``validate`` must return it. A NaN never becomes best.
     best_mode : {"max", "min"}
         Whether a higher or a lower ``best_metric`` is better.
+    shrink : callable, optional
+        Called when a step runs out of memory with one item per micro-batch:
+        makes the step need less memory (e.g. a smaller tile) and returns a
+        message saying how (a ``log`` event; the step is retried), or returns
+        None when it cannot (then the out-of-memory error ends the job).
 
     Raises
     ------
@@ -342,14 +354,24 @@ def fit(
                 stopped = True
                 break
             x, y = next(batches)
+            if settings.micro_batch is not None:
+                split = max(split, math.ceil(len(x) / settings.micro_batch))
             while True:
+                parts = min(split, len(x))
                 try:
                     value = _train_step(
-                        model, forward, optimizer, x, y, device, context, scaler, split, criterion
+                        model, forward, optimizer, x, y, device, context, scaler, parts, criterion
                     )
                     break
                 except Exception as error:
                     if not is_out_of_memory(error) or split >= len(x):
+                        message = shrink() if shrink is not None and is_out_of_memory(error) else None
+                        if message:
+                            optimizer.zero_grad(set_to_none=True)
+                            if device.type == "cuda":
+                                torch.cuda.empty_cache()
+                            yield event("log", message=f"out of memory on {device}: {message}")
+                            continue
                         if is_out_of_memory(error):
                             raise TrainingError(
                                 f"out of memory on {device} even with one sample per micro-batch; "

@@ -148,6 +148,9 @@ class WholeSlideNet(nn.Module):
         (only at ``width=64``); otherwise from a fixed-seed random initialisation.
     trainable_affine : bool
         Whether the frozen BatchNorm layers' affine parameters train.
+    fixed_size : bool
+        Whether the network was trained on inputs padded (or cropped) to one
+        fixed side (the spec's ``input_size``); the slide runner pads so too.
 
     Attributes
     ----------
@@ -162,20 +165,22 @@ class WholeSlideNet(nn.Module):
         width: int = 64,
         imagenet: bool = False,
         trainable_affine: bool = True,
+        fixed_size: bool = False,
     ) -> None:
         super().__init__()
+        self.fixed_size = bool(fixed_size)
         _check_config(num_classes, arch, width)
         rng = torch.random.fork_rng(devices=[])
         with rng:
             torch.manual_seed(0)
             resnet = _resnet(arch, width)
+            self.fc = nn.Linear(int(resnet.fc.in_features), num_classes)
         freeze_batch_norm(resnet, trainable_affine)
         self.conv1, self.bn1, self.relu, self.maxpool = resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = (
             resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4,
         )  # fmt: skip
         self.num_features = int(resnet.fc.in_features)
-        self.fc = nn.Linear(self.num_features, num_classes)
         self.arch, self.width = arch, width
         self.provenance = f"random initialisation (fixed seed), {arch} width {width}"
         if imagenet:
@@ -293,9 +298,10 @@ def build_wholeslide(
     width: int = 64,
     imagenet: bool = False,
     trainable_affine: bool = True,
+    fixed_size: bool = False,
 ) -> WholeSlideNet:
     """Builder of the ``wholeslide`` family (see :class:`WholeSlideNet`)."""
-    return WholeSlideNet(num_classes, arch, width, imagenet, trainable_affine)
+    return WholeSlideNet(num_classes, arch, width, imagenet, trainable_affine, fixed_size)
 
 
 def wholeslide_spec(
@@ -307,8 +313,15 @@ def wholeslide_spec(
     input_size: int = INPUT_SIZE,
     mpp: float = INPUT_MPP,
     description: str = "",
+    fixed_size: bool = False,
 ) -> ModelSpec:
-    """A whole-slide spec: the slide at ``mpp`` um/px as one ``input_size`` px image, one prediction."""
+    """A whole-slide spec: the slide at ``mpp`` um/px as one image, one prediction.
+
+    With ``fixed_size`` the network was trained on the tissue padded with white
+    (or centre-cropped) to ``input_size`` x ``input_size`` px, and the slide
+    runner pads it so too; otherwise ``input_size`` is only the nominal side
+    and each slide's tissue goes in as it is.
+    """
     _check_config(len(tuple(classes)), arch, width)
     return ModelSpec(
         name=name,
@@ -327,7 +340,7 @@ def wholeslide_spec(
             f"Chen et al. 2021 whole-slide {arch} (width {width}) with global max pooling and frozen "
             "BatchNorm; untrained - train it on slide labels"
         ),
-        config={"arch": arch, "width": width},
+        config={"arch": arch, "width": width, "fixed_size": bool(fixed_size)},
     )
 
 

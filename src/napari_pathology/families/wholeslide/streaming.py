@@ -88,8 +88,14 @@ def _context(device: torch.device, autocast: torch.dtype | None, offload: bool =
         yield
 
 
-def _crop(x: torch.Tensor, tile: Tile, device: torch.device, channels_last: bool) -> torch.Tensor:
+Prepare = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _crop(
+    x: torch.Tensor, tile: Tile, device: torch.device, channels_last: bool, prepare: Prepare | None = None
+) -> torch.Tensor:
     crop = x[:, :, tile.crop[0], tile.crop[1]].to(device, non_blocking=True)
+    crop = prepare(crop) if prepare is not None else crop
     return crop.contiguous(memory_format=torch.channels_last) if channels_last else crop
 
 
@@ -111,6 +117,7 @@ def stream_features(
     device: torch.device | str | None = None,
     autocast: torch.dtype | None = None,
     channels_last: bool = False,
+    prepare: Prepare | None = None,
 ) -> torch.Tensor:
     """The output of ``stages`` on ``x`` computed tile by tile, without gradients (equal to the full pass).
 
@@ -129,12 +136,15 @@ def stream_features(
         Mixed precision (``torch.bfloat16``...); None runs in ``x``'s dtype.
     channels_last : bool
         Run the crops in channels-last memory format.
+    prepare : callable, optional
+        Maps each crop of ``x`` (already on ``device``) to the network's input,
+        so ``x`` may stay a uint8 image while each crop is normalised on its own.
     """
     device = torch.device(device) if device is not None else x.device
     out = None
     with torch.no_grad(), _context(device, autocast):
         for t in _tiles(stages, x, tile):
-            y = _run(stages, _crop(x, t, device, channels_last), False)
+            y = _run(stages, _crop(x, t, device, channels_last, prepare), False)
             if out is None:
                 geom = geometry(stages)
                 size = (geom.size(0, int(x.shape[2])), geom.size(1, int(x.shape[3])))
@@ -167,6 +177,7 @@ class _Options:
     channels_last: bool
     checkpoint: bool
     offload: bool
+    prepare: Prepare | None = None
     backward_tiles: int = 0
 
 
@@ -180,7 +191,7 @@ class _StreamedTrunk(torch.autograd.Function):
         for i, t in enumerate(o.tiles):
             last = i == len(o.tiles) - 1
             with torch.set_grad_enabled(last), _context(o.device, o.autocast, o.offload and last):
-                y = _run(o.stages, _crop(x, t, o.device, o.channels_last), o.checkpoint and last)
+                y = _run(o.stages, _crop(x, t, o.device, o.channels_last, o.prepare), o.checkpoint and last)
                 y = y[:, :, t.keep[0], t.keep[1]]
             if fmap is None:
                 fmap = torch.empty((y.shape[0], y.shape[1], *o.size), dtype=y.dtype, device=o.device)
@@ -208,7 +219,7 @@ class _StreamedTrunk(torch.autograd.Function):
             with torch.enable_grad():
                 if kept is None:
                     with _context(o.device, o.autocast, o.offload):
-                        y = _run(o.stages, _crop(x, t, o.device, o.channels_last), o.checkpoint)
+                        y = _run(o.stages, _crop(x, t, o.device, o.channels_last, o.prepare), o.checkpoint)
                         kept = y[:, :, t.keep[0], t.keep[1]]
                 parts = torch.autograd.grad(kept, wanted, g.to(kept.dtype), allow_unused=True)
             total = [
@@ -230,6 +241,7 @@ def stream_trunk(
     channels_last: bool = False,
     checkpoint: bool = False,
     offload: bool = False,
+    prepare: Prepare | None = None,
 ) -> torch.Tensor:
     """The output of ``stages`` on ``x`` tile by tile, differentiable: its backward is the tiled one.
 
@@ -250,7 +262,7 @@ def stream_trunk(
 
     Other parameters are those of :func:`stream_features`.
     """
-    return _stream_trunk(stages, x, tile, device, autocast, channels_last, checkpoint, offload)[0]
+    return _stream_trunk(stages, x, tile, device, autocast, channels_last, checkpoint, offload, prepare)[0]
 
 
 def _stream_trunk(
@@ -262,12 +274,13 @@ def _stream_trunk(
     channels_last: bool,
     checkpoint: bool,
     offload: bool,
+    prepare: Prepare | None = None,
 ) -> tuple[torch.Tensor, _Options | None]:
     stages = list(stages)
     params = [p for stage in stages for p in stage.parameters()]
     if not torch.is_grad_enabled() or not any(p.requires_grad for p in params):
         fmap = stream_features(
-            stages, x, tile, device=device, autocast=autocast, channels_last=channels_last
+            stages, x, tile, device=device, autocast=autocast, channels_last=channels_last, prepare=prepare
         )  # fmt: skip
         return fmap, None
     device = torch.device(device) if device is not None else x.device
@@ -276,7 +289,7 @@ def _stream_trunk(
     size = (geom.size(0, int(x.shape[2])), geom.size(1, int(x.shape[3])))
     if autocast is None and torch.is_autocast_enabled(device.type):
         autocast = torch.get_autocast_dtype(device.type)
-    options = _Options(stages, tiles, size, device, autocast, channels_last, checkpoint, offload)
+    options = _Options(stages, tiles, size, device, autocast, channels_last, checkpoint, offload, prepare)
     return _StreamedTrunk.apply(x.detach(), options, *params), options
 
 
@@ -338,7 +351,7 @@ def stream_cam_tiles(
     device: torch.device | str | None = None,
     autocast: torch.dtype | None = None,
     channels_last: bool = False,
-    prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    prepare: Prepare | None = None,
 ) -> Generator[CamTile, None, torch.Tensor]:
     """Every class's activation map tile by tile: yields ``(rows, cols, maps)``, returns the logits.
 
@@ -357,10 +370,7 @@ def stream_cam_tiles(
     with torch.no_grad():
         for t in _tiles(stages, x, tile):
             with _context(device, autocast):
-                crop = _crop(x, t, device, False)
-                crop = prepare(crop) if prepare is not None else crop
-                if channels_last:
-                    crop = crop.contiguous(memory_format=torch.channels_last)
+                crop = _crop(x, t, device, channels_last, prepare)
                 y = _run(stages, crop, False)[:, :, t.keep[0], t.keep[1]]
             y = y.to(weight.dtype)
             top = y.amax(dim=(2, 3))

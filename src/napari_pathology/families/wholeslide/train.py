@@ -1,15 +1,19 @@
 """Training the whole-slide CNN from slide labels (Chen et al. 2021), one slide at a time, tile by tile.
 
-A slide table (``slide,label``) names the slides; each is read whole at
+A slide table (``slide,label``) names the slides; each slide's tissue (its
+bounding box, found at low resolution; or the whole slide) is read at
 ``input_mpp`` um/px (Chen: x4, about 2.5 um/px) from the pyramid's best
-level, optionally padded with white (or centre-cropped) to a fixed square
-``input_size``, augmented (flips, 90 degree rotations, brightness and
-contrast) and ImageNet-normalised. The network (:mod:`.model`) runs through
-the exact tiled pass of :mod:`.streaming`, so a training step's memory is
-bounded by the tile (chosen from ``memory_gb`` unless ``tile`` is given),
-not the slide. ``accumulation`` slides make one optimiser step (gradients
-accumulated slide by slide); Adam at lr 2e-5, divided by 10 down to 2e-6
-when the validation loss stops improving. Slides are split into training
+level region by region, optionally padded with white (or centre-cropped) to
+a fixed square ``input_size``, kept as uint8 in a disk cache after its
+first read (:mod:`.inputs`), augmented (flips, 90 degree rotations,
+brightness and contrast) and normalised tile by tile on the device. The
+network (:mod:`.model`) runs through the exact tiled pass of
+:mod:`.streaming`, so a training step's memory is bounded by the tile
+(chosen from ``memory_gb`` unless ``tile`` is given), not the slide; out of
+memory, the tile is halved and the step retried. ``accumulation`` slides
+make one optimiser step (one slide per forward and backward, gradients
+accumulated); Adam at lr 2e-5, divided by 10 down to 2e-6 when the
+validation loss stops improving. Slides are split into training
 and validation by slide, stratified by label; the best checkpoint has the
 lowest validation loss (validation accuracy and, for two classes, AUC are
 reported).
@@ -32,7 +36,17 @@ import torch
 import torch.nn.functional as F
 
 from napari_pathology.cohort import SlideEntry, read_slide_table
-from napari_pathology.families.wholeslide.model import ARCHS, FAMILY, INPUT_MPP, wholeslide_spec
+from napari_pathology.families.wholeslide.inputs import (
+    SlideBox,
+    SlideImages,
+    SlideInputError,
+    as_tensor,
+    augment,
+    cache_folder,
+    locate_slide,
+    prepare_crop,
+)
+from napari_pathology.families.wholeslide.model import ARCHS, FAMILY, INPUT_MPP, TOTAL_STRIDE, wholeslide_spec
 from napari_pathology.families.wholeslide.streaming import choose_tile, stream_trunk
 from napari_pathology.models.registry import PathologyModel, create_model
 from napari_pathology.training.common import (
@@ -78,10 +92,19 @@ class WholeSlideTraining:
     input_size : int, optional
         Pad with white (or centre-crop) every slide to this square side in px
         at ``input_mpp`` (Chen: 21,500 at x4); none: each slide as it is.
+    crop_to_tissue : bool
+        Crop each slide to its tissue's bounding box (found at low resolution)
+        before padding; off: the whole slide.
     tile : int, optional
         Tile side in px (a multiple of 32) of the tiled pass; none: the largest the memory budget holds.
     memory_gb : float
         Memory budget of one training step, GiB: picks the tile.
+    cache_gb : float
+        Disk space (GiB) for the slides' images at ``input_mpp`` after their
+        first read (then each epoch reads one file per slide instead of
+        decoding the pyramid); 0: no cache.
+    cache_dir : Path, optional
+        Folder of that cache; none: ``<out stem>.slides-cache`` beside the model.
     accumulation : int
         Slides per optimiser step (gradients accumulated one slide at a time).
     epochs : int
@@ -130,8 +153,11 @@ class WholeSlideTraining:
     imagenet: bool = True
     input_mpp: float = INPUT_MPP
     input_size: int | None = None
+    crop_to_tissue: bool = True
     tile: int | None = None
     memory_gb: float = 6.0
+    cache_gb: float = 20.0
+    cache_dir: Path | None = None
     accumulation: int = 4
     epochs: int = 30
     lr: float = 2e-5
@@ -153,6 +179,8 @@ class WholeSlideTraining:
     def __post_init__(self) -> None:
         for name in ("data", "out"):
             object.__setattr__(self, name, Path(getattr(self, name)))
+        if self.cache_dir is not None:
+            object.__setattr__(self, "cache_dir", Path(self.cache_dir))
         if self.arch not in ARCHS:
             raise TrainingError(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
         check_count(self, "width")
@@ -170,7 +198,8 @@ class WholeSlideTraining:
             check_number(self, name, 0, inclusive=False)
         check_number(self, "val_fraction", 0, below=1)
         check_number(self, "colour", 0, below=1)
-        for name in ("imagenet", "flips", "rotations", "amp", "resume", "overwrite"):
+        check_number(self, "cache_gb", 0)
+        for name in ("imagenet", "crop_to_tissue", "flips", "rotations", "amp", "resume", "overwrite"):
             check_flag(self, name)
         if self.classes is not None:
             names = tuple(str(c).strip() for c in self.classes)
@@ -183,115 +212,107 @@ class WholeSlideTraining:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
 
 
-def read_slide_image(entry: SlideEntry, mpp: float, size: int | None = None) -> np.ndarray:
-    """The whole slide as ``(H, W, 3)`` uint8 at ``mpp`` um/px, from its best pyramid level.
+def read_slide_image(
+    entry: SlideEntry, mpp: float, size: int | None = None, *, crop_to_tissue: bool = False
+) -> np.ndarray:
+    """A slide as ``(H, W, 3)`` uint8 at ``mpp`` um/px (its tissue's bounding box with ``crop_to_tissue``).
 
-    With ``size`` the image is padded with white (centred) or centre-cropped to ``size`` x ``size``.
+    Read region by region from the best pyramid level; with ``size`` the image
+    is padded with white (centred) or centre-cropped to ``size`` x ``size``.
 
     Raises
     ------
     TrainingError
-        A slide without um/px, or one that cannot be read (naming it).
+        A slide without um/px, one that cannot be read, or one without tissue (naming it).
     """
-    from skimage.transform import resize
-
-    from napari_pathology.slide.backends.errors import SlideOpenError
-    from napari_pathology.slide.slide import open_slide
-
     try:
-        with open_slide(entry.path, mpp=entry.mpp) as slide:
-            slide_mpp = float(np.mean(slide.require_mpp()))
-            downsample = mpp / slide_mpp
-            level = slide.best_level_for_downsample(downsample)
-            width, height = slide.level_dimensions[level]
-            image = slide.read_region(level, 0, 0, width, height)
-            factor = downsample / slide.level_downsamples[level]
-    except SlideOpenError as error:  # no um/px, unreadable pixels: the backend's message names the slide
+        where = locate_slide(entry.path, mpp, crop_to_tissue=crop_to_tissue, slide_mpp=entry.mpp)
+        return SlideImages(size).image(where)
+    except SlideInputError as error:
         raise TrainingError(str(error)) from None
-    except (OSError, ValueError) as error:
-        raise TrainingError(f"{entry.path.name}: {error}") from None
-    shape = (max(1, round(height / factor)), max(1, round(width / factor)))
-    if shape != image.shape[:2]:
-        image = resize(image, shape, order=1, anti_aliasing=factor > 1, preserve_range=True)
-        image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
-    if size is not None:
-        out = np.full((size, size, 3), 255, np.uint8)
-        h, w = min(size, shape[0]), min(size, shape[1])
-        y0, x0 = (shape[0] - h) // 2, (shape[1] - w) // 2
-        oy, ox = (size - h) // 2, (size - w) // 2
-        out[oy : oy + h, ox : ox + w] = image[y0 : y0 + h, x0 : x0 + w]
-        image = out
-    return np.ascontiguousarray(image)
 
 
-def _tensor(image: np.ndarray, job: WholeSlideTraining, rng: np.random.Generator | None) -> torch.Tensor:
-    """``(3, H, W)`` ImageNet-normalised float, augmented when ``rng`` is given."""
-    from napari_pathology.tiles.tensors import normalize_unit
+class _Forward:
+    """``fit``'s forward hook: each uint8 slide through the tiled trunk (normalised per tile), the head."""
 
-    x = torch.from_numpy(image).permute(2, 0, 1).float().div_(255.0)
-    if rng is not None:
-        if job.rotations:
-            x = torch.rot90(x, int(rng.integers(4)), dims=(1, 2))
-        if job.flips and rng.random() < 0.5:
-            x = x.flip(2)
-        if job.flips and rng.random() < 0.5:
-            x = x.flip(1)
-        if job.colour > 0:
-            contrast = 1.0 + rng.uniform(-job.colour, job.colour)
-            brightness = rng.uniform(-job.colour, job.colour)
-            x = ((x - 0.5) * contrast + 0.5 + brightness).clamp_(0.0, 1.0)
-    return normalize_unit(x.unsqueeze(0).contiguous(), "imagenet")[0]
+    def __init__(self, job: WholeSlideTraining) -> None:
+        self.job = job
+        self.tiles: dict[tuple[int, int], tuple[int, int]] = {}
+        self.halvings = 0  # tiles halved after running out of memory
+
+    def tile_for(self, net: Any, height: int, width: int) -> tuple[int, int]:
+        """The settings' tile, or the largest that the memory budget holds for this size (halved on OOM)."""
+        if self.job.tile is not None:
+            tile = (self.job.tile, self.job.tile)
+        else:
+            if (height, width) not in self.tiles:
+                try:
+                    budget = int(self.job.memory_gb * 2**30)
+                    self.tiles[height, width] = choose_tile(net, height, width, budget)
+                except ValueError as error:
+                    raise TrainingError(f"{error} (memory_gb {self.job.memory_gb})") from None
+            tile = self.tiles[height, width]
+        scale = 2**self.halvings
+        return tuple(max(TOTAL_STRIDE, t // scale // TOTAL_STRIDE * TOTAL_STRIDE) for t in tile)  # type: ignore[return-value]
+
+    def shrink(self) -> str | None:
+        """After running out of memory: halve the tiles (a log message), or None at the smallest tile."""
+        if self.halvings >= 6:
+            return None
+        self.halvings += 1
+        shown = self.job.tile or max((t for pair in self.tiles.values() for t in pair), default=0)
+        side = max(TOTAL_STRIDE, shown // 2**self.halvings // TOTAL_STRIDE * TOTAL_STRIDE) if shown else 0
+        return f"retrying the step with tiles halved ({side} px)" if side else "retrying with tiles halved"
+
+    def trimmed(self, x: torch.Tensor) -> torch.Tensor:
+        """One slide without the white rows and columns that batching slides of other sizes added."""
+        if self.job.input_size is not None or len(x) != 1:
+            return x
+        if not (bool((x[0, :, -1, :] == 255).all()) and bool((x[0, :, :, -1] == 255).all())):
+            return x
+        ink = (x[0] != 255).any(dim=0)
+        rows, cols = torch.nonzero(ink.any(dim=1)), torch.nonzero(ink.any(dim=0))
+        height = int(rows[-1]) + 1 if len(rows) else TOTAL_STRIDE
+        width = int(cols[-1]) + 1 if len(cols) else TOTAL_STRIDE
+        return x[:, :, :height, :width]
+
+    def __call__(self, model: PathologyModel, x: torch.Tensor) -> torch.Tensor:
+        net = model.net
+        logits = []
+        for i in range(len(x)):
+            slide = self.trimmed(x[i : i + 1])
+            tile = self.tile_for(net, int(slide.shape[2]), int(slide.shape[3]))
+            fmap = stream_trunk(net.stages(), slide, tile, prepare=prepare_crop)
+            logits.append(net.head(fmap))
+        return torch.cat(logits)
 
 
-def _stack(images: Sequence[torch.Tensor], white: torch.Tensor) -> torch.Tensor:
-    """Slides of different sizes in one batch: each padded (bottom, right) with normalised white."""
-    height = max(x.shape[1] for x in images)
-    width = max(x.shape[2] for x in images)
-    out = white.reshape(1, 3, 1, 1).expand(len(images), 3, height, width).clone()
-    for i, x in enumerate(images):
-        out[i, :, : x.shape[1], : x.shape[2]] = x
+def _stack(images: Sequence[np.ndarray]) -> torch.Tensor:
+    """uint8 slide images of any sizes as one ``(B, 3, H, W)`` batch, padded (bottom, right) with white."""
+    if len(images) == 1:
+        return as_tensor(images[0])
+    height = max(image.shape[0] for image in images)
+    width = max(image.shape[1] for image in images)
+    out = torch.full((len(images), 3, height, width), 255, dtype=torch.uint8)
+    for i, image in enumerate(images):
+        out[i, :, : image.shape[0], : image.shape[1]] = as_tensor(image)[0]
     return out
 
 
 def _batches(
-    items: Sequence[tuple[SlideEntry, int]], job: WholeSlideTraining, white: torch.Tensor
+    items: Sequence[tuple[SlideBox, int]], job: WholeSlideTraining, images: SlideImages
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless ``accumulation``-slide batches, each epoch in a new random order, augmented."""
+    """Endless ``accumulation``-slide batches (uint8), each epoch in a new random order, augmented."""
     rng = np.random.default_rng(job.seed)
     while True:
         order = rng.permutation(len(items))
         for start in range(0, len(order) - job.accumulation + 1, job.accumulation):
             chosen = [items[i] for i in order[start : start + job.accumulation]]
-            images = [
-                _tensor(read_slide_image(e, job.input_mpp, job.input_size), job, rng) for e, _ in chosen
+            batch = [
+                augment(images.image(where), rng, rotations=job.rotations, flips=job.flips, colour=job.colour)
+                for where, _ in chosen
             ]
-            yield _stack(images, white), torch.tensor([label for _, label in chosen])
-
-
-class _Forward:
-    """``fit``'s forward hook: each slide of the batch through the tiled trunk, then pooling and head."""
-
-    def __init__(self, job: WholeSlideTraining) -> None:
-        self.job = job
-        self.tiles: dict[tuple[int, int], int | tuple[int, int]] = {}
-
-    def tile_for(self, net: Any, height: int, width: int) -> int | tuple[int, int]:
-        """The settings' tile, or the largest that the memory budget holds for this size."""
-        if self.job.tile is not None:
-            return self.job.tile
-        if (height, width) not in self.tiles:
-            try:
-                budget = int(self.job.memory_gb * 2**30)
-                self.tiles[height, width] = choose_tile(net, height, width, budget)
-            except ValueError as error:
-                raise TrainingError(f"{error} (memory_gb {self.job.memory_gb})") from None
-        return self.tiles[height, width]
-
-    def __call__(self, model: PathologyModel, x: torch.Tensor) -> torch.Tensor:
-        net = model.net
-        tile = self.tile_for(net, int(x.shape[2]), int(x.shape[3]))
-        fmaps = [stream_trunk(net.stages(), x[i : i + 1], tile) for i in range(len(x))]
-        return torch.cat([net.head(f) for f in fmaps])
+            yield _stack(batch), torch.tensor([label for _, label in chosen])
 
 
 def _build_model(
@@ -309,21 +330,21 @@ def _build_model(
         return model, f"fine-tuning {job.start}"
     spec = wholeslide_spec(
         model_name_for(job.out), classes=classes, arch=job.arch, width=job.width,
-        input_size=job.input_size or 4096, mpp=job.input_mpp,
+        input_size=job.input_size or 4096, mpp=job.input_mpp, fixed_size=job.input_size is not None,
     )  # fmt: skip
     model = create_model(spec)
     provenance = model.net.load_imagenet() if job.imagenet else None
     return model, provenance or f"random initialisation (fixed seed), {job.arch} width {job.width}"
 
 
-def _validation(items: Sequence[tuple[SlideEntry, int]], job: WholeSlideTraining, forward: _Forward) -> Any:
+def _validation(items: Sequence[tuple[SlideBox, int]], images: SlideImages, forward: _Forward) -> Any:
     from napari_pathology.analysis.metrics.roc import roc_auc
 
     def validate(model: PathologyModel) -> dict[str, float]:
         device = next(model.net.parameters()).device
         logits = []
-        for entry, _ in items:
-            x = _tensor(read_slide_image(entry, job.input_mpp, job.input_size), job, None)[None]
+        for where, _ in items:
+            x = as_tensor(images.image(where))
             logits.append(forward(model, x.to(device)).float().cpu())
         logits_t = torch.cat(logits)
         labels = torch.tensor([label for _, label in items])
@@ -368,10 +389,29 @@ def _train(job: WholeSlideTraining, stop: threading.Event | None) -> Generator[T
             f"{len(train)} training slides cannot fill an accumulation of {job.accumulation}; lower it"
         )
     model, init = _build_model(job, classes, resume[0] if resume else None)
-    items = [(e, classes.index(str(e.label))) for e in train]
-    val_items = [(e, classes.index(str(e.label))) for e in val]
     forward = _Forward(job)
-    white = _tensor(np.full((1, 1, 3), 255, np.uint8), job, None)[:, 0, 0]
+    yield TrainEvent(
+        "log", 0, 0, message=f"finding the tissue of {len(entries)} slides at {job.input_mpp:g} um/px"
+    )
+    where = {}
+    for entry in [*train, *val]:
+        try:
+            where[entry.path] = locate_slide(
+                entry.path, job.input_mpp, crop_to_tissue=job.crop_to_tissue, slide_mpp=entry.mpp
+            )
+        except SlideInputError as error:
+            raise TrainingError(str(error)) from None
+    images = SlideImages(job.input_size, cache_folder(job.out, job.cache_dir), int(job.cache_gb * 2**30))
+    if (
+        job.tile is None
+    ):  # every slide's step fits the budget, or the job says which does not, before training
+        for path, found in where.items():
+            try:
+                forward.tile_for(model.net, *images.shape(found))
+            except TrainingError as error:
+                raise TrainingError(f"{path.name} at {job.input_mpp:g} um/px: {error}") from None
+    items = [(where[e.path], classes.index(str(e.label))) for e in train]
+    val_items = [(where[e.path], classes.index(str(e.label))) for e in val]
     steps_per_epoch = len(items) // job.accumulation
     losses: list[float] = []
     optimizer = torch.optim.Adam(model.parameters(), lr=job.lr)
@@ -391,7 +431,7 @@ def _train(job: WholeSlideTraining, stop: threading.Event | None) -> Generator[T
             else None
         )
 
-    validate = _validation(val_items, job, forward) if val_items else None
+    validate = _validation(val_items, images, forward) if val_items else None
     if validate is not None:
         inner = validate
 
@@ -408,18 +448,28 @@ def _train(job: WholeSlideTraining, stop: threading.Event | None) -> Generator[T
         "family": FAMILY, "job": job.to_dict(), "initialisation": init, "classes": list(classes),
         "train_slides": provenance_entries(train), "val_slides": provenance_entries(val),
         "labels": "slide-level (whole-slide CNN, global max pooling)",
+        "input_px": {str(p.name): list(images.shape(w)) for p, w in where.items()},
     }  # fmt: skip
     loop = LoopSettings(
         job.epochs * steps_per_epoch, job.out, eval_every=steps_per_epoch, device=job.device, amp=job.amp,
-        log_every=max(1, min(5, steps_per_epoch)), precise_bn_batches=0,
+        log_every=max(1, min(5, steps_per_epoch)), precise_bn_batches=0, micro_batch=1,
     )  # fmt: skip
     run = fit(
-        model, _batches(items, job, white), optimizer, loop, validate=validate, forward=forward,
+        model, _batches(items, job, images), optimizer, loop, validate=validate, forward=forward,
         provenance=provenance, stop=stop, resume=resume[1] if resume else None,
-        after_validation=after_validation if validate else None,
+        after_validation=after_validation if validate else None, shrink=forward.shrink,
         best_metric="val_loss" if validate else "score", best_mode="min" if validate else "max",
     )  # fmt: skip
-    return (yield from run)
+    if job.cache_gb > 0:
+        yield TrainEvent("log", 0, 0, message=(
+            f"each slide's image at {job.input_mpp:g} um/px is kept in {images.cache_dir} after its first "
+            f"read (at most {job.cache_gb:g} GiB, {images.cached_bytes() / 2**30:.2f} GiB there now; "
+            "delete it when done)"
+        ))  # fmt: skip
+    try:
+        return (yield from run)
+    except SlideInputError as error:  # a slide became unreadable mid-training: the checkpoints on disk stay
+        raise TrainingError(str(error)) from None
 
 
 def table_classes(entries: Sequence[SlideEntry], classes: Sequence[str] | None) -> tuple[str, ...]:
