@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any
+from typing import Any, ClassVar
 
 from napari_pathology.families.base import Family
 
@@ -32,6 +32,8 @@ class WholeSlideFamily(Family):
     data_sources = ("slide_table",)
     best_metric = "val_loss"
     best_mode = "min"
+    #: Trained on synthetic slides by scripts/train_wholeslide_demo.py (registered once the file is there).
+    demo_weights: ClassVar[dict[str, str]] = {"wholeslide-demo": "wholeslide-demo.pt"}
 
     def register_models(self) -> None:
         """Import the model module: its builder and spec register."""
