@@ -85,6 +85,35 @@ def test_exact_on_odd_sizes_and_tiles(size, tile, stream_stages, checkpoint) -> 
     _assert_same_gradients(net, grads)
 
 
+@pytest.mark.parametrize("keep_graphs", [2, 5, 100])
+def test_kept_graphs_give_the_same_gradients(keep_graphs) -> None:
+    net = _net("resnet18", width=2)
+    x, y = _image(333, 301), torch.tensor([1])
+    loss, grads = _reference(net, x, y)
+    net.zero_grad()
+    step = streaming_step(net, x, y, F.cross_entropy, 128, keep_graphs=keep_graphs)
+    assert step.tiles == 9
+    torch.testing.assert_close(step.loss, loss, rtol=1e-6, atol=0)
+    _assert_same_gradients(net, grads)
+
+
+def test_graphs_within_the_budget() -> None:
+    from napari_pathology.families.wholeslide.memory import graphs_within
+
+    net = _net("resnet18", width=4, dtype=torch.float32)
+    tile = choose_tile(net, 512, 512, 2**30)
+    assert graphs_within(net, 512, 512, 128, 1) == 1  # never fewer than one
+    assert graphs_within(net, 512, 512, 128, 2**40) == 16  # never more than the tiles
+    some = graphs_within(net, 512, 512, 128, 30 * 2**20)  # ~3.8 MiB fixed, ~2 MiB per tile's graph
+    more = graphs_within(net, 512, 512, 128, 60 * 2**20)
+    assert 1 <= some < more <= 16
+    assert graphs_within(net, 512, 512, tile, 2**30) >= 1
+    with pytest.raises(ValueError, match="keep_graphs"):
+        streaming_step(
+            net, _image(64, 64, torch.float32), torch.tensor([0]), F.cross_entropy, 32, keep_graphs=0
+        )
+
+
 def test_tiles_without_gradient_are_skipped_exactly() -> None:
     net = _net("resnet18", width=1)  # 8 final channels: max pooling's gradient reaches at most 8 positions
     x, y = _image(96, 96), torch.tensor([0])

@@ -10,7 +10,10 @@ the loss with respect to the stitched map is computed once; each tile's
 forward is then recomputed with autograd (activation checkpointing) and the
 slice of that gradient belonging to the tile's kept outputs is
 backpropagated, accumulating the parameter gradients. Peak memory is bounded
-by the tile, not the slide.
+by the tile, not the slide. Where the budget holds more than one tile's
+graph, the forward keeps the last ``keep_graphs`` tiles' graphs and the
+backward uses them instead of recomputing those tiles
+(:func:`.memory.graphs_within` says how many fit).
 
 Exactness rests on two rules, both enforced by :func:`.tiling.plan_tiles`:
 
@@ -33,7 +36,6 @@ the rest whole). No Qt, no napari.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +49,7 @@ __all__ = [
     "choose_tile",
     "estimate_inference_bytes",
     "estimate_tile_bytes",
+    "graphs_within",
     "plain_step",
     "stream_cam_tiles",
     "stream_features",
@@ -55,14 +58,14 @@ __all__ = [
     "streaming_step",
 ]
 
-from napari_pathology.families.wholeslide.tiling import (
-    Geometry,
-    Tile,
-    TileSize,
-    _axis_plan,
-    geometry,
-    plan_tiles,
+from napari_pathology.families.wholeslide.memory import (  # re-exported: the step's memory
+    choose_inference_tile,
+    choose_tile,
+    estimate_inference_bytes,
+    estimate_tile_bytes,
+    graphs_within,
 )
+from napari_pathology.families.wholeslide.tiling import Tile, TileSize, geometry, plan_tiles
 
 # --------------------------------------------------------------------------- passes
 
@@ -178,25 +181,28 @@ class _Options:
     checkpoint: bool
     offload: bool
     prepare: Prepare | None = None
+    keep_graphs: int = 1
     backward_tiles: int = 0
 
 
 class _StreamedTrunk(torch.autograd.Function):
-    """Tiled forward (no autograd but the last tile's), per-tile recomputed backward; see the module."""
+    """Tiled forward (autograd kept for the last ``keep_graphs`` tiles), per-tile backward; see the module."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, options: _Options, *params: torch.Tensor) -> torch.Tensor:
-        fmap = kept = None
+        fmap = None
+        kept: dict[int, torch.Tensor] = {}
         o = options
         for i, t in enumerate(o.tiles):
-            last = i == len(o.tiles) - 1
-            with torch.set_grad_enabled(last), _context(o.device, o.autocast, o.offload and last):
-                y = _run(o.stages, _crop(x, t, o.device, o.channels_last, o.prepare), o.checkpoint and last)
+            keep = i >= len(o.tiles) - o.keep_graphs
+            with torch.set_grad_enabled(keep), _context(o.device, o.autocast, o.offload and keep):
+                y = _run(o.stages, _crop(x, t, o.device, o.channels_last, o.prepare), o.checkpoint and keep)
                 y = y[:, :, t.keep[0], t.keep[1]]
             if fmap is None:
                 fmap = torch.empty((y.shape[0], y.shape[1], *o.size), dtype=y.dtype, device=o.device)
             fmap[:, :, t.out[0], t.out[1]] = y.detach()
-            kept = y if last else None
+            if keep:
+                kept[i] = y
             del y
         assert fmap is not None  # plan_tiles returns at least one tile
         ctx.options, ctx.kept, ctx.params = o, kept, params
@@ -210,23 +216,23 @@ class _StreamedTrunk(torch.autograd.Function):
         ctx.kept = None
         wanted = [p for p in params if p.requires_grad]
         total: list[torch.Tensor | None] = [None] * len(wanted)
-        for i in reversed(range(len(o.tiles))):  # the last tile from its kept graph, the others recomputed
+        for i in reversed(range(len(o.tiles))):  # kept graphs first (freed as used), the others recomputed
             t = o.tiles[i]
             g = grad[:, :, t.out[0], t.out[1]]
+            y = kept.pop(i, None)
             if not bool(g.any()):
-                kept = None
                 continue  # nothing flows back through this tile's outputs
             with torch.enable_grad():
-                if kept is None:
+                if y is None:
                     with _context(o.device, o.autocast, o.offload):
                         y = _run(o.stages, _crop(x, t, o.device, o.channels_last, o.prepare), o.checkpoint)
-                        kept = y[:, :, t.keep[0], t.keep[1]]
-                parts = torch.autograd.grad(kept, wanted, g.to(kept.dtype), allow_unused=True)
+                        y = y[:, :, t.keep[0], t.keep[1]]
+                parts = torch.autograd.grad(y, wanted, g.to(y.dtype), allow_unused=True)
             total = [
                 a if b is None else (b if a is None else a + b) for a, b in zip(total, parts, strict=True)
             ]
             o.backward_tiles += 1
-            kept = y = None
+            y = None
         found = iter(total)
         return (None, None, *(next(found) if p.requires_grad else None for p in params))
 
@@ -242,6 +248,7 @@ def stream_trunk(
     checkpoint: bool = False,
     offload: bool = False,
     prepare: Prepare | None = None,
+    keep_graphs: int = 1,
 ) -> torch.Tensor:
     """The output of ``stages`` on ``x`` tile by tile, differentiable: its backward is the tiled one.
 
@@ -259,10 +266,16 @@ def stream_trunk(
         Also checkpoint each stage inside a tile's recomputation (less memory, one more forward).
     offload : bool
         On a GPU, keep a tile's saved activations in host memory (``save_on_cpu``).
+    keep_graphs : int
+        Tiles whose autograd graph the forward keeps for the backward (the
+        last ones; at least 1): each kept graph is one tile's recomputation
+        saved, at one tile's memory (:func:`graphs_within` says how many fit).
 
     Other parameters are those of :func:`stream_features`.
     """
-    return _stream_trunk(stages, x, tile, device, autocast, channels_last, checkpoint, offload, prepare)[0]
+    return _stream_trunk(
+        stages, x, tile, device, autocast, channels_last, checkpoint, offload, prepare, keep_graphs
+    )[0]
 
 
 def _stream_trunk(
@@ -275,6 +288,7 @@ def _stream_trunk(
     checkpoint: bool,
     offload: bool,
     prepare: Prepare | None = None,
+    keep_graphs: int = 1,
 ) -> tuple[torch.Tensor, _Options | None]:
     stages = list(stages)
     params = [p for stage in stages for p in stage.parameters()]
@@ -289,7 +303,11 @@ def _stream_trunk(
     size = (geom.size(0, int(x.shape[2])), geom.size(1, int(x.shape[3])))
     if autocast is None and torch.is_autocast_enabled(device.type):
         autocast = torch.get_autocast_dtype(device.type)
-    options = _Options(stages, tiles, size, device, autocast, channels_last, checkpoint, offload, prepare)
+    if isinstance(keep_graphs, bool) or not isinstance(keep_graphs, int) or keep_graphs < 1:
+        raise ValueError(f"keep_graphs must be a positive integer, got {keep_graphs!r}")
+    options = _Options(
+        stages, tiles, size, device, autocast, channels_last, checkpoint, offload, prepare, keep_graphs
+    )  # fmt: skip
     return _StreamedTrunk.apply(x.detach(), options, *params), options
 
 
@@ -306,6 +324,7 @@ def streaming_step(
     channels_last: bool = False,
     checkpoint: bool = False,
     offload: bool = False,
+    keep_graphs: int = 1,
 ) -> StepResult:
     """Forward and backward of one step, tile by tile: accumulates every parameter's ``.grad`` exactly.
 
@@ -322,7 +341,9 @@ def streaming_step(
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(stages):
         raise ValueError(f"stream_stages must be from 1 to {len(stages)}, got {stream_stages!r}")
     device = torch.device(device) if device is not None else x.device
-    fmap, options = _stream_trunk(stages[:k], x, tile, device, autocast, channels_last, checkpoint, offload)
+    fmap, options = _stream_trunk(
+        stages[:k], x, tile, device, autocast, channels_last, checkpoint, offload, None, keep_graphs
+    )  # fmt: skip
     if options is None:
         raise ValueError("a training step needs autograd enabled and parameters that require gradients")
     with _context(device, autocast):
@@ -410,194 +431,3 @@ def stream_predict(
         if cams is None:
             cams = maps.new_empty((maps.shape[0], maps.shape[1], *size))
         cams[:, :, rows, cols] = maps
-
-
-# --------------------------------------------------------------------------- memory
-
-
-def estimate_tile_bytes(
-    stages: Sequence[nn.Module],
-    crop: int | tuple[int, ...],
-    *,
-    dtype: torch.dtype = torch.float32,
-    batch: int = 1,
-) -> int:
-    """Bytes a forward with autograd keeps for its backward on a ``crop`` x ``crop`` RGB input.
-
-    ``crop`` may also be a full input shape ``(B, C, H, W)``. Measured on the
-    meta device (no memory, no compute): the tensors autograd saves, counted
-    once each, plus the largest single activation twice for the working
-    memory of the backward.
-    """
-    from torch.func import functional_call
-
-    saved: dict[int, int] = {}
-    largest = 0
-    keep: list[torch.Tensor] = []  # saved tensors stay alive, so their ids stay unique
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        keep.append(t)
-        saved[id(t)] = t.numel() * t.element_size()
-        return t
-
-    shape = tuple(crop) if isinstance(crop, tuple) else (batch, 3, int(crop), int(crop))
-    x = torch.empty(shape, device="meta", dtype=dtype)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.enable_grad():
-        for stage in stages:
-            params = {
-                n: torch.empty_like(p, device="meta", dtype=dtype).requires_grad_(True)
-                for n, p in stage.named_parameters()
-            }
-            buffers = {n: torch.empty_like(b, device="meta", dtype=dtype) for n, b in stage.named_buffers()}
-            x = functional_call(stage, {**params, **buffers}, (x,))
-            largest = max(largest, x.numel() * x.element_size())
-    return int(sum(saved.values()) + 2 * largest)
-
-
-def _axis_options(geom: Geometry, axis: int, n: int) -> list[tuple[int, int, int]]:
-    """``(tile, total crop length, longest crop)`` for every tile side along one axis."""
-    stride = geom.stride
-    options = []
-    for tile in range(stride, stride * math.ceil(n / stride) + 1, stride):
-        lengths = [c.stop - c.start for c, _, _ in _axis_plan(geom, axis, n, tile)]
-        options.append((tile, sum(lengths), max(lengths)))
-    return options
-
-
-def choose_tile(
-    model: nn.Module,
-    height: int,
-    width: int,
-    budget: int,
-    *,
-    dtype: torch.dtype = torch.float32,
-    stream_stages: int | None = None,
-) -> tuple[int, int]:
-    """The tile ``(rows, columns)`` (px, multiples of the stride) of least work within ``budget`` bytes.
-
-    Counts the model's parameters four times (weights, gradients, Adam's two
-    moments), the image, the stitched feature map and its gradient, the rest
-    of the network run whole, and one tile's autograd memory
-    (:func:`estimate_tile_bytes`); among the tiles that fit, the one whose
-    crops cover the fewest pixels in all (overlap is recomputation), then
-    the fewest tiles. The interpreter and torch's own libraries are not
-    counted: on a CPU, keep about 0.8 GB of a machine's memory for them
-    (measured: a 6 GiB budget peaked at 6.1 GiB resident at 4,096 px).
-
-    Raises
-    ------
-    ValueError
-        The budget does not hold even the smallest tile; the message says how much is needed.
-    """
-    stages = list(model.stages())
-    k = len(stages) if stream_stages is None else int(stream_stages)
-    streamed, rest = stages[:k], stages[k:]
-    geom = geometry(streamed)
-    size = (geom.size(0, height), geom.size(1, width))
-    item = torch.empty((), dtype=dtype).element_size()
-    probe = 256
-    per_px = estimate_tile_bytes(streamed, probe, dtype=dtype) / probe**2
-    channels = _out_channels(streamed)
-    fixed = 4 * sum(p.numel() * p.element_size() for p in model.parameters())
-    fixed += 3 * channels * size[0] * size[1] * item  # the stitched map, its gradient, a tile's copy
-    fixed += height * width * 3 * 4  # the image itself
-    if rest:
-        fixed += estimate_tile_bytes(rest, (1, channels, *size), dtype=dtype)
-    rows, cols = _axis_options(geom, 0, height), _axis_options(geom, 1, width)
-    best = None
-    for th, row_total, row_max in rows:
-        for tw, col_total, col_max in cols:
-            if fixed + per_px * row_max * col_max > budget:
-                continue
-            key = (row_total * col_total, -th * tw)
-            if best is None or key < best[0]:
-                best = (key, (th, tw))
-    if best is None:
-        least = fixed + per_px * rows[0][2] * cols[0][2]
-        raise ValueError(
-            f"a {height} x {width} px input needs more than the {budget / 2**30:.2f} GiB budget for a "
-            f"training step (at least {least / 2**30:.2f} GiB): "
-            "raise the memory budget, lower the input size (um/px) or use mixed precision"
-        )
-    return best[1]
-
-
-def estimate_inference_bytes(
-    stages: Sequence[nn.Module], crop: int, *, dtype: torch.dtype = torch.float32, batch: int = 1
-) -> int:
-    """Bytes a forward without gradients needs on a ``crop`` x ``crop`` RGB input (working memory).
-
-    Measured on the meta device: four times the largest output of any layer
-    (a residual block holds its input, two intermediates and its output at once).
-    """
-    largest = 0
-
-    def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
-        nonlocal largest
-        if torch.is_tensor(output):
-            largest = max(largest, output.numel() * output.element_size())
-
-    from torch.func import functional_call
-
-    x = torch.empty((batch, 3, int(crop), int(crop)), device="meta", dtype=dtype)
-    with torch.no_grad():
-        for stage in stages:
-            handles = [m.register_forward_hook(hook) for m in stage.modules()]
-            try:
-                state = {
-                    n: torch.empty_like(v, device="meta", dtype=dtype) for n, v in stage.state_dict().items()
-                }
-                x = functional_call(stage, state, (x,))
-            finally:
-                for handle in handles:
-                    handle.remove()
-    return int(4 * largest)
-
-
-def choose_inference_tile(model: nn.Module, height: int, width: int, budget: int) -> int:
-    """The largest square tile (px, a multiple of the stride) whose prediction fits ``budget`` bytes.
-
-    Counts the parameters, the uint8 image, the class maps and one tile's
-    working memory (:func:`estimate_inference_bytes`, scaled by the crop's
-    area); larger tiles recompute less overlap.
-
-    Raises
-    ------
-    ValueError
-        The budget does not hold even the smallest tile; the message says how much is needed.
-    """
-    stages = list(model.stages())
-    geom = geometry(stages)
-    size = (geom.size(0, height), geom.size(1, width))
-    probe = 256
-    per_px = estimate_inference_bytes(stages, probe) / probe**2
-    fixed = sum(p.numel() * p.element_size() for p in model.parameters())
-    fixed += height * width * 3 + 2 * int(model.fc.weight.shape[0]) * size[0] * size[1] * 4
-    stride = geom.stride
-    longest = stride * math.ceil(max(height, width) / stride)
-    best = None
-    for tile in range(stride, longest + stride, stride):
-        rows, cols = _axis_plan(geom, 0, height, tile), _axis_plan(geom, 1, width, tile)
-        crop_h = max(r[0].stop - r[0].start for r in rows)
-        crop_w = max(c[0].stop - c[0].start for c in cols)
-        if fixed + per_px * crop_h * crop_w > budget:
-            break
-        best = tile
-    if best is None:
-        rows, cols = _axis_plan(geom, 0, height, stride), _axis_plan(geom, 1, width, stride)
-        least = fixed + per_px * max(r[0].stop - r[0].start for r in rows) * max(
-            c[0].stop - c[0].start for c in cols
-        )
-        raise ValueError(
-            f"a {height} x {width} px input needs at least {least / 2**30:.2f} GiB to predict, more than "
-            f"the {budget / 2**30:.2f} GiB budget"
-        )
-    return best
-
-
-def _out_channels(stages: Sequence[nn.Module]) -> int:
-    for stage in reversed(stages):
-        convs = [m for m in stage.modules() if isinstance(m, nn.Conv2d)]
-        if convs:
-            return int(convs[-1].out_channels)
-    return 3

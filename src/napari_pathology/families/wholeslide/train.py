@@ -47,7 +47,7 @@ from napari_pathology.families.wholeslide.inputs import (
     prepare_crop,
 )
 from napari_pathology.families.wholeslide.model import ARCHS, FAMILY, INPUT_MPP, TOTAL_STRIDE, wholeslide_spec
-from napari_pathology.families.wholeslide.streaming import choose_tile, stream_trunk
+from napari_pathology.families.wholeslide.streaming import choose_tile, graphs_within, stream_trunk
 from napari_pathology.models.registry import PathologyModel, create_model
 from napari_pathology.training.common import (
     check_count,
@@ -239,6 +239,7 @@ class _Forward:
         self.job = job
         self.tiles: dict[tuple[int, int], tuple[int, int]] = {}
         self.halvings = 0  # tiles halved after running out of memory
+        self.graphs: dict[tuple[int, ...], int] = {}
 
     def tile_for(self, net: Any, height: int, width: int) -> tuple[int, int]:
         """The settings' tile, or the largest that the memory budget holds for this size (halved on OOM)."""
@@ -276,13 +277,23 @@ class _Forward:
         width = int(cols[-1]) + 1 if len(cols) else TOTAL_STRIDE
         return x[:, :, :height, :width]
 
+    def graphs_for(self, net: Any, height: int, width: int, tile: tuple[int, int]) -> int:
+        """How many tiles' graphs the forward keeps (each spares the backward a recomputation)."""
+        key = (height, width, *tile)
+        if key not in self.graphs:
+            budget = int(self.job.memory_gb * 2**30)
+            self.graphs[key] = graphs_within(net, height, width, tile, budget) if not self.halvings else 1
+        return self.graphs[key]
+
     def __call__(self, model: PathologyModel, x: torch.Tensor) -> torch.Tensor:
         net = model.net
         logits = []
         for i in range(len(x)):
             slide = self.trimmed(x[i : i + 1])
-            tile = self.tile_for(net, int(slide.shape[2]), int(slide.shape[3]))
-            fmap = stream_trunk(net.stages(), slide, tile, prepare=prepare_crop)
+            height, width = int(slide.shape[2]), int(slide.shape[3])
+            tile = self.tile_for(net, height, width)
+            keep = self.graphs_for(net, height, width, tile)
+            fmap = stream_trunk(net.stages(), slide, tile, prepare=prepare_crop, keep_graphs=keep)
             logits.append(net.head(fmap))
         return torch.cat(logits)
 
