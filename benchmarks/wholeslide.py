@@ -42,7 +42,12 @@ def _worker(config: dict[str, Any]) -> dict[str, Any]:
     import torch.nn.functional as F
 
     from napari_pathology.families.wholeslide.model import WholeSlideNet
-    from napari_pathology.families.wholeslide.streaming import choose_tile, plain_step, streaming_step
+    from napari_pathology.families.wholeslide.streaming import (
+        choose_tile,
+        graphs_within,
+        plain_step,
+        streaming_step,
+    )
 
     device = torch.device(config["device"])
     autocast = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[config["autocast"]]
@@ -59,6 +64,12 @@ def _worker(config: dict[str, Any]) -> dict[str, Any]:
         dtype = autocast or torch.float32
         budget = int(config["budget_gb"] * GiB)
         tile = choose_tile(net, side, side, budget, dtype=dtype, stream_stages=config["stream_stages"])
+    keep = 1
+    if config["path"] == "tiled":
+        keep = config.get("keep_graphs") or graphs_within(
+            net, side, side, tile, int(config["budget_gb"] * GiB), dtype=autocast or torch.float32,
+            stream_stages=config["stream_stages"],
+        )  # fmt: skip
     optimizer = torch.optim.Adam(net.parameters(), lr=2e-5)
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     seconds, tiles, backward = [], 1, 1
@@ -74,7 +85,7 @@ def _worker(config: dict[str, Any]) -> dict[str, Any]:
             step = streaming_step(
                 net, x, y, F.cross_entropy, tile, device=device, autocast=autocast,
                 channels_last=config["channels_last"], offload=config["offload"],
-                stream_stages=config["stream_stages"],
+                stream_stages=config["stream_stages"], keep_graphs=keep,
             )  # fmt: skip
             tiles, backward = step.tiles, step.backward_tiles
         optimizer.step()
@@ -88,6 +99,7 @@ def _worker(config: dict[str, Any]) -> dict[str, Any]:
         "tile": list(tile) if isinstance(tile, tuple | list) else tile,
         "tiles": tiles,
         "backward_tiles": backward,
+        "graphs": keep,
         "loss": float(step.loss),
     }
     if device.type == "cuda":
@@ -151,17 +163,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--offload", action="store_true", help="save_on_cpu for a tile's activations (GPU)")
     parser.add_argument("--stream-stages", type=int, default=None, help="stages streamed (default: all 5)")
+    parser.add_argument(
+        "--keep-graphs",
+        type=int,
+        default=None,
+        help="tiles whose graphs the forward keeps (default: the budget's)",
+    )
+    parser.add_argument(
+        "--inputs",
+        action="store_true",
+        help="measure the slide input instead: pyramid read vs the disk cache",
+    )
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per configuration")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(_worker(json.loads(args.worker))), flush=True)
         return 0
+    if args.inputs:
+        return _inputs(args.steps)
     tile = [int(v) for v in args.tile.split(",")] if args.tile else None
     base = {
         "device": args.device, "arch": args.arch, "width": args.width, "budget_gb": args.budget_gb,
         "steps": args.steps, "autocast": args.autocast, "channels_last": args.channels_last,
-        "offload": args.offload, "stream_stages": args.stream_stages,
+        "offload": args.offload, "stream_stages": args.stream_stages, "keep_graphs": args.keep_graphs,
         "tile": (tile[0] if len(tile) == 1 else tile) if tile else None,
     }  # fmt: skip
     rows = []
@@ -194,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     title = f"{args.arch} width {args.width}, {args.device}, {precision}, budget {args.budget_gb:g} GiB"
     print(f"\n{title} {streamed}".rstrip())
     gpu = args.device.startswith("cuda")
-    head = "| input | path | tile | tiles (backward) | peak RSS GiB (before steps) |"
+    head = "| input | path | tile | tiles (backward, graphs kept) | peak RSS GiB (before steps) |"
     print(head + (" GPU peak GiB |" if gpu else "") + " s/step | memory vs plain | time vs plain |")
     print("|---|---|---|---|---|" + ("---|" if gpu else "") + "---|---|---|")
     for r in rows:
@@ -204,12 +229,45 @@ def main(argv: list[str] | None = None) -> int:
             continue
         tile = r["tile"]
         tile_text = "x".join(str(v) for v in tile) if isinstance(tile, list) else str(tile or "-")
-        tiles = f"{r['tiles']} ({r['backward_tiles']})" if r["path"] == "tiled" else "-"
+        tiles = f"{r['tiles']} ({r['backward_tiles']}, {r['graphs']} kept)" if r["path"] == "tiled" else "-"
         mem = f"{r['memory_ratio']:.2f}" if "memory_ratio" in r else "-"
         speed = f"{r['time_ratio']:.2f}" if "time_ratio" in r else "-"
         cuda = f" {_gib(r.get('cuda_peak'))} |" if gpu else ""
         print(f"| {r['side']} | {r['path']} | {tile_text} | {tiles} | {_gib(r['peak_rss'])} "
               f"({_gib(r['base_rss'])}) |{cuda} {min(r['seconds']):.2f} | {mem} | {speed} |")  # fmt: skip
+    return 0
+
+
+def _inputs(repeats: int) -> int:
+    """A slide's training input at 2.5 um/px: read from its pyramid, then from the disk cache (ratio)."""
+    import tempfile
+
+    from napari_pathology.families.wholeslide.inputs import SlideImages, locate_slide
+    from napari_pathology.slide.synthetic import write_synthetic_slide
+
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for side in (16384,):
+            path = Path(folder) / f"slide-{side}.tif"
+            write_synthetic_slide(path, size=side, seed=7)
+            where = locate_slide(path, 2.5)
+            pyramid, cached = [], []
+            for k in range(max(1, repeats)):
+                images = SlideImages(None, Path(folder) / f"cache-{k}", 2 * GiB)
+                start = time.perf_counter()
+                image = images.image(where)  # the first epoch: pyramid, written to the cache
+                pyramid.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                again = images.image(where)
+                again.sum(dtype="uint64")  # touch every page of the mapped file
+                cached.append(time.perf_counter() - start)
+            rows.append((side, image.shape, min(pyramid), min(cached)))
+    print("\n| slide (0.5 um/px) | input at 2.5 um/px | pyramid read s | cache read s | speed-up |")
+    print("|---|---|---:|---:|---:|")
+    for side, shape, first, later in rows:
+        print(
+            f"| {side:,} px | {shape[1]} x {shape[0]} px | {first:.2f} | {later:.3f} | {first / later:.0f}x |"
+        )
     return 0
 
 
