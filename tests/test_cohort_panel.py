@@ -37,8 +37,9 @@ def test_the_table_fills_in_from_a_run_and_a_double_click_opens_the_result(
     panel.model_combo.setCurrentText("nuclear-density")
     panel.out_edit.setText(str(tmp_path / "out"))
     seen: list[str] = []
+    handler = panel._on_event  # wrapped before Start connects it: no event comes before the test sees it
+    monkeypatch.setattr(panel, "_on_event", lambda event: (seen.append(event.message), handler(event)))
     panel.start()
-    panel.running.worker.yielded.connect(lambda event: seen.append(event.message))
     qtbot.waitUntil(lambda: panel.result is not None, timeout=TIMEOUT_MS)
     assert seen[0] == "3 slides in cohort.csv"  # read in the worker: the rows came in as pending
     assert any("slide score" in message for message in seen)  # slides reported as they finished
