@@ -118,3 +118,26 @@ def test_registered_spec_builds() -> None:
     assert spec.family == "wholeslide" and spec.output == "slide" and spec.mpp == 2.5
     model = create_model(spec.replace(config={"arch": "resnet18", "width": 2}))
     assert model.net.fc.out_features == spec.n_classes
+
+
+def test_a_fresh_network_starts_well_scaled_from_data() -> None:
+    from napari_pathology.families.wholeslide.model import AffineBatchNorm2d
+
+    net = WholeSlideNet(3, "resnet18", 8)
+    x = torch.randn(4, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    net.initialise_from_data(x)
+    seen = {}
+
+    def record(module, inputs, output):
+        seen[module] = output.clone()  # (the ReLU after it works in place)
+
+    hooks = [m.register_forward_hook(record) for m in net.modules() if isinstance(m, AffineBatchNorm2d)]
+    with torch.no_grad():
+        net.features(x)
+    for hook in hooks:
+        hook.remove()
+    first = seen[net.bn1]  # every frozen batch norm now normalises this data: mean 0, variance 1
+    assert abs(float(first.mean())) < 1e-4 and abs(float(first.var(unbiased=False)) - 1) < 1e-3
+    blocks = [net.layer1[0], net.layer4[-1]]
+    assert all(float(block.bn2.weight.abs().max()) == 0 for block in blocks)  # residual blocks: identities
+    assert all(block.bn2.weight.requires_grad for block in blocks)  # and they still learn

@@ -204,6 +204,37 @@ class WholeSlideNet(nn.Module):
             raise EncoderError(f"{path} does not hold {self.arch} weights ({(unexpected or missing)[0]} ...)")
         return f"ImageNet weights from {Path(path).name}"
 
+    def initialise_from_data(self, x: torch.Tensor) -> None:
+        """Start a network trained from scratch well scaled: BatchNorm statistics measured on ``x``.
+
+        Frozen BatchNorm never normalises by batch statistics, so a randomly
+        initialised network's activations are far from unit scale; here every
+        BatchNorm takes the mean and variance of its input over ``x``
+        (``(B, 3, H, W)`` normalised images, layer by layer in one forward),
+        and each residual block starts as the identity (Goyal et al.'s zero
+        initialisation of its last BatchNorm scale), so training starts from a
+        well-scaled network. ImageNet weights need none of this.
+        """
+        for block in (m for m in self.modules() if type(m).__name__ in ("BasicBlock", "Bottleneck")):
+            last = block.bn3 if hasattr(block, "bn3") else block.bn2
+            with torch.no_grad():
+                last.weight.zero_()
+
+        def measure(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            values = inputs[0].float()
+            module.running_mean.copy_(values.mean(dim=(0, 2, 3)))
+            module.running_var.copy_(values.var(dim=(0, 2, 3), unbiased=False))
+
+        hooks = [
+            m.register_forward_pre_hook(measure) for m in self.modules() if isinstance(m, AffineBatchNorm2d)
+        ]
+        try:
+            with torch.no_grad():
+                self.features(x)
+        finally:
+            for hook in hooks:
+                hook.remove()
+
     def stages(self) -> list[nn.Module]:
         """The trunk as five stages run in order: stem (conv1 to maxpool), layer1 ... layer4."""
         stem = nn.Sequential(self.conv1, self.bn1, self.relu, self.maxpool)

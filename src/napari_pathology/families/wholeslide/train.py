@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from napari_pathology.cohort import SlideEntry, read_slide_table
+from napari_pathology.cohort import SlideEntry, read_slide_table, table_labels
 from napari_pathology.families.wholeslide.inputs import (
     SlideBox,
     SlideImages,
@@ -351,6 +351,27 @@ def _build_model(
     return model, provenance or f"random initialisation (fixed seed), {job.arch} width {job.width}"
 
 
+def _initialise_from_data(
+    model: PathologyModel, slides: Sequence[SlideBox], images: SlideImages, seed: int
+) -> str:
+    """Start a fresh network from its frozen BatchNorm statistics measured on crops of training slides."""
+    rng = np.random.default_rng(seed)
+    chosen = rng.permutation(len(slides))[:8]
+    side = 256
+    crops = []
+    for i in chosen:
+        image = images.image(slides[int(i)])
+        h, w = image.shape[:2]
+        top, left = max(0, (h - side) // 2), max(0, (w - side) // 2)
+        crop = np.full((side, side, 3), 255, np.uint8)
+        part = image[top : top + side, left : left + side]
+        crop[: part.shape[0], : part.shape[1]] = part
+        crops.append(crop)
+    x = prepare_crop(torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2))
+    model.net.initialise_from_data(x)
+    return f"batch-norm statistics from {len(crops)} training slides, residual blocks starting as identities"
+
+
 def _validation(items: Sequence[tuple[SlideBox, int]], images: SlideImages, forward: _Forward) -> Any:
     from napari_pathology.analysis.metrics.roc import roc_auc
 
@@ -392,8 +413,8 @@ def _train(job: WholeSlideTraining, stop: threading.Event | None) -> Generator[T
     check_output(job.out, resume=job.resume, overwrite=job.overwrite)
     resume = check_resume(job.out) if job.resume else None
     seed_everything(job.seed)
-    try:
-        entries = read_slide_table(job.data, classes=job.classes)
+    try:  # labels other than tumour/normal (e.g. subtypes) are the classes, normal first
+        entries = read_slide_table(job.data, classes=job.classes or table_labels(job.data))
     except ValueError as error:
         raise TrainingError(str(error)) from error
     classes = table_classes(entries, job.classes)
@@ -426,6 +447,8 @@ def _train(job: WholeSlideTraining, stop: threading.Event | None) -> Generator[T
                 raise TrainingError(f"{path.name} at {job.input_mpp:g} um/px: {error}") from None
     items = [(where[e.path], classes.index(str(e.label))) for e in train]
     val_items = [(where[e.path], classes.index(str(e.label))) for e in val]
+    if init.startswith("random initialisation"):  # a fresh network: its statistics from training slides
+        init += "; " + _initialise_from_data(model, [w for w, _ in items], images, job.seed)
     steps_per_epoch = len(items) // job.accumulation
     losses: list[float] = []
     optimizer = torch.optim.Adam(model.parameters(), lr=job.lr)
