@@ -14,11 +14,11 @@ macro lesions. Each slide goes through what ``napari-pathology run SLIDE
 the tissue's bounding box read at the spec's um/px, run tile by tile).
 Reported:
 
-- slide AUC of P(tumour), tumour (type A or B) vs normal, with its 95%
+- slide AUC of P(tumour) (for a subtype model, 1 - P(normal)), tumour (type A or B) vs normal, with its 95%
   stratified bootstrap and DeLong intervals
   (:func:`napari_pathology.analysis.metrics.slide_auc`), over all slides and
   over the normal + macro-lesion slides; accuracy of argmax;
-- on each tumour slide, whether the maximum of the tumour class's activation
+- on each tumour slide, whether the maximum of the (likeliest) tumour class's activation
   map (``class_heatmaps``; ``heatmap`` holds the predicted class's) lies in
   the planted tumour: ``strict`` when the CAM cell's centre is inside the
   truth polygons, ``within one cell`` when the 3 x 3 CAM cells around it
@@ -88,7 +88,7 @@ def cam_hits(result: Any, index: int, polygons: list, mask: np.ndarray, mask_mpp
 def evaluate(model: Any, entries: list[Any], settings: RunSettings) -> list[dict[str, Any]]:
     """One row per slide: label, lesion size, P(tumour), prediction and the CAM peak's place."""
     classes = list(model.spec.classes)
-    tumour = classes.index("tumour")
+    tumours = [k for k, name in enumerate(classes) if name != "normal"]  # tumour, or its subtypes
     rows = []
     for k, entry in enumerate(entries):
         truth = load_truth(entry.path)
@@ -99,11 +99,13 @@ def evaluate(model: Any, entries: list[Any], settings: RunSettings) -> list[dict
         row = {
             "slide": entry.path.name, "label": entry.label,
             "lesions": None if entry.label == "normal" else truth["options"]["tumour_size"],
-            "tumour_type": truth.get("tumour_type"), "p_tumour": float(result.scores["tumour"]),
+            "tumour_type": truth.get("tumour_type"),
+            "p_tumour": float(sum(result.scores[classes[k]] for k in tumours)),  # 1 - P(normal)
             "predicted": classes[int(np.argmax([result.scores[c] for c in classes]))],
             "cam_shape": list(result.heatmap.shape), "cell_um": float(result.cell_um),
         }  # fmt: skip
         if entry.label != "normal":
+            tumour = max(tumours, key=lambda k: result.scores[classes[k]])  # the likeliest tumour class's map
             row.update(cam_hits(result, tumour, polygons, *tumour_mask(entry.path)))
         rows.append(row)
         hit = "" if entry.label == "normal" else f", CAM max in tumour {row['cam_within_one_cell']}"
@@ -127,7 +129,7 @@ def _share(values: list[bool]) -> dict[str, Any]:
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The headline numbers (see the module)."""
     truth = np.array([r["label"] != "normal" for r in rows])
-    predicted = np.array([r["predicted"] == "tumour" for r in rows])
+    predicted = np.array([r["predicted"] != "normal" for r in rows])  # any tumour class
     tumour = [r for r in rows if r["label"] != "normal"]
     summary: dict[str, Any] = {
         "all": _auc(rows),
@@ -142,7 +144,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         if subset:
             summary[size] = {
                 **_auc([r for r in rows if r["label"] == "normal"] + subset),
-                "detected": float(np.mean([r["predicted"] == "tumour" for r in subset])),
+                "detected": float(np.mean([r["predicted"] != "normal" for r in subset])),
                 "cam_within_one_cell": _share([r["cam_within_one_cell"] for r in subset]),
             }
     return summary
