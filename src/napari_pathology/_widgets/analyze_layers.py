@@ -106,6 +106,8 @@ def score_meaning(result: AnalysisResult) -> tuple[str, str]:
     positive = str(spec.get("positive_class") or "positive")
     if result.heatmap_kind == "attention":
         return "probability of the predicted class for the whole slide", "class probabilities (sum to 1)"
+    if result.heatmap_kind == "activation":  # one network over the whole slide: one prediction
+        return "one prediction of the network for the whole slide", "class probabilities (sum to 1)"
     meanings = {
         "max": (f"highest {positive} probability of any tile", "per class, its highest tile probability"),
         "mean": ("mean over the cells", "per class, its mean over the cells"),
