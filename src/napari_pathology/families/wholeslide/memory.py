@@ -12,6 +12,7 @@ many tiles' graphs a step may keep instead of recomputing them
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -88,8 +89,7 @@ def _step_costs(
     geom = geometry(streamed)
     size = (geom.size(0, height), geom.size(1, width))
     item = torch.empty((), dtype=dtype).element_size()
-    probe = 256
-    per_px = estimate_tile_bytes(streamed, probe, dtype=dtype) / probe**2
+    per_px = _tile_bytes_per_px(model, streamed, dtype, k)
     channels = _out_channels(streamed)
     fixed = 4 * sum(p.numel() * p.element_size() for p in model.parameters())
     fixed += 3 * channels * size[0] * size[1] * item  # the stitched map, its gradient, a tile's copy
@@ -97,6 +97,19 @@ def _step_costs(
     if rest:
         fixed += estimate_tile_bytes(rest, (1, channels, *size), dtype=dtype)
     return geom, fixed, per_px
+
+
+#: One tile's autograd bytes per crop pixel, per model (by weak reference), dtype and streamed stages.
+_PER_PX: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, int], float]] = weakref.WeakKeyDictionary()
+
+
+def _tile_bytes_per_px(model: nn.Module, streamed: Sequence[nn.Module], dtype: torch.dtype, k: int) -> float:
+    """:func:`estimate_tile_bytes` of a 256 px crop per pixel, measured once per model (linear in area)."""
+    known = _PER_PX.setdefault(model, {})
+    if (dtype, k) not in known:
+        probe = 256
+        known[dtype, k] = estimate_tile_bytes(streamed, probe, dtype=dtype) / probe**2
+    return known[dtype, k]
 
 
 def graphs_within(
