@@ -202,9 +202,14 @@ class AnalyzePanel(QWidget):
         )
         if is_demo(spec):
             warning += "<br><b style='color:#ffb000'>Synthetic demo model: not for diagnostic use.</b>"
+        if spec.output == "slide":  # one network over the slide's tissue: its size is the slide's
+            padded = f", padded to {spec.input_size} px" if (spec.config or {}).get("fixed_size") else ""
+            summary = f"the tissue at {spec.mpp:g} um/px{padded}, one prediction for the slide"
+        else:
+            summary = f"{spec.input_size} px at {spec.mpp:g} um/px, output {spec.output}"
+            summary += f", slide score = {spec.aggregator}"
         self.model_info.setText(
-            f"{spec.name} ({spec.family}) - {spec.task}: {spec.input_size} px at {spec.mpp:g} um/px, "
-            f"output {spec.output}, slide score = {spec.aggregator}."
+            f"{spec.name} ({spec.family}) - {spec.task}: {summary}."
             f"<br><small>{spec.description}</small>{warning}"
         )
         self.tta_check.setEnabled(spec.tta)
