@@ -236,7 +236,7 @@ def run_slide_analysis(
     import torch
 
     from napari_pathology.tiles import TileGrid
-    from napari_pathology.tiles.tensors import normalize_unit
+    from napari_pathology.tiles.tensors import normalize_uint8
     from napari_pathology.tissue import read_at_mpp
     from napari_pathology.tissue.mask import _mask_shape
 
@@ -305,7 +305,7 @@ def run_slide_analysis(
     x = torch.from_numpy(canvas).permute(2, 0, 1).unsqueeze(0)  # uint8 view, no copy
 
     def prepare(crop: torch.Tensor) -> torch.Tensor:
-        return normalize_unit(crop.float().div_(255.0), spec.normalization)
+        return normalize_uint8(crop, spec.normalization)
 
     def provenance() -> dict[str, Any]:
         notes = []

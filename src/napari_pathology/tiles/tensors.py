@@ -18,6 +18,7 @@ __all__ = [
     "IMAGENET_STD",
     "NORMALIZATIONS",
     "dihedral",
+    "normalize_uint8",
     "normalize_unit",
     "to_tensor",
     "tta_mean",
@@ -65,6 +66,14 @@ def to_tensor(tiles: np.ndarray, normalization: str, device: Any = None) -> torc
         x = x.to(device, non_blocking=True)
     x = x.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
     return normalize_unit(x.div_(255.0), normalization)
+
+
+def normalize_uint8(x: torch.Tensor, normalization: str) -> torch.Tensor:
+    """A uint8 ``(B, 3, H, W)`` tensor as the network's normalised float input, on its own device.
+
+    For images kept as uint8 until each crop is cut (a whole slide run tile by tile).
+    """
+    return normalize_unit(x.float().div_(255.0), normalization)
 
 
 def normalize_unit(x: torch.Tensor, normalization: str) -> torch.Tensor:

@@ -364,28 +364,25 @@ def fit(
                     )
                     break
                 except Exception as error:
-                    if not is_out_of_memory(error) or split >= len(x):
-                        message = shrink() if shrink is not None and is_out_of_memory(error) else None
-                        if message:
-                            optimizer.zero_grad(set_to_none=True)
-                            if device.type == "cuda":
-                                torch.cuda.empty_cache()
-                            yield event("log", message=f"out of memory on {device}: {message}")
-                            continue
-                        if is_out_of_memory(error):
-                            raise TrainingError(
-                                f"out of memory on {device} even with one sample per micro-batch; "
-                                "use a smaller model or another device"
-                            ) from error
+                    if not is_out_of_memory(error):
                         raise
                     optimizer.zero_grad(set_to_none=True)
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
-                    split *= 2
-                    yield event("log", message=(
-                        f"out of memory on {device}: splitting each batch of {len(x)} into {split} parts "
-                        "(same effective batch, gradients accumulated)"
-                    ))  # fmt: skip
+                    if split < len(x):  # first smaller micro-batches, then whatever the job can shrink
+                        split *= 2
+                        message = (
+                            f"splitting each batch of {len(x)} into {split} parts "
+                            "(same effective batch, gradients accumulated)"
+                        )
+                    else:
+                        message = shrink() if shrink is not None else None
+                    if not message:
+                        raise TrainingError(
+                            f"out of memory on {device} even with one sample per micro-batch; "
+                            "use a smaller model or another device"
+                        ) from error
+                    yield event("log", message=f"out of memory on {device}: {message}")
             if not math.isfinite(value):
                 raise TrainingError(
                     f"the loss became {value} at step {step + 1}; lower the learning rate ({kept()})"

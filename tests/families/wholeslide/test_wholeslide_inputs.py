@@ -15,7 +15,6 @@ from napari_pathology.families.wholeslide.inputs import (
     as_tensor,
     augment,
     locate_slide,
-    prepare_crop,
 )
 from napari_pathology.progress import run_to_completion
 from napari_pathology.slide.slide import open_slide
@@ -122,10 +121,10 @@ def test_augment_on_uint8_equals_the_float_formula() -> None:
 
 
 def test_prepare_normalises_a_uint8_crop() -> None:
-    from napari_pathology.tiles.tensors import normalize_unit
+    from napari_pathology.tiles.tensors import normalize_uint8, normalize_unit
 
     image = np.random.default_rng(0).integers(0, 256, (16, 12, 3), dtype=np.uint8)
     x = as_tensor(image)
     assert x.shape == (1, 3, 16, 12) and x.dtype == torch.uint8
     expected = normalize_unit(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255.0, "imagenet")
-    torch.testing.assert_close(prepare_crop(x), expected)
+    torch.testing.assert_close(normalize_uint8(x, "imagenet"), expected)

@@ -184,10 +184,10 @@ def test_out_of_memory_halves_the_tile_then_says_so(tiny_cohort: Path, tmp_path:
 
 
 def test_slides_of_other_sizes_in_one_batch_are_each_seen_as_they_are() -> None:
-    from napari_pathology.families.wholeslide.inputs import prepare_crop
     from napari_pathology.families.wholeslide.model import wholeslide_spec
     from napari_pathology.families.wholeslide.train import _Forward, _stack
     from napari_pathology.models.registry import create_model
+    from napari_pathology.tiles.tensors import normalize_uint8
 
     rng = np.random.default_rng(0)
     small = rng.integers(0, 200, (96, 70, 3), dtype=np.uint8)
@@ -197,6 +197,6 @@ def test_slides_of_other_sizes_in_one_batch_are_each_seen_as_they_are() -> None:
     with torch.no_grad():
         both = forward(model, _stack([small, large]))
         alone = torch.cat([forward(model, _stack([small])), forward(model, _stack([large]))])
-        padded = model.net(prepare_crop(_stack([small, large])[:1]))
+        padded = model.net(normalize_uint8(_stack([small, large])[:1], "imagenet"))
     torch.testing.assert_close(both, alone)
     assert not torch.allclose(both[:1], padded, atol=1e-6)  # the white margin would have changed it

@@ -8,7 +8,7 @@ from the pyramid's best level region by region
 optionally padded with white (centred) or centre-cropped to a fixed square
 side. Memory holds that uint8 image (3 bytes a pixel; never a float copy,
 never the pyramid level whole): normalisation happens per tile on the
-device (:func:`prepare_crop`).
+device (:func:`napari_pathology.tiles.tensors.normalize_uint8`).
 
 :class:`SlideImages` keeps each image as a ``.npy`` file in a cache folder
 (written atomically, read memory-mapped), so after the first epoch a slide
@@ -21,8 +21,10 @@ image. No Qt, no napari.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +32,7 @@ import numpy as np
 import torch
 
 from napari_pathology.families.wholeslide.model import TOTAL_STRIDE
+from napari_pathology.slide.backends.errors import SlideOpenError
 
 __all__ = [
     "SlideBox",
@@ -39,7 +42,6 @@ __all__ = [
     "augment",
     "cache_folder",
     "locate_slide",
-    "prepare_crop",
 ]
 
 #: Bumped when the cached images' content changes meaning (cache keys include it).
@@ -50,14 +52,30 @@ class SlideInputError(ValueError):
     """A slide that cannot be a training input: no um/px, unreadable, no tissue. The message names it."""
 
 
+@contextlib.contextmanager
+def _named_errors(path: Path) -> Iterator[None]:
+    """Any failure to open or read the slide at ``path`` as a :class:`SlideInputError` naming it."""
+    try:
+        yield
+    except SlideInputError:
+        raise
+    except SlideOpenError as error:  # no um/px, unreadable pixels: the backend's message names the slide
+        raise SlideInputError(str(error)) from None
+    except (OSError, ValueError) as error:
+        raise SlideInputError(f"{path.name}: {error}") from None
+
+
 @dataclass(frozen=True)
 class SlideBox:
-    """Where a slide's input lies: ``path`` and its box ``(r0, r1, c0, c1)`` in px at ``mpp``."""
+    """Where a slide's input lies: ``path`` and its box ``(r0, r1, c0, c1)`` in px at ``mpp``.
+
+    ``slide_mpp`` is the um/px the slide table gave the slide (None: the file's own).
+    """
 
     path: Path
     mpp: float
     box: tuple[int, int, int, int]
-    slide_mpp: float
+    slide_mpp: float | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -78,32 +96,23 @@ def locate_slide(
         No um/px, a file that cannot be read, or no tissue (naming the slide and what to do).
     """
     from napari_pathology.progress import run_to_completion
-    from napari_pathology.slide.backends.errors import SlideOpenError
     from napari_pathology.slide.slide import open_slide
     from napari_pathology.tissue import detect_tissue
     from napari_pathology.tissue.mask import _mask_shape
 
     path = Path(path)
-    try:
-        with open_slide(path, mpp=slide_mpp) as slide:
-            pair = slide.require_mpp()
-            shape = _mask_shape(slide.dimensions, pair, mpp)
-            box = (0, shape[0], 0, shape[1])
-            if crop_to_tissue:
-                mask = run_to_completion(detect_tissue(slide))
-                found = mask.bounding_box(mpp, shape, snap=TOTAL_STRIDE)
-                if found is None:
-                    raise SlideInputError(
-                        f"{path.name}: no tissue found; remove it from the table or turn crop_to_tissue off"
-                    )
-                box = found
-            return SlideBox(path, float(mpp), box, float(np.mean(pair)))
-    except SlideOpenError as error:  # no um/px, unreadable pixels: the backend's message names the slide
-        raise SlideInputError(str(error)) from None
-    except (OSError, ValueError) as error:
-        if isinstance(error, SlideInputError):
-            raise
-        raise SlideInputError(f"{path.name}: {error}") from None
+    with _named_errors(path), open_slide(path, mpp=slide_mpp) as slide:
+        shape = _mask_shape(slide.dimensions, slide.require_mpp(), mpp)
+        box = (0, shape[0], 0, shape[1])
+        if crop_to_tissue:
+            mask = run_to_completion(detect_tissue(slide))
+            found = mask.bounding_box(mpp, shape, snap=TOTAL_STRIDE)
+            if found is None:
+                raise SlideInputError(
+                    f"{path.name}: no tissue found; remove it from the table or turn crop_to_tissue off"
+                )
+            box = found
+        return SlideBox(path, float(mpp), box, slide_mpp)
 
 
 def _placement(length: int, size: int | None) -> tuple[int, int, int]:
@@ -118,25 +127,16 @@ def _placement(length: int, size: int | None) -> tuple[int, int, int]:
 def _read(where: SlideBox, size: int | None, out: np.ndarray) -> np.ndarray:
     """Fill ``out`` (white, the box's pixels placed as :func:`_placement` says) from the slide's pyramid."""
     from napari_pathology.progress import run_to_completion
-    from napari_pathology.slide.backends.errors import SlideOpenError
     from napari_pathology.slide.slide import open_slide
     from napari_pathology.tissue import read_at_mpp
 
     r0, _r1, c0, _c1 = where.box
     (sr, tr, orow), (sc, tc, ocol) = (_placement(n, size) for n in where.shape)
+    box = (r0 + sr, r0 + sr + tr, c0 + sc, c0 + sc + tc)
     out[:] = 255
-    try:
-        with open_slide(where.path, mpp=where.slide_mpp) as slide:
-            box = (r0 + sr, r0 + sr + tr, c0 + sc, c0 + sc + tc)
-            run_to_completion(
-                read_at_mpp(
-                    slide, where.mpp, box=box, out=out[orow : orow + tr, ocol : ocol + tc], max_pixels=None
-                )
-            )
-    except SlideOpenError as error:
-        raise SlideInputError(str(error)) from None
-    except (OSError, ValueError) as error:
-        raise SlideInputError(f"{where.path.name}: {error}") from None
+    with _named_errors(where.path), open_slide(where.path, mpp=where.slide_mpp) as slide:
+        window = out[orow : orow + tr, ocol : ocol + tc]
+        run_to_completion(read_at_mpp(slide, where.mpp, box=box, out=window, max_pixels=None))
     return out
 
 
@@ -243,13 +243,6 @@ def augment(
 def as_tensor(image: np.ndarray) -> torch.Tensor:
     """``(1, 3, H, W)`` uint8 view of an ``(H, W, 3)`` image (no copy)."""
     return torch.from_numpy(image).permute(2, 0, 1).unsqueeze(0)
-
-
-def prepare_crop(crop: torch.Tensor, normalization: str = "imagenet") -> torch.Tensor:
-    """A uint8 crop ``(B, 3, h, w)`` as the network's normalised float input (on the crop's device)."""
-    from napari_pathology.tiles.tensors import normalize_unit
-
-    return normalize_unit(crop.float().div_(255.0), normalization)
 
 
 def cache_folder(out: Path, cache_dir: Path | None) -> Path:

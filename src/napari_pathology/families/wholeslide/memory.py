@@ -129,9 +129,15 @@ def graphs_within(
     """
     geom, fixed, per_px = _step_costs(model, height, width, dtype, stream_stages)
     th, tw = _tile_pair(tile, geom.stride)
+    crop, tiles = _largest_crop(geom, height, width, th, tw)
+    return int(min(tiles, max(1, (budget - fixed) // (per_px * crop))))
+
+
+def _largest_crop(geom: Geometry, height: int, width: int, th: int, tw: int) -> tuple[int, int]:
+    """``(pixels, tiles)``: the largest input crop of ``th`` x ``tw`` tiles over an image; their count."""
     rows, cols = _axis_plan(geom, 0, height, th), _axis_plan(geom, 1, width, tw)
-    crop = max(r[0].stop - r[0].start for r in rows) * max(c[0].stop - c[0].start for c in cols)
-    return int(min(len(rows) * len(cols), max(1, (budget - fixed) // (per_px * crop))))
+    longest = max(r[0].stop - r[0].start for r in rows) * max(c[0].stop - c[0].start for c in cols)
+    return longest, len(rows) * len(cols)
 
 
 def choose_tile(
@@ -234,17 +240,11 @@ def choose_inference_tile(model: nn.Module, height: int, width: int, budget: int
     longest = stride * math.ceil(max(height, width) / stride)
     best = None
     for tile in range(stride, longest + stride, stride):
-        rows, cols = _axis_plan(geom, 0, height, tile), _axis_plan(geom, 1, width, tile)
-        crop_h = max(r[0].stop - r[0].start for r in rows)
-        crop_w = max(c[0].stop - c[0].start for c in cols)
-        if fixed + per_px * crop_h * crop_w > budget:
+        if fixed + per_px * _largest_crop(geom, height, width, tile, tile)[0] > budget:
             break
         best = tile
     if best is None:
-        rows, cols = _axis_plan(geom, 0, height, stride), _axis_plan(geom, 1, width, stride)
-        least = fixed + per_px * max(r[0].stop - r[0].start for r in rows) * max(
-            c[0].stop - c[0].start for c in cols
-        )
+        least = fixed + per_px * _largest_crop(geom, height, width, stride, stride)[0]
         raise ValueError(
             f"a {height} x {width} px input needs at least {least / 2**30:.2f} GiB to predict, more than "
             f"the {budget / 2**30:.2f} GiB budget"

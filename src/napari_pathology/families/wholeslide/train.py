@@ -24,6 +24,7 @@ Stop, resume, best and last checkpoints and events are those of
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections.abc import Generator, Iterator, Sequence
@@ -44,11 +45,11 @@ from napari_pathology.families.wholeslide.inputs import (
     augment,
     cache_folder,
     locate_slide,
-    prepare_crop,
 )
 from napari_pathology.families.wholeslide.model import ARCHS, FAMILY, INPUT_MPP, TOTAL_STRIDE, wholeslide_spec
 from napari_pathology.families.wholeslide.streaming import choose_tile, graphs_within, stream_trunk
 from napari_pathology.models.registry import PathologyModel, create_model
+from napari_pathology.tiles.tensors import normalize_uint8
 from napari_pathology.training.common import (
     check_count,
     check_flag,
@@ -287,6 +288,7 @@ class _Forward:
 
     def __call__(self, model: PathologyModel, x: torch.Tensor) -> torch.Tensor:
         net = model.net
+        prepare = functools.partial(normalize_uint8, normalization=model.spec.normalization)
         logits = []
         for i in range(len(x)):
             slide = self.trimmed(x[i : i + 1])
@@ -295,7 +297,7 @@ class _Forward:
             keep = self.graphs_for(net, height, width, tile)
             cuda = slide.device.type == "cuda"  # channels-last convolutions are faster there (tensor cores)
             fmap = stream_trunk(
-                net.stages(), slide, tile, prepare=prepare_crop, keep_graphs=keep, channels_last=cuda
+                net.stages(), slide, tile, prepare=prepare, keep_graphs=keep, channels_last=cuda
             )  # fmt: skip
             logits.append(net.head(fmap))
         return torch.cat(logits)
@@ -367,7 +369,7 @@ def _initialise_from_data(
         part = image[top : top + side, left : left + side]
         crop[: part.shape[0], : part.shape[1]] = part
         crops.append(crop)
-    x = prepare_crop(torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2))
+    x = normalize_uint8(torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2), model.spec.normalization)
     model.net.initialise_from_data(x)
     return f"batch-norm statistics from {len(crops)} training slides, residual blocks starting as identities"
 
